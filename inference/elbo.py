@@ -1,0 +1,156 @@
+"""ELBOs chosen by short spec strings.
+
+=====================  ==========================================================
+spec                   objective
+=====================  ==========================================================
+``trace[:K]``          :class:`~pyro.infer.Trace_ELBO`, K vectorised particles
+                       (default 1): E_q[log p(x, z) - log q(z | x)].
+``meanfield[:K]``      :class:`~pyro.infer.TraceMeanField_ELBO`: the same bound with
+                       analytic KL(q || p) at every site where
+                       ``torch.distributions.kl_divergence`` has a closed form.
+                       Valid only when the guide is mean-field with respect to the
+                       model's dependency structure (see Pyro's docstring).
+``enum[:K]``           :class:`~pyro.infer.TraceEnum_ELBO`: discrete sites marked
+                       ``infer={"enumerate": "parallel"}`` are summed out exactly.
+``tracegraph[:K]``     :class:`~pyro.infer.TraceGraph_ELBO`: score-function
+                       gradients with Rao-Blackwellisation over the plate graph.
+``iwae:K``             :class:`~pyro.infer.RenyiELBO` with alpha = 0 and K
+                       vectorised particles: the importance-weighted bound
+                       E[log (1/K) sum_k p(x, z_k) / q(z_k | x)]
+                       (Burda et al. 2015), per datapoint.
+``renyi:ALPHA:K``      the variational Renyi bound (Li & Turner 2016),
+                       1/(1-alpha) log (1/K) sum_k w_k^(1-alpha), alpha != 1.
+=====================  ==========================================================
+
+Every objective is returned as a Pyro ELBO with a ``differentiable_loss``, so the
+training loop can use a plain torch optimiser. The IWAE and Renyi bounds are
+bounds *per datapoint* only when every latent lives inside the data plate: a
+global latent outside it makes the log-mean-exp run over whole-batch weights.
+"""
+
+import math
+
+import torch
+from pyro.infer import RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
+from pyro.infer.util import get_dependent_plate_dims, is_validation_enabled, torch_sum
+from pyro.util import warn_if_nan
+
+from .errors import UsageError
+
+ELBO_SPECS = (
+    "trace[:K]",
+    "meanfield[:K]",
+    "enum[:K]",
+    "tracegraph[:K]",
+    "iwae:K",
+    "renyi:ALPHA:K",
+)
+
+
+class DifferentiableRenyiELBO(RenyiELBO):
+    """:class:`~pyro.infer.RenyiELBO` with a ``differentiable_loss``.
+
+    For reparameterised guides the gradient of the Renyi bound
+    ``L_alpha = 1/(1-alpha) * log (1/K) sum_k exp((1-alpha) log w_k)`` is
+    ``sum_k softmax((1-alpha) log w)_k * grad log w_k``, which is exactly the
+    gradient of ``L_alpha`` itself, so the loss below is both the objective and
+    its surrogate. Guides with non-reparameterised sites are refused: they need
+    score-function terms (use :meth:`loss_and_grads`).
+    """
+
+    def log_weights(self, model, guide, *args, **kwargs):
+        """log w = log p(x, z) - log q(z | x): shape (K, *batch) for vectorised particles."""
+        particles = []
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            sum_dims = get_dependent_plate_dims(model_trace.nodes.values())
+            log_w = 0.0
+            for site in model_trace.nodes.values():
+                if site["type"] == "sample":
+                    log_w = log_w + torch_sum(site["log_prob"], sum_dims)
+            for name, site in guide_trace.nodes.items():
+                if site["type"] == "sample":
+                    if not site["fn"].has_rsample and not site["is_observed"]:
+                        raise UsageError(
+                            f"iwae/renyi training needs reparameterised guide sites; "
+                            f"site {name!r} ({type(site['fn']).__name__}) is not"
+                        )
+                    log_w = log_w - torch_sum(site["log_prob"], sum_dims)
+            particles.append(log_w)
+        if self.vectorize_particles and self.num_particles > 1:
+            return particles[0]
+        return torch.stack(particles)
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        log_w = (1.0 - self.alpha) * self.log_weights(model, guide, *args, **kwargs)
+        bound = (torch.logsumexp(log_w, dim=0) - math.log(self.num_particles)) / (1.0 - self.alpha)
+        loss = -bound.sum()
+        if is_validation_enabled():
+            warn_if_nan(loss, "loss")
+        return loss
+
+
+def _int(text, what, spec):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UsageError(f"ELBO spec {spec!r}: {what} must be a positive integer, got {text!r}")
+    return value
+
+
+def make_elbo(spec, *, max_plate_nesting=None, jit=False):
+    """Build a Pyro ELBO from a spec string such as ``"trace"``, ``"iwae:50"`` or ``"renyi:0.5:5"``.
+
+    ``max_plate_nesting`` is passed to the ELBO when given (enumeration and
+    vectorised particles need it; Pyro guesses it by running the model otherwise).
+    ``jit=True`` picks Pyro's JIT-compiled variant where one exists.
+    Raises :class:`~inference.errors.UsageError` (a ``ValueError``) listing the valid specs.
+    """
+    if not isinstance(spec, str):
+        raise UsageError(f"ELBO spec must be a string, got {type(spec).__name__}")
+    name, *rest = spec.strip().lower().split(":")
+    kwargs = {} if max_plate_nesting is None else {"max_plate_nesting": max_plate_nesting}
+    simple = {
+        "trace": Trace_ELBO,
+        "meanfield": TraceMeanField_ELBO,
+        "enum": TraceEnum_ELBO,
+        "tracegraph": TraceGraph_ELBO,
+    }
+    if name in simple and len(rest) <= 1:
+        k = _int(rest[0], "the number of particles", spec) if rest else 1
+        cls = simple[name]
+        if jit:
+            cls = _jit_variant(name, spec)
+        if name == "enum" and "max_plate_nesting" not in kwargs:
+            raise UsageError("ELBO spec 'enum' needs max_plate_nesting (the model's number of plates)")
+        return cls(num_particles=k, vectorize_particles=k > 1, **kwargs)
+    if name == "iwae" and len(rest) == 1:
+        k = _int(rest[0], "the number of particles", spec)
+        return DifferentiableRenyiELBO(alpha=0.0, num_particles=k, vectorize_particles=True, **kwargs)
+    if name == "renyi" and len(rest) == 2:
+        try:
+            alpha = float(rest[0])
+        except ValueError:
+            raise UsageError(f"ELBO spec {spec!r}: ALPHA must be a number") from None
+        if alpha == 1.0 or not math.isfinite(alpha):
+            raise UsageError(f"ELBO spec {spec!r}: ALPHA must be finite and != 1 (alpha=1 is the ELBO: use 'trace')")
+        k = _int(rest[1], "the number of particles", spec)
+        return DifferentiableRenyiELBO(alpha=alpha, num_particles=k, vectorize_particles=True, **kwargs)
+    raise UsageError(f"unknown ELBO spec {spec!r}; valid specs: {', '.join(ELBO_SPECS)}")
+
+
+def _jit_variant(name, spec):
+    from pyro.infer import JitTrace_ELBO, JitTraceEnum_ELBO, JitTraceGraph_ELBO, JitTraceMeanField_ELBO
+
+    return {
+        "trace": JitTrace_ELBO,
+        "meanfield": JitTraceMeanField_ELBO,
+        "enum": JitTraceEnum_ELBO,
+        "tracegraph": JitTraceGraph_ELBO,
+    }[name]
+
+
+def particles_of(elbo):
+    """Number of particles an ELBO object draws per step."""
+    return int(getattr(elbo, "num_particles", 1))

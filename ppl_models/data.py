@@ -1,0 +1,223 @@
+"""Datasets as tensors on the run's device.
+
+* ``digits``: scikit-learn's 8x8 handwritten digits (1,797 images shipped with
+  scikit-learn, so nothing downloads), scaled from 0..16 to [0, 1]; a fixed
+  80/20 train/test split drawn with its own seed (``split_seed``, default 0), so
+  the split does not change with the training seed.
+* ``mnist``, ``fashion-mnist``: through torchvision from a folder holding the
+  standard raw files (``<root>/MNIST/raw`` or ``<root>/FashionMNIST/raw``, gzipped
+  or not); the official 60,000/10,000 split. Gzipped files are unpacked into a
+  cache folder (``$PPLM_CACHE``, default ``~/.cache/ppl-models``), never next to
+  the originals, so a read-only data folder works. Nothing downloads unless
+  ``download=True``.
+* a path to a ``.npz`` file of your own with ``x`` (and optionally ``y``), or
+  ``x_train``/``x_test`` (and ``y_train``/``y_test``).
+
+Binarisation (recorded in a run's metrics):
+
+* ``none``: grey levels in [0, 1];
+* ``fixed``: x > 0.5;
+* ``dynamic``: a fresh Bernoulli(x) draw every training epoch (Burda et al.
+  2015), from the global torch RNG on the data's device, so it is reproducible
+  from the run's seed and restored on resume. The evaluation view (the test set,
+  and ``DataSplit.data`` of the training set) is one Bernoulli draw with a fixed
+  seed, the same for every run.
+"""
+
+import gzip
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from inference.errors import UsageError
+
+DATASETS = ("digits", "mnist", "fashion-mnist")
+BINARIZE = ("none", "fixed", "dynamic")
+EVAL_BINARIZE_SEED = 12345
+
+_TORCHVISION = {
+    "mnist": ("MNIST", "MNIST"),
+    "fashion-mnist": ("FashionMNIST", "FashionMNIST"),
+}
+_RAW_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+class DataError(UsageError):
+    """Missing, malformed or out-of-range data."""
+
+
+@dataclass
+class DataSplit:
+    """One split of a dataset: flat float images ``x`` (N, D), optional labels ``y``.
+
+    ``data`` is the fixed view used for evaluation; ``epoch()`` the view to train
+    on for one epoch (a fresh draw under dynamic binarisation).
+    """
+
+    name: str
+    x: torch.Tensor
+    y: torch.Tensor = None
+    image_shape: tuple = None
+    binarize: str = "none"
+    grey: torch.Tensor = None  # grey levels kept for dynamic binarisation
+
+    @property
+    def data(self):
+        return self.x
+
+    def epoch(self):
+        if self.binarize == "dynamic" and self.grey is not None:
+            return torch.bernoulli(self.grey)
+        return self.x
+
+    def __len__(self):
+        return self.x.shape[0]
+
+    @property
+    def dim(self):
+        return self.x.shape[1]
+
+    def to(self, device):
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(self, x=move(self.x), y=move(self.y), grey=move(self.grey))
+
+
+def binarize(x, mode, *, keep_grey=False):
+    """Return (x_eval, grey): x_eval binarised as ``mode`` says; grey kept for dynamic draws."""
+    if mode not in BINARIZE:
+        raise UsageError(f"unknown binarization {mode!r}; valid: {', '.join(BINARIZE)}")
+    if mode == "none":
+        return x, None
+    if ((x < 0) | (x > 1)).any():
+        raise DataError("binarization needs data in [0, 1]")
+    if mode == "fixed":
+        return (x > 0.5).to(x.dtype), None
+    gen = torch.Generator().manual_seed(EVAL_BINARIZE_SEED)
+    return torch.bernoulli(x, generator=gen), (x if keep_grey else None)
+
+
+def _split(name, x, y, image_shape, mode, train):
+    x = torch.as_tensor(x, dtype=torch.float32).reshape(x.shape[0], -1)
+    if not torch.isfinite(x).all():
+        raise DataError(f"dataset {name!r} holds NaN or infinite values")
+    y = None if y is None else torch.as_tensor(np.asarray(y)).long()
+    x_eval, grey = binarize(x, mode, keep_grey=train)
+    return DataSplit(name=name, x=x_eval, y=y, image_shape=tuple(image_shape), binarize=mode, grey=grey)
+
+
+def load_digits_arrays(split_seed=0, test_fraction=0.2):
+    """scikit-learn's digits scaled to [0, 1]: (x_train, y_train, x_test, y_test) as numpy arrays."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.data / 16.0).astype(np.float32)
+    y = digits.target.astype(np.int64)
+    order = np.random.default_rng(split_seed).permutation(len(x))
+    n_test = int(round(test_fraction * len(x)))
+    test, train = order[:n_test], order[n_test:]
+    return x[train], y[train], x[test], y[test]
+
+
+def _cache_root():
+    return Path(os.environ.get("PPLM_CACHE", Path.home() / ".cache" / "ppl-models"))
+
+
+def torchvision_root(name, data_root, download=False):
+    """A root folder torchvision can read ``name`` from without downloading.
+
+    Uses ``data_root`` as is when the raw files are there unpacked; unpacks the
+    gzipped ones into a cache folder otherwise (the data folder is only read).
+    """
+    folder, _ = _TORCHVISION[name]
+    if data_root is None:
+        raise DataError(f"dataset {name!r} needs --data-root (a folder holding {folder}/raw/)")
+    root = Path(data_root).expanduser()
+    raw = root / folder / "raw"
+    if all((raw / f).is_file() for f in _RAW_FILES):
+        return root
+    if all((raw / f"{f}.gz").is_file() for f in _RAW_FILES):
+        key = hashlib.sha1(str(raw.resolve()).encode()).hexdigest()[:12]
+        cache = _cache_root() / f"{folder}-{key}"
+        cache_raw = cache / folder / "raw"
+        cache_raw.mkdir(parents=True, exist_ok=True)
+        for f in _RAW_FILES:
+            target = cache_raw / f
+            if not target.is_file():
+                tmp = target.with_suffix(".tmp")
+                with gzip.open(raw / f"{f}.gz", "rb") as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                os.replace(tmp, target)
+        return cache
+    if download:
+        return root
+    missing = [f for f in _RAW_FILES if not (raw / f).is_file() and not (raw / f"{f}.gz").is_file()]
+    raise DataError(
+        f"{name} not found in {raw}: expected {', '.join(f + '[.gz]' for f in missing)} "
+        "(pass --download to fetch them)"
+    )
+
+
+def _load_torchvision(name, data_root, download):
+    import torchvision
+
+    root = torchvision_root(name, data_root, download)
+    cls = getattr(torchvision.datasets, _TORCHVISION[name][1])
+    out = []
+    for train in (True, False):
+        ds = cls(root=str(root), train=train, download=download)
+        out += [ds.data.numpy().astype(np.float32) / 255.0, ds.targets.numpy()]
+    return out
+
+
+def _load_npz(path):
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no data file at {path}")
+    try:
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as exc:
+        raise DataError(f"cannot read {path} as .npz ({type(exc).__name__})") from None
+    if "x_train" in arrays and "x_test" in arrays:
+        return arrays["x_train"], arrays.get("y_train"), arrays["x_test"], arrays.get("y_test")
+    if "x" not in arrays:
+        raise DataError(f"{path} must hold 'x' (and optionally 'y'), or 'x_train' and 'x_test'")
+    x, y = arrays["x"], arrays.get("y")
+    order = np.random.default_rng(0).permutation(len(x))
+    n_test = int(round(0.2 * len(x)))
+    test, train = order[:n_test], order[n_test:]
+    return x[train], None if y is None else y[train], x[test], None if y is None else y[test]
+
+
+def load_dataset(name="digits", *, data_root=None, binarize="none", download=False, split_seed=0):
+    """Load a dataset by name (or .npz path): returns ``(train, test)`` :class:`DataSplit` on the CPU."""
+    if binarize not in BINARIZE:
+        raise UsageError(f"unknown binarization {binarize!r}; valid: {', '.join(BINARIZE)}")
+    if name == "digits":
+        x_tr, y_tr, x_te, y_te = load_digits_arrays(split_seed)
+        shape = (1, 8, 8)
+    elif name in _TORCHVISION:
+        x_tr, y_tr, x_te, y_te = _load_torchvision(name, data_root, download)
+        shape = (1, 28, 28)
+    elif str(name).endswith(".npz"):
+        x_tr, y_tr, x_te, y_te = _load_npz(name)
+        shape = x_tr.shape[1:] if x_tr.ndim > 2 else (int(np.prod(x_tr.shape[1:])),)
+        if len(shape) == 2:
+            shape = (1, *shape)
+    else:
+        raise UsageError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)} or a path to a .npz file")
+    label = name if name in DATASETS else Path(name).stem
+    return (
+        _split(label, x_tr, y_tr, shape, binarize, train=True),
+        _split(label, x_te, y_te, shape, binarize, train=False),
+    )

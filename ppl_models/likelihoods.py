@@ -1,0 +1,149 @@
+"""Observation families p(x | decoder output), one small module each.
+
+Each family maps the decoder's output ``h`` (shape ``(..., out_features)``) to a
+Pyro distribution whose event is one datapoint, and checks that data lie in its
+support before training (so a wrong pairing fails with a clear message instead
+of a NaN).
+
+=================  ===============================================  ==========
+spec               p(x | h)                                         support
+=================  ===============================================  ==========
+bernoulli          prod_d Bernoulli(x_d; sigmoid(h_d))              {0, 1}
+cbernoulli         prod_d ContinuousBernoulli(x_d; sigmoid(h_d))    [0, 1]
+                   (Loaiza-Ganem & Cunningham 2019)
+normal             prod_d N(x_d; h_d, s_d^2), s_d learned           reals
+normal:S           the same with every s_d = S fixed                reals
+laplace[:S]        prod_d Laplace(x_d; h_d, s_d), learned or fixed  reals
+categorical        Categorical(x; softmax(h)), x an integer label   {0..C-1}
+=================  ===============================================  ==========
+
+Learned scales are ``softplus(r_d) + min_scale`` (min_scale = 1e-3), so the
+density stays bounded even on pixels that never vary (digits' corners).
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import pyro.distributions as dist
+
+from inference.errors import UsageError
+
+LIKELIHOODS = ("bernoulli", "cbernoulli", "normal[:S]", "laplace[:S]", "categorical")
+
+
+class Likelihood(nn.Module):
+    """Base: ``forward(h)`` -> distribution over one datapoint; ``check(x)`` validates data."""
+
+    spec = None
+    support = "reals"
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = dim
+
+    @property
+    def out_features(self):
+        return self.dim
+
+    def check(self, x):
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            raise UsageError(f"data for the {self.spec} likelihood holds NaN or infinite values")
+
+    def mean(self, h):
+        return self(h).mean
+
+
+class Bernoulli(Likelihood):
+    support = "{0, 1}"
+
+    def forward(self, h):
+        return dist.Bernoulli(logits=h).to_event(1)
+
+    def check(self, x):
+        super().check(x)
+        if not ((x == 0) | (x == 1)).all():
+            raise UsageError(
+                "the bernoulli likelihood needs binary data (values 0 or 1); binarise it "
+                "(--binarize fixed|dynamic) or use the cbernoulli likelihood for grey levels"
+            )
+
+
+class ContinuousBernoulli(Likelihood):
+    support = "[0, 1]"
+
+    def forward(self, h):
+        return dist.ContinuousBernoulli(logits=h).to_event(1)
+
+    def check(self, x):
+        super().check(x)
+        if ((x < 0) | (x > 1)).any():
+            raise UsageError("the cbernoulli likelihood needs data in [0, 1]")
+
+
+class _LocationScale(Likelihood):
+    family = None
+
+    def __init__(self, dim, scale=None, min_scale=1e-3):
+        super().__init__(dim)
+        self.min_scale = min_scale
+        if scale is None:
+            # softplus(0.5413) = 1: start at unit scale
+            self.raw_scale = nn.Parameter(torch.full((dim,), 0.5413))
+        else:
+            if not scale > 0:
+                raise UsageError(f"a fixed observation scale must be positive, got {scale}")
+            self.register_buffer("fixed_scale", torch.tensor(float(scale)))
+
+    @property
+    def scale(self):
+        if hasattr(self, "raw_scale"):
+            return F.softplus(self.raw_scale) + self.min_scale
+        return self.fixed_scale
+
+    def forward(self, h):
+        return self.family(h, self.scale.expand(h.shape)).to_event(1)
+
+
+class Normal(_LocationScale):
+    family = dist.Normal
+
+
+class Laplace(_LocationScale):
+    family = dist.Laplace
+
+
+class Categorical(Likelihood):
+    """A label: ``dim`` is the number of classes; data are integer tensors of shape (B,)."""
+
+    support = "{0, ..., C-1}"
+
+    def forward(self, h):
+        return dist.Categorical(logits=h)
+
+    def check(self, x):
+        if x.is_floating_point() or x.dim() != 1 or (x < 0).any() or (x >= self.dim).any():
+            raise UsageError(f"the categorical likelihood needs integer labels in 0..{self.dim - 1}")
+
+    def mean(self, h):
+        return h.softmax(-1)
+
+
+def make_likelihood(spec, dim):
+    """Build an observation family from its spec (see the module docstring)."""
+    name, _, arg = str(spec).lower().partition(":")
+    if name in ("normal", "laplace"):
+        cls = Normal if name == "normal" else Laplace
+        if arg in ("", "learned"):
+            lik = cls(dim)
+        else:
+            try:
+                scale = float(arg)
+            except ValueError:
+                raise UsageError(f"likelihood {spec!r}: the scale must be a number or 'learned'") from None
+            lik = cls(dim, scale=scale)
+    elif name in ("bernoulli", "cbernoulli", "categorical") and not arg:
+        lik = {"bernoulli": Bernoulli, "cbernoulli": ContinuousBernoulli, "categorical": Categorical}[name](dim)
+    else:
+        raise UsageError(f"unknown likelihood {spec!r}; valid: {', '.join(LIKELIHOODS)}")
+    lik.spec = str(spec)
+    return lik

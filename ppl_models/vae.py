@@ -1,0 +1,140 @@
+r"""The variational autoencoder (Kingma & Welling 2014; Rezende et al. 2014).
+
+Generative process, for each datapoint n (all inside ``pyro.plate("data")``)::
+
+    z_n ~ N(0, I_L)
+    x_n | z_n ~ p_theta(x | z_n) = Lik(x; decoder_theta(z_n))
+
+with ``Lik`` a family from :mod:`ppl_models.likelihoods` (Bernoulli, continuous
+Bernoulli, Normal or Laplace with learned or fixed scale).
+
+Guide (amortised, mean-field over datapoints)::
+
+    q_phi(z_n | x_n) = N(z_n; mu_phi(x_n), diag sigma_phi(x_n)^2)
+
+Objective, per datapoint::
+
+    ELBO_beta(x) = E_q[log p(x | z)] - beta * KL(q(z | x) || p(z))
+
+For beta = 1 this is the evidence lower bound, ELBO(x) <= log p(x). For
+beta != 1 (the beta-VAE of Higgins et al. 2017) it is *not* a bound on
+log p(x): beta scales both the prior and the guide term of the latent site z
+(``poutine.scale`` on that site only), and reported test ELBOs and
+log-likelihoods from :func:`inference.evaluate` ignore beta, i.e. they score the
+plain VAE. Under an IWAE/Renyi objective beta would sit inside the log-sum-exp,
+which is no known bound; do not combine them.
+
+The networks are plain ``torch.nn`` modules; :func:`inference.fit` optimises
+``module.parameters()`` directly, so the model and guide need no
+``pyro.module`` call.
+"""
+
+from contextlib import nullcontext
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import torch
+import torch.nn as nn
+
+from . import nets
+from .likelihoods import make_likelihood
+
+
+class VAE(nn.Module):
+    """A VAE with an MLP or convolutional encoder/decoder.
+
+    :param x_dim: values per datapoint (flattened).
+    :param latent_dim: L, the size of z.
+    :param hidden: MLP hidden widths (encoder; the decoder mirrors them).
+    :param likelihood: observation family spec (see :mod:`ppl_models.likelihoods`).
+    :param beta: weight of the KL term (1 gives the ELBO).
+    :param arch: ``"mlp"`` or ``"conv"`` (needs ``image_shape`` with H, W divisible by 4).
+    """
+
+    max_plate_nesting = 1
+
+    def __init__(
+        self,
+        x_dim,
+        latent_dim=16,
+        hidden=(256,),
+        likelihood="bernoulli",
+        beta=1.0,
+        arch="mlp",
+        image_shape=None,
+        activation="relu",
+    ):
+        super().__init__()
+        if not beta > 0:
+            raise ValueError(f"beta must be positive, got {beta}")
+        self.config = dict(
+            x_dim=x_dim,
+            latent_dim=latent_dim,
+            hidden=list(hidden),
+            likelihood=likelihood,
+            beta=beta,
+            arch=arch,
+            image_shape=None if image_shape is None else list(image_shape),
+            activation=activation,
+        )
+        self.latent_dim = latent_dim
+        self.beta = float(beta)
+        self.likelihood = make_likelihood(likelihood, x_dim)
+        if arch == "mlp":
+            body = nets.mlp([x_dim, *hidden], activation)
+            body_out = hidden[-1] if hidden else x_dim
+            self.encoder_body = nn.Sequential(body, nets.ACTIVATIONS[activation]()) if hidden else body
+            self.decoder = nets.mlp([latent_dim, *reversed(hidden), self.likelihood.out_features], activation)
+        elif arch == "conv":
+            if image_shape is None or nets.num_features(image_shape) != x_dim:
+                raise ValueError(f"the conv VAE needs image_shape with prod == x_dim, got {image_shape}")
+            self.encoder_body, body_out = nets.conv_encoder_body(image_shape, activation=activation)
+            self.decoder = nets.conv_decoder(latent_dim, image_shape, activation=activation)
+        else:
+            raise ValueError(f"unknown arch {arch!r}; use 'mlp' or 'conv'")
+        self.encoder_head = nets.GaussianHead(body_out, latent_dim)
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def _kl_scale(self):
+        return poutine.scale(scale=self.beta) if self.beta != 1.0 else nullcontext()
+
+    def model(self, x):
+        n = x.shape[0]
+        with pyro.plate("data", n):
+            with self._kl_scale():
+                z = pyro.sample("z", dist.Normal(x.new_zeros(n, self.latent_dim), 1.0).to_event(1))
+            pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
+
+    def guide(self, x):
+        with pyro.plate("data", x.shape[0]), self._kl_scale():
+            pyro.sample("z", self.encode(x))
+
+    # ---- conveniences ------------------------------------------------------------------
+    def encode(self, x):
+        """q(z | x) as a distribution with event shape (L,)."""
+        loc, scale = self.encoder_head(self.encoder_body(x))
+        return dist.Normal(loc, scale).to_event(1)
+
+    def decode(self, z):
+        """p(x | z) as a distribution with event shape (x_dim,)."""
+        return self.likelihood(self.decoder(z))
+
+    def check_data(self, x):
+        self.likelihood.check(x)
+
+    @torch.no_grad()
+    def sample(self, n, *, mean=True):
+        """n draws x ~ p(x) (z from the prior); ``mean=True`` returns E[x | z] instead of a draw."""
+        ref = next(self.parameters())
+        z = torch.randn(n, self.latent_dim, device=ref.device, dtype=ref.dtype)
+        px = self.decode(z)
+        return px.mean if mean else px.sample()
+
+    @torch.no_grad()
+    def reconstruct(self, x):
+        """E[x | z = mean of q(z | x)]."""
+        return self.decode(self.encode(x).mean).mean

@@ -1,0 +1,29 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="ppl-models",
+    version="0.1.0",
+    description=(
+        "Deep generative models as Pyro model/guide pairs, trained with "
+        "stochastic variational inference"
+    ),
+    long_description=Path(__file__).with_name("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ppl_models*", "inference*", "benchmarks*"]),
+    install_requires=[
+        "torch>=2.1",
+        "torchvision",
+        "pyro-ppl>=1.9",
+        "numpy",
+        "scipy",
+        "arviz",
+        "scikit-learn",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest"]},
+    entry_points={"console_scripts": ["pplm=ppl_models.cli:main"]},
+)

@@ -1,0 +1,29 @@
+"""Shared test set-up: Pyro validation on, a clean param store and fixed seeds for every test."""
+
+import pyro
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="no CUDA")])]
+
+
+@pytest.fixture(autouse=True)
+def pyro_state():
+    pyro.clear_param_store()
+    pyro.enable_validation(True)
+    pyro.set_rng_seed(0)
+    yield
+    pyro.clear_param_store()
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from ppl_models.data import load_dataset
+
+    return load_dataset("digits", binarize="dynamic")
