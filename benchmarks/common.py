@@ -1,0 +1,48 @@
+"""Helpers every benchmark script shares: the environment record and result files."""
+
+import json
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def environment(device):
+    """Device, machine and library versions, for the JSON record of a benchmark."""
+    import numpy
+    import pyro
+
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return {
+        "device": str(device),
+        "device_name": name,
+        "cpu_threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "versions": {"torch": torch.__version__, "pyro": pyro.__version__, "numpy": numpy.__version__},
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def markdown_table(rows, columns, floatfmt="{:.3f}"):
+    """A GitHub markdown table of ``rows`` (dicts) restricted to ``columns``."""
+    def cell(v):
+        return floatfmt.format(v) if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(out_dir, name, record, table):
+    """Write ``<name>.json`` and ``<name>.md`` into ``out_dir``; return their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / f"{name}.json", out / f"{name}.md"
+    json_path.write_text(json.dumps(record, indent=2, default=float) + "\n")
+    md_path.write_text(table + "\n")
+    return json_path, md_path
