@@ -280,6 +280,23 @@ class GMM(nn.Module):
         gmm.set_parameters(result.weights, result.means, result.covariances)
         return gmm.to(result.means.device)
 
+    @torch.no_grad()
+    def initialize(self, x, *, seed=0):
+        """EM's starting point: k-means++ means (seeded), uniform weights, the pooled per-dimension
+        variance (diag) or covariance (full) of ``x`` for every component (floored at ``min_scale``^2)."""
+        _check_x(x)
+        k = self.n_components
+        x = x.detach().to(torch.float64)
+        centred = x - x.mean(0)
+        floor = self.min_scale**2 * 1.01
+        if self.covariance == "diag":
+            cov = (centred.pow(2).mean(0) + floor).expand(k, -1)
+        else:
+            eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+            cov = (centred.T @ centred / x.shape[0] + floor * eye).expand(k, -1, -1)
+        self.set_parameters(torch.full((k,), 1.0 / k), kmeans_pp(x, k, seed=seed), cov)
+        return self
+
     @property
     def has_priors(self):
         return self.mean_prior_scale is not None or self.weight_concentration is not None
