@@ -42,6 +42,7 @@ import pyro.distributions as dist
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pyro.ops.indexing import Vindex
 
 from inference.errors import UsageError
 
@@ -370,7 +371,8 @@ class GMM(nn.Module):
         tril = self.scale_tril()
         with self._data_plate(x):
             c = pyro.sample("c", dist.Categorical(weights), infer={"enumerate": "parallel"})
-            pyro.sample("x", self._component(means[c], tril[c]), obs=x)
+            # Vindex: means may carry particle dims (vectorised particles with priors) left of (K, D)
+            pyro.sample("x", self._component(Vindex(means)[..., c, :], Vindex(tril)[..., c, :, :]), obs=x)
 
     def guide(self, x):
         if self.weight_concentration is not None:
