@@ -149,3 +149,31 @@ def test_separated_clusters_are_found(device):
     again = VaDE.from_config(m.config).to(device)
     again.load_state_dict(m.state_dict())
     assert torch.equal(again.cluster(x), m.cluster(x))
+
+
+def test_pplm_train_vade_writes_clustering_outputs(tmp_path):
+    import json
+
+    from inference.checkpoint import load_checkpoint
+    from inference.metrics import clustering_scores
+    from ppl_models.cli import main
+    from ppl_models.data import load_dataset
+
+    out = tmp_path / "vade"
+    argv = ["train", "vade", "--clusters", "10", "--out", str(out), "--epochs", "2", "--pretrain-epochs", "3",
+            "--hidden", "32", "--latent-dim", "4", "--particles", "10", "--quiet", "--device", "cpu"]
+    assert main(argv) == 0
+    for name in ("cluster_samples.png", "latent_pca.png", "loss.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert sum(metrics["cluster_weights"]) == pytest.approx(1.0, abs=1e-5)  # softmax weights, float32
+    # the reported test scores are those of the saved model's q(c | x), recomputed from the checkpoint
+    state = load_checkpoint(out / "checkpoint.pt")
+    m = VaDE.from_config(state["config"])
+    m.load_state_dict(state["module"])
+    _, test = load_dataset("digits")
+    again = clustering_scores(test.y, m.cluster(test.x))
+    assert again == pytest.approx({k: metrics[f"test_{k}"] for k in ("acc", "nmi", "ari")}, abs=1e-12)
+    # pretraining is required: zero epochs is refused before anything is written
+    assert main(["train", "vade", "--out", str(tmp_path / "no"), "--pretrain-epochs", "0", "--quiet"]) == 2
+    assert not (tmp_path / "no").exists()
