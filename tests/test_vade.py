@@ -138,8 +138,8 @@ def test_separated_clusters_are_found(device):
     x, y = x.to(device), y.to(device)
     torch.manual_seed(0)
     m = VaDE(dim, n_clusters=k, latent_dim=2, hidden=(32,), likelihood="normal:0.3").to(device)
-    m.initialise(x, pretrain_epochs=30, batch_size=64, restarts=3, seed=0)
-    fit(m, x, epochs=15, batch_size=64, lr=2e-3, device=device, seed=0, progress=False)
+    m.initialise(x, pretrain_epochs=10, batch_size=64, restarts=3, seed=0)
+    fit(m, x, epochs=10, batch_size=64, lr=2e-3, device=device, seed=0, progress=False)
     # the target for well-separated clusters
     assert cluster_accuracy(y, m.cluster(x)) >= 0.95
     # draws from component c are assigned to cluster c (the components are the clusters)
