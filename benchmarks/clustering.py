@@ -27,6 +27,7 @@ for the whole method (pretraining and initialisation included).
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -40,7 +41,7 @@ METHODS = ("vade", "vae-gmm", "kmeans-pixels", "gmm-pixels")
 
 # per-dataset defaults (the --quick budget is the digits row)
 DEFAULTS = {
-    "digits": dict(hidden=[256, 256], latent_dim=10, epochs=150, pretrain_epochs=50, batch_size=128, lr=2e-3,
+    "digits": dict(hidden=[256, 256], latent_dim=10, epochs=150, pretrain_epochs=50, batch_size=64, lr=2e-3,
                    likelihood="normal:0.3"),
     "mnist": dict(hidden=[500, 500, 2000], latent_dim=10, epochs=100, pretrain_epochs=20, batch_size=256, lr=2e-3,
                   likelihood="normal:0.3"),
@@ -75,6 +76,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.dataset, args.device, args.seeds = "digits", "cpu", "5"
+        args.threads = args.threads or 1  # small networks: one thread is fastest on a shared CPU
     return args
 
 
@@ -111,7 +113,8 @@ def run_vade(x, xs, s, seed, device):
     info = m.initialise(x, pretrain_epochs=s["pretrain_epochs"], batch_size=s["batch_size"], restarts=s["restarts"],
                         dropout=s["pretrain_dropout"], seed=seed)
     info["init_clusters"] = m.cluster(xs)
-    fit(m, x, epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], device=device, seed=seed, progress=False)
+    fit(m, x, epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], device=device, seed=seed, progress=False,
+        validate=False)
     return m.cluster(xs), info
 
 
@@ -123,7 +126,7 @@ def run_vae_gmm(x, xs, s, seed, device):
     torch.manual_seed(seed)
     m = VAE(x.shape[1], latent_dim=s["latent_dim"], hidden=s["hidden"], likelihood=s["likelihood"]).to(device)
     fit(m, x, epochs=s["pretrain_epochs"] + s["epochs"], batch_size=s["batch_size"], lr=s["lr"], device=device,
-        seed=seed, progress=False)
+        seed=seed, progress=False, validate=False)
     with torch.no_grad():
         z = torch.cat([m.encode(x[i : i + 4096]).mean for i in range(0, x.shape[0], 4096)])
         zs = z if xs is x else torch.cat([m.encode(xs[i : i + 4096]).mean for i in range(0, xs.shape[0], 4096)])
@@ -253,7 +256,7 @@ def main(argv=None):
     summary = summarise(results, methods, args.dataset)
     md = table(summary)
     env = environment(device)
-    machine = args.machine or (f"cpu-{torch.get_num_threads()}core" if device.type == "cpu" else
+    machine = args.machine or (f"cpu-{os.cpu_count()}core" if device.type == "cpu" else
                                env["device_name"].replace(" ", "-").lower())
     name = args.name or f"clustering-{Path(args.dataset).stem}{'-quick' if args.quick else ''}-{machine}"
     backend = next((e.get("backend") for e in extras if e["method"] == "gmm-pixels"), None)
