@@ -161,7 +161,8 @@ def test_pplm_train_vade_writes_clustering_outputs(tmp_path):
 
     out = tmp_path / "vade"
     argv = ["train", "vade", "--clusters", "10", "--out", str(out), "--epochs", "2", "--pretrain-epochs", "3",
-            "--hidden", "32", "--latent-dim", "4", "--particles", "10", "--quiet", "--device", "cpu"]
+            "--hidden", "32", "--latent-dim", "4", "--particles", "10", "--quiet", "--device", "cpu",
+            "--gmm-restarts", "2", "--pretrain-dropout", "0.1", "--pretrain-lr", "2e-3", "--min-scale", "0.01"]
     assert main(argv) == 0
     for name in ("cluster_samples.png", "latent_pca.png", "loss.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -171,9 +172,11 @@ def test_pplm_train_vade_writes_clustering_outputs(tmp_path):
     state = load_checkpoint(out / "checkpoint.pt")
     m = VaDE.from_config(state["config"])
     m.load_state_dict(state["module"])
+    assert m.min_scale == 0.01 and (m.mixture_scales >= 0.01).all()
     _, test = load_dataset("digits")
     again = clustering_scores(test.y, m.cluster(test.x))
     assert again == pytest.approx({k: metrics[f"test_{k}"] for k in ("acc", "nmi", "ari")}, abs=1e-12)
     # pretraining is required: zero epochs is refused before anything is written
     assert main(["train", "vade", "--out", str(tmp_path / "no"), "--pretrain-epochs", "0", "--quiet"]) == 2
+    assert main(["train", "vade", "--out", str(tmp_path / "no"), "--pretrain-dropout", "1", "--quiet"]) == 2
     assert not (tmp_path / "no").exists()
