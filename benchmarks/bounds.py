@@ -76,6 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--gmm-clusters", type=int, default=10)
     p.add_argument("--gmm-reg", type=float, default=1e-2, help="EM variance floor (binary pixels that never vary)")
     p.add_argument("--skip-exact", action="store_true", help="only the VAE table")
+    p.add_argument("--limit", type=int, nargs=2, metavar=("N_TRAIN", "N_TEST"), default=None,
+                   help="use only the first N_TRAIN / N_TEST points (smoke runs; recorded in the JSON)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 with --quick)")
     args = p.parse_args(argv)
     large = args.dataset != "digits"
@@ -92,6 +94,14 @@ def parse_args(argv=None):
     for spec in args.elbos:
         make_elbo(spec, max_plate_nesting=1)  # unknown specs fail before any training
     return args
+
+
+def _head(split, n):
+    """The first n points of a DataSplit (every per-point tensor cut alike)."""
+    from dataclasses import replace
+
+    cut = lambda t: None if t is None else t[:n]  # noqa: E731
+    return replace(split, x=cut(split.x), y=cut(split.y), grey=cut(split.grey))
 
 
 def machine_tag(device):
@@ -274,6 +284,8 @@ def main(argv=None):
     device = resolve_device(args.device)
     t_start = time.perf_counter()
     train, test = load_dataset(args.dataset, data_root=args.data_root, binarize=args.binarize)
+    if args.limit:
+        train, test = _head(train, args.limit[0]), _head(test, args.limit[1])
     name = args.name or f"bounds-{train.name}{'-quick' if args.quick else ''}-{machine_tag(device)}"
     out = Path(args.out)
     results = []
