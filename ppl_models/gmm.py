@@ -274,9 +274,16 @@ class GMM(nn.Module):
         return cls(**config)
 
     @classmethod
-    def from_em(cls, result, *, min_scale=1e-3):
-        """A point-estimate GMM holding the parameters of an :class:`EMResult`."""
+    def from_em(cls, result, *, min_scale=None):
+        """A point-estimate GMM holding the parameters of an :class:`EMResult` (float32).
+
+        ``min_scale`` defaults to min(1e-3, half the smallest standard deviation / Cholesky diagonal),
+        so the floor never alters EM's covariances."""
         k, d = result.means.shape
+        if min_scale is None:
+            cov = result.covariances
+            sds = cov.sqrt() if result.covariance == "diag" else torch.linalg.cholesky(cov).diagonal(dim1=-2, dim2=-1)
+            min_scale = min(1e-3, 0.5 * float(sds.min()))
         gmm = cls(d, k, result.covariance, min_scale=min_scale)
         gmm.set_parameters(result.weights, result.means, result.covariances)
         return gmm.to(result.means.device)
