@@ -40,14 +40,26 @@ THRESHOLDS = (0.5, 0.7)
 DEFAULT_CONSTANT_TOL = 1e-3
 
 
-def _backend():
-    """(name, function log_weights (N, K) ndarray -> k-hat (N,) ndarray) for the installed ArviZ."""
-    try:
-        from arviz_stats.base import array_stats  # ArviZ >= 1.0: takes log-likelihoods
+BACKENDS = ("arviz_stats", "arviz")
 
-        return "arviz_stats", lambda lw: np.asarray(array_stats.psislw(-lw, r_eff=1.0, axis=-1)[1])
-    except ImportError:
-        pass
+
+def _backend(name=None):
+    """(name, function log_weights (N, K) ndarray -> k-hat (N,) ndarray) for ArviZ's PSIS.
+
+    ``name=None`` takes the first installed of :data:`BACKENDS`: ``arviz_stats``
+    (ArviZ >= 1.0, whose ``psislw`` takes log-likelihoods, so the log weights are
+    negated) or ``arviz`` 0.x (``arviz.psislw`` takes log weights as they are).
+    """
+    if name not in (None, *BACKENDS):
+        raise UsageError(f"unknown PSIS backend {name!r}; valid: {', '.join(BACKENDS)}")
+    if name in (None, "arviz_stats"):
+        try:
+            from arviz_stats.base import array_stats
+
+            return "arviz_stats", lambda lw: np.asarray(array_stats.psislw(-lw, r_eff=1.0, axis=-1)[1])
+        except ImportError:
+            if name is not None:
+                raise
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # ArviZ 0.2x announces its refactor on import
         import arviz
@@ -65,14 +77,15 @@ def min_particles():
     return k
 
 
-def psis_khat(log_weights, *, constant_tol=DEFAULT_CONSTANT_TOL):
+def psis_khat(log_weights, *, constant_tol=DEFAULT_CONSTANT_TOL, backend=None):
     """Pareto k-hat per datapoint of importance log weights ``log_weights`` (N, K): returns (N,) float64.
 
     ``log_weights[n, k] = log p(x_n, z_k) - log q(z_k | x_n)``, as
     ``inference.evaluate(..., keep_log_weights=True).log_weights`` returns them.
     Datapoints whose weights are constant to ``constant_tol`` nats get -inf (see
     the module docstring). Raises :class:`UsageError` for fewer than
-    :func:`min_particles` particles or non-finite weights.
+    :func:`min_particles` particles or non-finite weights. ``backend`` picks the
+    ArviZ implementation (see :func:`_backend`); by default the installed one.
     """
     lw = torch.as_tensor(log_weights).detach().to("cpu", torch.float64)
     if lw.dim() == 1:
@@ -90,7 +103,7 @@ def psis_khat(log_weights, *, constant_tol=DEFAULT_CONSTANT_TOL):
     spread = (lw.max(1).values - lw.min(1).values).numpy()
     varying = spread > constant_tol
     if varying.any():
-        _, fn = _backend()
+        _, fn = _backend(backend)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # overflow in exp for extreme tails: k-hat is still right
             out[varying] = fn(lw.numpy()[varying])

@@ -2,10 +2,12 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from inference import UsageError, evaluate
+from inference import psis
 from inference.psis import khat_summary, min_particles, psis_khat
 from ppl_models.ppca import PPCA
 
@@ -92,3 +94,34 @@ def test_badly_mismatched_guide_gives_khat_above_0_7():
     s = khat_summary(psis_khat(ev.log_weights))
     # at this seed 87% of points exceed 0.7; half is a safe floor for "badly mismatched"
     assert s["khat_above_0_7"] > 0.5 and s["khat_median"] > 0.7
+
+
+def _installed(name):
+    try:
+        psis._backend(name)
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not (_installed("arviz") and _installed("arviz_stats")), reason="needs both ArviZ 0.x and arviz_stats")
+def test_both_arviz_generations_give_the_same_khat():
+    """ArviZ 0.x's psislw takes log weights, arviz_stats' (ArviZ 1.x) takes log-likelihoods and negates
+    them: with the sign handled, both estimate the same tail. Their Pareto fits differ in small details
+    (prior regularisation of k-hat), so agreement is to 0.05 on 4000 draws per row, not to float error."""
+    rng = np.random.default_rng(0)
+    lw = torch.from_numpy(rng.normal(size=(6, 4000)) * np.linspace(0.5, 2.5, 6)[:, None])
+    a = psis.psis_khat(lw, backend="arviz")
+    b = psis.psis_khat(lw, backend="arviz_stats")
+    assert torch.allclose(a, b, atol=0.05)
+    # the sign matters: Gumbel log weights have a heavy right tail in w = exp(lw) (k-hat near 1),
+    # their negation a light one; both generations must see the heavy one
+    skewed = torch.from_numpy(rng.gumbel(size=(2, 4000)) * 1.5)
+    heavy_a, heavy_b = psis.psis_khat(skewed, backend="arviz"), psis.psis_khat(skewed, backend="arviz_stats")
+    light = psis.psis_khat(-skewed, backend="arviz")
+    assert torch.all(heavy_a > light + 0.3) and torch.allclose(heavy_a, heavy_b, atol=0.05)
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(UsageError, match="arviz_stats, arviz"):
+        psis.psis_khat(torch.randn(2, 100), backend="stan")
