@@ -1,0 +1,65 @@
+"""Figures a person would rather look at than read: training curves and image grids.
+
+Matplotlib runs on the Agg backend, so nothing needs a display.
+"""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from .checkpoint import atomic_write  # noqa: E402
+
+
+def _save(fig, path):
+    path = Path(path)
+    atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight"))
+    plt.close(fig)
+    return path
+
+
+def plot_history(history, path, title=None):
+    """Training objective and test ELBO (nats per datapoint) against epoch."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = [r["epoch"] for r in history]
+    ax.plot(epochs, [-r["train_loss"] for r in history], label="train objective (-loss)")
+    test = [(r["epoch"], r["test_elbo"]) for r in history if r.get("test_elbo") is not None]
+    if test:
+        ax.plot(*zip(*test), label="test ELBO")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("nats per datapoint")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
+
+
+def image_grid(images, image_shape, nrow=10, padding=1):
+    """(N, D) images in [0, 1] -> one (H', W', C) numpy array laid out by torchvision's make_grid."""
+    from torchvision.utils import make_grid
+
+    images = torch.as_tensor(images).detach().float().cpu().clamp(0, 1)
+    grid = make_grid(images.reshape(-1, *image_shape), nrow=nrow, padding=padding, pad_value=1.0)
+    return grid.permute(1, 2, 0).numpy()
+
+
+def save_image_grid(images, image_shape, path, nrow=10, title=None, row_labels=None):
+    """Save a grid of (N, D) images as a PNG, upscaled without smoothing so small images stay legible."""
+    grid = image_grid(images, image_shape, nrow=nrow)
+    h, w = grid.shape[:2]
+    scale = max(1.0, 400 / max(h, w))
+    fig, ax = plt.subplots(figsize=(w * scale / 100 + 0.6, h * scale / 100 + 0.6))
+    ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    if row_labels:
+        rows = len(row_labels)
+        ax.set_yticks([(i + 0.5) * h / rows for i in range(rows)], row_labels)
+    else:
+        ax.set_yticks([])
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
