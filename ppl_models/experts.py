@@ -55,17 +55,28 @@ def subsets(m):
 
 
 def _mask(mask, loc):
-    """(bool mask broadcastable to loc.shape[:-1], largest number of present experts)."""
+    """(bool mask broadcastable to loc.shape[:-1], largest number of present experts).
+
+    A mask given as (nested) Python bools is checked on the host, so no device
+    synchronisation happens; a tensor mask is checked with one host read.
+    """
     m = loc.shape[-2]
     if mask is None:
         return torch.ones(m, dtype=torch.bool, device=loc.device), m
-    mask = torch.as_tensor(mask, dtype=torch.bool).to(loc.device)
+    if isinstance(mask, torch.Tensor):
+        mask = mask.to(device=loc.device, dtype=torch.bool)
+        counts = mask.sum(-1)
+        low, high = (int(v) for v in torch.stack([counts.min(), counts.max()]).cpu()) if counts.numel() else (m, m)
+    else:
+        rows = [mask] if not isinstance(mask[0], (list, tuple)) else mask
+        counts = [sum(bool(v) for v in r) for r in rows]
+        low, high = min(counts), max(counts)
+        mask = torch.tensor(mask, dtype=torch.bool).to(loc.device)
     if mask.shape[-1:] != (m,):
         raise UsageError(f"the mask must have one entry per expert ({m}), got shape {tuple(mask.shape)}")
-    counts = mask.sum(-1)
-    if int(counts.min()) == 0:
+    if low == 0:
         raise UsageError("every datapoint needs at least one present expert (the mask has an all-False row)")
-    return mask, int(counts.max())
+    return mask, high
 
 
 def _precisions(loc, scale, mask):

@@ -26,8 +26,10 @@ Objectives (``objective=``):
   with ``subset_weights="learned"``, softmax of a free vector over the subsets
   of P; then the objective adds ``subset_entropy * H(w)`` per datapoint (as in
   the CoDE-VAE of Mancisidor et al. 2024), whose maximiser over w is
-  w_S proportional to exp(ELBO_S / subset_entropy). In Pyro each subset has its
-  own latent site ``z[S]`` (an independent copy of the model) scaled by w_S.
+  w_S proportional to exp(ELBO_S / subset_entropy). In Pyro the subsets are
+  independent copies of the model under ``pyro.plate("subsets", K, dim=-2)``
+  (one site ``z`` of batch shape (K, B), each copy scaled by its w_S), so the
+  decoders run once on all K copies.
 * ``beta`` scales every KL term (beta = 1: the bounds above; otherwise not a
   bound, as for :class:`ppl_models.vae.VAE`).
 
@@ -87,7 +89,7 @@ class MultimodalVAE(nn.Module):
     :param arch: ``"mlp"`` or ``"conv"`` for image modalities with an image_shape.
     """
 
-    max_plate_nesting = 1
+    max_plate_nesting = 2  # the subset copies' plate (dim -2) and the data plate (dim -1)
 
     def __init__(
         self,
@@ -235,37 +237,43 @@ class MultimodalVAE(nn.Module):
         return x if x.is_floating_point() else x.new_zeros((), dtype=self._dtype())
 
     # ---- model and guide -----------------------------------------------------------------
+    def _subset_plate(self, names):
+        """The plate of subset copies (dim -2, left of the data plate) and their weights, shape (K, 1)."""
+        weights, entropy = self.subset_weights(names)
+        return pyro.plate("subsets", len(weights), dim=-2), weights[:, None], entropy
+
     def model(self, batch):
         names = self.present(batch)
         ref = self._ref(batch, names)
         n = batch[names[0]].shape[0]
-        with pyro.plate("data", n):
+        entropy = None
+        if self.objective == "subset":
+            subsets_plate, weights, entropy = self._subset_plate(names)
+            copies = (subsets_plate, poutine.scale(scale=weights.to(ref.device)))
+        else:
+            copies = (nullcontext(), nullcontext())
+        with pyro.plate("data", n, dim=-1):
             w = {}
             for m in names:
                 if self.private[m]:
                     with self._kl_scale():
                         w[m] = pyro.sample(f"w_{m}", self._prior(n, self.private[m], ref))
-            if self.objective == "joint":
+            with copies[0], copies[1]:
                 with self._kl_scale():
                     z = pyro.sample("z", self._prior(n, self.latent_dim, ref))
                 for m in names:
-                    pyro.sample(f"x_{m}", self.decode(m, z, w.get(m)), obs=batch[m])
-            else:
-                weights, entropy = self.subset_weights(names)
-                for s, weight in zip(self.subsets(names), weights.to(ref.device)):
-                    tag = "+".join(s)
-                    with poutine.scale(scale=weight):
-                        with self._kl_scale():
-                            z = pyro.sample(f"z[{tag}]", self._prior(n, self.latent_dim, ref))
-                        for m in names:
-                            pyro.sample(f"x_{m}[{tag}]", self.decode(m, z, w.get(m)), obs=batch[m])
-        if self.objective == "subset" and entropy is not None and self.subset_entropy > 0:
+                    pyro.sample(f"x_{m}", self.decode(m, z, self._broadcast(w.get(m), z)), obs=batch[m])
+        if entropy is not None and self.subset_entropy > 0:
             pyro.factor("subset_entropy", n * self.subset_entropy * entropy.to(ref.device))
+
+    @staticmethod
+    def _broadcast(w, z):
+        return None if w is None else w.expand(z.shape[:-1] + w.shape[-1:])
 
     def guide(self, batch):
         names = self.present(batch)
         loc, scale, feats = self.experts(batch, names)
-        with pyro.plate("data", loc.shape[0]):
+        with pyro.plate("data", loc.shape[0], dim=-1):
             for m in names:
                 if self.private[m]:
                     with self._kl_scale():
@@ -274,11 +282,11 @@ class MultimodalVAE(nn.Module):
                 with self._kl_scale():
                     pyro.sample("z", self.fuse(loc, scale))
             else:
-                weights, _ = self.subset_weights(names)
-                for s, weight in zip(self.subsets(names), weights.to(loc.device)):
-                    mask = tuple(m in s for m in names)
-                    with poutine.scale(scale=weight), self._kl_scale():
-                        pyro.sample(f"z[{'+'.join(s)}]", self.fuse(loc, scale, mask))
+                subsets_plate, weights, _ = self._subset_plate(names)
+                # one mask row per subset, broadcast against the experts: q(z | X_S) has batch shape (K, B)
+                masks = [[[m in s for m in names]] for s in self.subsets(names)]  # (K, 1, |P|)
+                with subsets_plate, poutine.scale(scale=weights.to(loc.device)), self._kl_scale():
+                    pyro.sample("z", self.fuse(loc, scale, masks))
 
     def check_data(self, batch):
         for m in self.present(batch):
@@ -338,3 +346,85 @@ class MultimodalVAE(nn.Module):
         ref = next(self.parameters())
         z = torch.randn(n, self.latent_dim, device=ref.device, dtype=ref.dtype)
         return {m: self._emit(m, z, None, mean) for m in self.names}
+
+
+# ---- metrics and figures shared by the benchmark and the CLI ----------------------------
+def multimodal_metrics(module, train, test, classifiers, *, particles=100, joint_samples=1000, seed=0):
+    """Coherence (per given subset and by size), joint coherence, probes and log-likelihoods of a trained model.
+
+    ``train``/``test`` are :class:`ppl_models.multimodal_data.MultimodalSplit`;
+    ``classifiers`` come from :func:`inference.metrics.modality_classifiers`.
+    Log-likelihoods: the joint log p(X) by importance sampling with ``particles``
+    draws from q(z | X), and log p(x_t | X_rest) for every target t (see
+    :func:`inference.metrics.conditional_log_likelihood`).
+    """
+    from inference import evaluate
+    from inference import metrics as M
+
+    pyro.set_rng_seed(seed)
+    dev = next(module.parameters()).device
+    was = module.training
+    module.eval()
+    try:
+        test_x = {k: v.to(dev) for k, v in test.data.items()}
+        records = M.coherence(module, test_x, test.y, classifiers)
+        ev = evaluate(module, test_x, particles=particles)
+        out = {
+            "coherence": records,
+            "coherence_by_size": M.coherence_by_size(records),
+            "joint_coherence": M.joint_coherence(module, classifiers, joint_samples),
+            "test_elbo": ev.elbo,
+            "test_log_likelihood": ev.log_likelihood,
+            "test_log_likelihood_se": ev.log_likelihood_se,
+            "particles": particles,
+        }
+        cond = {}
+        for t in module.names:
+            rest = [m for m in module.names if m != t]
+            if rest:
+                cond[t] = M.conditional_log_likelihood(module, test_x, rest, t, particles=particles)[0]
+        out["conditional_log_likelihood"] = cond
+        probes = {"all": M.linear_probe(M.embeddings(module, train.data), train.y,
+                                        M.embeddings(module, test.data), test.y)}
+        for m in module.names:
+            probes[m] = M.linear_probe(M.embeddings(module, train.subset([m])), train.y,
+                                       M.embeddings(module, test.subset([m])), test.y)
+        out["probe_accuracy"] = probes
+    finally:
+        module.train(was)
+    return out
+
+
+def generation_grid(module, data, given, targets, path, *, n=10, title=None, seed=0):
+    """A PNG grid: the first ``n`` tuples' given image modalities, then each image target generated from them.
+
+    One row per modality (given rows first); label targets are written as the
+    predicted class in the row label. Returns the path.
+    """
+    from inference.plots import save_image_grid
+
+    specs = module.specs
+    given = [given] if isinstance(given, str) else list(given)
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    shapes = {m: specs[m]["image_shape"] for m in [*given, *targets] if specs[m]["image_shape"]}
+    if not shapes:
+        raise UsageError("a generation grid needs at least one image modality among the given and targets")
+    pyro.set_rng_seed(seed)
+    dev = next(module.parameters()).device
+    batch = {m: data[m][:n].to(dev) for m in given}
+    out = module.generate(batch, targets)
+    shape = next(iter(shapes.values()))
+    dim = int(torch.tensor(shape).prod())
+    rows, row_labels, text = [], [], []
+    for m, x, kind in [*((m, batch[m], "given") for m in given), *((t, out[t], "generated") for t in targets)]:
+        if specs[m]["image_shape"] is None:  # a label: written in the title
+            classes = x if x.dim() == 1 else x.argmax(-1)
+            text.append(f"{kind} {m}: " + " ".join(str(int(c)) for c in classes))
+        elif x.shape[-1] != dim:
+            raise UsageError(f"modality {m!r} has another image shape than the first image modality; grid them separately")
+        else:
+            rows.append(x.float().cpu())
+            row_labels.append(f"{kind} {m}")
+    full_title = "\n".join(filter(None, [title, *text]))
+    return save_image_grid(torch.cat(rows), shape, path, nrow=rows[0].shape[0], title=full_title or None,
+                           row_labels=row_labels)
