@@ -297,16 +297,17 @@ class MultimodalVAE(nn.Module):
         """log p(X_P, z, w) - log q(z, w | X_P) for K draws from the joint posterior: shape (K, B)."""
         names = self.present(batch)
         loc, scale, feats = self.experts(batch, names)
-        q = self.fuse(loc, scale)
-        z = q.rsample((num_particles,))
-        total = self._prior(1, self.latent_dim, z).log_prob(z) - q.log_prob(z)
-        for m in names:
-            w = None
+        total, w = 0.0, {}
+        for m in names:  # the guide's order: private latents first, then z
             if self.private[m]:
                 qw = self.private_posterior(m, feats[m])
-                w = qw.rsample((num_particles,))
-                total = total + self._prior(1, self.private[m], w).log_prob(w) - qw.log_prob(w)
-            total = total + self.decode(m, z, w).log_prob(batch[m])
+                w[m] = qw.rsample((num_particles,))
+                total = total + self._prior(1, self.private[m], w[m]).log_prob(w[m]) - qw.log_prob(w[m])
+        q = self.fuse(loc, scale)
+        z = q.rsample((num_particles,))
+        total = total + self._prior(1, self.latent_dim, z).log_prob(z) - q.log_prob(z)
+        for m in names:
+            total = total + self.decode(m, z, w.get(m)).log_prob(batch[m])
         return total
 
     @torch.no_grad()

@@ -53,6 +53,7 @@ class MultimodalSplit:
     modalities: list
     binarize: str = "none"
     grey: dict = field(default_factory=dict)
+    sources: dict = None  # PolyMNIST-like: {view: indices of its MNIST images in the source split}
 
     @property
     def data(self):
@@ -113,10 +114,13 @@ def texture(rng, size=96, components=4):
 
 
 def polymnist_views(images, labels, views, rng, textures):
-    """V views per tuple: same class, different MNIST instance, each on a crop of its view's texture."""
+    """V views per tuple: same class, different MNIST instance, each on a crop of its view's texture.
+
+    Returns ({view: (N, 784) images}, {view: indices of the MNIST images used}).
+    """
     n, side = len(labels), images.shape[-1]
     by_class = [np.flatnonzero(labels == c) for c in range(10)]
-    out = {}
+    out, sources = {}, {}
     for v in range(views):
         if v == 0:
             idx = np.arange(n)
@@ -135,7 +139,8 @@ def polymnist_views(images, labels, views, rng, textures):
         oy, ox = rng.integers(0, windows.shape[0], n), rng.integers(0, windows.shape[1], n)
         back = windows[oy, ox]
         out[f"m{v}"] = ((1 - digits) * back + digits * (1 - back)).reshape(n, -1).astype(np.float32)
-    return out
+        sources[f"m{v}"] = idx
+    return out, sources
 
 
 def load_multimodal(name, *, data_root=None, views=3, binarize="none", seed=0, max_train=None, max_test=None,
@@ -168,7 +173,8 @@ def load_multimodal(name, *, data_root=None, views=3, binarize="none", seed=0, m
                 raise UsageError(f"polymnist has 2 to 5 views, got {views}")
             rng = np.random.default_rng(seed)
             textures = [texture(rng) for _ in range(views)]
-            parts = [polymnist_views(x, y, views, rng, textures) for x, y in ((x_tr, y_tr), (x_te, y_te))]
+            made = [polymnist_views(x, y, views, rng, textures) for x, y in ((x_tr, y_tr), (x_te, y_te))]
+            parts, sources = [p for p, _ in made], [s for _, s in made]
             shapes, labels = {f"m{v}": (1, 28, 28) for v in range(views)}, False
     else:
         raise UsageError(f"unknown multimodal dataset {name!r}; valid: {', '.join(MULTIMODAL_DATASETS)}")
@@ -177,7 +183,11 @@ def load_multimodal(name, *, data_root=None, views=3, binarize="none", seed=0, m
         y_tr, y_te = y_tr[:max_train], y_te[:max_test]
     if len(y_tr) == 0 or len(y_te) == 0:
         raise DataError(f"{name}: a split is empty (max_train={max_train}, max_test={max_test})")
-    return (
+    splits = (
         _split(name, parts[0], labels, y_tr, shapes, binarize, train=True),
         _split(name, parts[1], labels, y_te, shapes, binarize, train=False),
     )
+    if name == "polymnist":
+        for split, src in zip(splits, sources):
+            split.sources = src
+    return splits
