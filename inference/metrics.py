@@ -156,11 +156,15 @@ def cca_probe(view1_train, view2_train, y_train, view1_test, view2_test, y_test,
     coordinated representation of both views).
     """
     from sklearn.cross_decomposition import CCA
+    from threadpoolctl import threadpool_limits
 
     cca = CCA(n_components=n_components, max_iter=2000)
-    cca.fit(_numpy(view1_train), _numpy(view2_train))
-    u_tr, v_tr = cca.transform(_numpy(view1_train), _numpy(view2_train))
-    u_te, v_te = cca.transform(_numpy(view1_test), _numpy(view2_test))
+    # scikit-learn's CCA iterates many small matrix products: BLAS threads cost more than they gain
+    # (20x slower on a busy 2-core machine), so it runs on one
+    with threadpool_limits(1):
+        cca.fit(_numpy(view1_train), _numpy(view2_train))
+        u_tr, v_tr = cca.transform(_numpy(view1_train), _numpy(view2_train))
+        u_te, v_te = cca.transform(_numpy(view1_test), _numpy(view2_test))
     return {
         "view1": linear_probe(u_tr, y_train, u_te, y_test),
         "view2": linear_probe(v_tr, y_train, v_te, y_test),
