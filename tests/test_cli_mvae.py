@@ -50,3 +50,16 @@ def test_generate_refuses_unknown_modality(run, tmp_path, capsys):
     assert main(["generate", str(run), "--given", "left", "--target", "bottom", "--out", str(tmp_path / "g.png"),
                  "--device", "cpu"]) == 2
     assert "modality names among" in capsys.readouterr().err
+
+
+def test_options_reach_the_model_and_data(tmp_path):
+    out = tmp_path / "r"
+    argv = ["train", "mvae", "--rule", "mopoe", "--prior-expert", "--objective", "subset", "--subset-weights",
+            "learned", "--subset-entropy", "0.5", "--private-dim", "2", "--classifier", "logistic",
+            "--modalities", "3", "--data-seed", "1", "--max-train", "200", "--max-test", "50", "--out", str(out), *FAST]
+    assert main(argv) == 0
+    config = json.loads((out / "config.json").read_text())["module"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (config["prior_expert"], config["subset_weights"], config["subset_entropy"], config["private_dim"]) == (
+        True, "learned", 0.5, 2)
+    assert (metrics["n_train"], metrics["n_test"]) == (200, 50)
