@@ -65,7 +65,7 @@ def main(argv=None):
     p.add_argument("--max-train", type=int, default=None)
     p.add_argument("--max-test", type=int, default=None)
     p.add_argument("--particles", type=int, default=100)
-    p.add_argument("--classifier", default="logistic", choices=("logistic", "mlp"))
+    p.add_argument("--classifier", default="logistic", choices=("logistic", "mlp", "cnn"))
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS))

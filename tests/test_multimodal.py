@@ -156,10 +156,14 @@ def test_training_on_digits_halves_gives_coherent_labels():
     # 12 sd above chance (the benchmark's 60 epochs reach ~0.8); the label target needs no classifier.
     from ppl_models.multimodal_data import load_multimodal
 
-    torch.set_num_threads(1)
     train, test = load_multimodal("digits-halves")
     module = MultimodalVAE(train.modalities, latent_dim=8, hidden=(128,), rule="code", rho=0.2)
-    result = fit(module, train, epochs=15, batch_size=128, lr=2e-3, progress=False, validate=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small networks: extra threads only contend on a shared CPU
+    try:
+        result = fit(module, train, epochs=15, batch_size=128, lr=2e-3, progress=False, validate=False)
+    finally:
+        torch.set_num_threads(threads)
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     records = M.coherence(module, {"top": test.x["top"], "label": test.x["label"]}, test.y,
                           {"label": M.LabelReader(), "top": M.fit_classifier(train.x["top"], train.y)},

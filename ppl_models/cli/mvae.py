@@ -52,7 +52,7 @@ class MVAECommand(ModelCommand):
         p.add_argument("--hidden", type=positive_int, nargs="+", default=[256])
         p.add_argument("--arch", choices=("mlp", "conv"), default="mlp")
         p.add_argument("--beta", type=positive_float, default=1.0)
-        p.add_argument("--classifier", choices=("logistic", "mlp"), default="logistic", help="coherence judge")
+        p.add_argument("--classifier", choices=("logistic", "mlp", "cnn"), default="logistic", help="coherence judge")
 
     def check_args(self, args):
         if args.rho is not None and args.rule != "code":
