@@ -250,20 +250,12 @@ def evaluate_run(run_dir, *, particles=None, device="auto", quiet=False):
 
 def sample_run(run_dir, n, out_file, *, device="auto", seed=0):
     """Draw ``n`` samples from a finished run's model and save them as an image grid."""
-    from inference.plots import save_image_grid
-
     if n < 1:
         raise UsageError(f"-n must be positive, got {n}")
     command, config, args = _command_and_args(run_dir)
     module, _ = _load_module(command, config, resolve_device(device))
-    if not hasattr(module, "sample"):
-        raise UsageError(f"the {config['model']} model cannot draw samples")
     pyro.set_rng_seed(seed)
-    images = module.sample(n)
-    shape = config["module"].get("image_shape") if config.get("module") else None
-    if not shape:
-        raise UsageError(f"the {config['model']} run does not hold image data")
-    return save_image_grid(images, shape, out_file, nrow=max(1, int(n**0.5)))
+    return command.save_samples(module, n, out_file, config)
 
 
 def print_metrics(metrics, file=None):

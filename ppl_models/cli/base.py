@@ -10,6 +10,7 @@ with :func:`register`; every module of the package is imported on start.
 """
 
 import argparse
+import math
 
 from inference.errors import UsageError
 
@@ -84,6 +85,15 @@ class ModelCommand:
 
     def check_args(self, args):
         """Raise UsageError for option combinations that make no sense."""
+
+    def save_samples(self, module, n, path, config):
+        """``pplm sample``: a grid of ``n`` draws from the model (``module.sample(n)``) saved to ``path``."""
+        from inference.plots import save_image_grid
+
+        shape = (config.get("module") or {}).get("image_shape")
+        if not hasattr(module, "sample") or not shape:
+            raise UsageError(f"the {config['model']} model of this run cannot draw image samples")
+        return save_image_grid(module.sample(n), shape, path, nrow=max(1, math.ceil(n**0.5)))
 
 
 _COMMANDS = {}

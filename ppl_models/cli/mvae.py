@@ -103,14 +103,20 @@ class MVAECommand(ModelCommand):
             generation_grid(module, test.data, given, [n for n in module.names if n != given],
                             run_dir / "generation.png", title=f"generated from {given}")
             pyro.set_rng_seed(args.seed)
-            draws = module.sample(10)
-            same = [n for n in images if module.specs[n]["image_shape"] == module.specs[given]["image_shape"]]
-            save_image_grid(
-                torch.cat([draws[n].cpu() for n in same]), module.specs[given]["image_shape"],
-                run_dir / "samples.png", nrow=10, row_labels=same, title="joint draws from the prior (E[x|z])",
-            )
+            self.save_samples(module, 10, run_dir / "samples.png")
             written = ["generation.png", "samples.png"]
         return written
+
+    def save_samples(self, module, n, path, config=None):
+        """Joint draws from the prior: one row per image modality (those sharing the first one's shape)."""
+        images = [m for m in module.names if module.specs[m]["image_shape"]]
+        if not images:
+            raise UsageError("this mvae run has no image modality to draw")
+        shape = module.specs[images[0]]["image_shape"]
+        same = [m for m in images if module.specs[m]["image_shape"] == shape]
+        draws = module.sample(n)
+        return save_image_grid(torch.cat([draws[m].cpu() for m in same]), shape, path, nrow=n, row_labels=same,
+                               title="joint draws from the prior (E[x|z])")
 
 
 def generate_run(run_dir, given, target, out_file, *, n=10, device="auto", seed=0):
