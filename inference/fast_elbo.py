@@ -334,7 +334,7 @@ def _close(a, b):
 
 def _mismatch(reference, loss, ref_grads, grads):
     if not _close(reference.detach(), loss.detach()):
-        return f"loss {float(reference):.6g} vs {float(loss):.6g}"
+        return f"loss {float(reference.detach()):.6g} vs {float(loss.detach()):.6g}"
     for i, (a, b) in enumerate(zip(ref_grads, grads)):
         if not _close(a, b):
             return f"gradient of parameter {i}"
