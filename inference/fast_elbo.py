@@ -200,7 +200,7 @@ class FastELBO:
 
     @property
     def compiled(self):
-        return [key for key, graph in self._graphs.items() if graph is not None]
+        return list(self._graphs)
 
     # ---- the loss --------------------------------------------------------------------
     def eager_loss(self, model, guide, *args, **kwargs):
@@ -236,10 +236,14 @@ class FastELBO:
             if key in self.fallbacks:
                 return self.eager_loss(model, guide, *args)
             return self._compile(key, model, guide, owners, tensors, spec, args)
-        graph, params, checks_left = entry
+        graph, params, store_params, checks_left = entry
+        if store_params and _store_changed(store_params):
+            # a pyro.param was replaced (e.g. the param store was cleared): trace again
+            del self._graphs[key]
+            return self._compile(key, model, guide, owners, tensors, spec, args)
         if checks_left:
             # the second call sees new data and new draws: the graph must still match
-            self._graphs[key] = (graph, params, checks_left - 1)
+            self._graphs[key] = (graph, params, store_params, checks_left - 1)
             return self._checked_call(key, graph, params, tensors, model, guide, args)
         return _run(graph, params, tensors)
 
@@ -249,12 +253,13 @@ class FastELBO:
             self.eager_loss(model, guide, *args)
         params, seen = [], set()
         candidates = [p for o in owners if isinstance(o, torch.nn.Module) for p in o.parameters()]
-        candidates += [site["value"].unconstrained() for site in capture.trace.nodes.values()]
+        store = [(name, site["value"].unconstrained()) for name, site in capture.trace.nodes.items()]
+        candidates += [t for _, t in store]
         for p in candidates:
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 params.append(p)
-        return params
+        return params, store
 
     def _fallback(self, key, reason, model, guide, args, start):
         self._graphs.pop(key, None)
@@ -282,7 +287,7 @@ class FastELBO:
         start = _rng_state({t.device for t in tensors})
         # 1. the eager reference, with validation as the caller set it (checks the pair and the data)
         reference = self.eager_loss(model, guide, *args)
-        params = self._params(model, guide, owners, args)
+        params, store_params = self._params(model, guide, owners, args)
         if not torch.is_tensor(reference) or not reference.requires_grad or not params:
             self.fallbacks[key] = "the loss depends on no parameter"
             return reference
@@ -309,8 +314,13 @@ class FastELBO:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         # 3. on the same draws the graph must reproduce the eager loss and gradients,
         #    here and once more on the next call with new data
-        self._graphs[key] = (graph, params, 1)
+        self._graphs[key] = (graph, params, store_params, 1)
         return self._checked_call(key, graph, params, tensors, model, guide, args, reference=reference, start=start)
+
+
+def _store_changed(store_params):
+    current = pyro.get_param_store()._params
+    return any(current.get(name) is not tensor for name, tensor in store_params)
 
 
 def _run(graph, params, tensors):
