@@ -48,7 +48,7 @@ import torch
 from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.trace_elbo import _compute_log_r
-from pyro.infer.util import is_validation_enabled
+from pyro.infer.util import check_fully_reparametrized, is_validation_enabled
 from pyro.util import warn_if_nan
 
 from .elbo import DifferentiableRenyiELBO
@@ -107,6 +107,8 @@ def _meanfield_particle(model_trace, guide_trace):
             elbo = elbo + model_site["log_prob_sum"]
             continue
         guide_site = guide_trace.nodes[name]
+        if is_validation_enabled():
+            check_fully_reparametrized(guide_site)
         try:
             kl = torch.distributions.kl_divergence(guide_site["fn"], model_site["fn"])
         except NotImplementedError:
@@ -116,6 +118,8 @@ def _meanfield_particle(model_trace, guide_trace):
         elbo = elbo - (kl.sum() if torch.is_tensor(kl) else kl * guide_site["fn"].batch_shape.numel())
     for name, guide_site in guide_trace.nodes.items():
         if guide_site["type"] == "sample" and name not in model_trace.nodes:
+            if is_validation_enabled():
+                check_fully_reparametrized(guide_site)
             elbo = elbo - guide_site["score_parts"].entropy_term.sum()
     return -elbo
 

@@ -15,8 +15,8 @@ from tqdm.auto import tqdm
 from . import batching
 from .checkpoint import FILENAME, get_rng_state, load_checkpoint, model_name, save_checkpoint, set_rng_state
 from .elbo import make_elbo
-from .fast_elbo import FastELBO, supports
 from .errors import NonFiniteLossError, UsageError
+from .fast_elbo import FastELBO, supports
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
