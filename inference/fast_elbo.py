@@ -21,7 +21,8 @@ only change speed:
   KL(q || p) wherever ``torch.distributions.kl_divergence`` has it, as Pyro does.
 
 * **Compiled (``jit=True``).** The first call for a given model, guide and
-  input signature (shapes, dtypes, devices, ``module.training``) runs the eager
+  input signature (shapes, dtypes, devices, and the plain Python attributes of
+  the module the model/guide are methods of, e.g. ``training`` or ``beta``) runs the eager
   loss with the current validation setting (so Pyro checks the model/guide pair
   and the data once), then records the loss as a TorchScript graph with
   :func:`torch.jit.trace`: every module parameter and ``pyro.param`` is an input
@@ -159,6 +160,21 @@ def _owner(fn):
     return getattr(fn, "__self__", None)
 
 
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _fingerprint(owner):
+    """The plain Python attributes of a model's owner (``training``, ``beta``, ``num_data``, ...).
+
+    A trace freezes them; keying graphs on them means that changing one (e.g. KL
+    annealing of ``module.beta`` between epochs) builds a new graph instead of
+    silently reusing the old value.
+    """
+    if owner is None:
+        return None
+    return tuple((k, v) for k, v in vars(owner).items() if type(v) in _PLAIN)
+
+
 def _rng_state(devices):
     state = {"cpu": torch.get_rng_state()}
     for d in devices:
@@ -231,7 +247,7 @@ class FastELBO:
             getattr(model, "__func__", model),
             getattr(guide, "__func__", guide),
             tuple(id(o) for o in owners),
-            tuple(getattr(o, "training", None) for o in owners),
+            tuple(_fingerprint(o) for o in owners),
             spec,
             torch.is_grad_enabled(),
         )

@@ -138,6 +138,17 @@ def test_compiled_follows_the_param_store(device):
     assert len(compiled.compiled) == 1 and not compiled.fallbacks
 
 
+def test_compiled_sees_changed_module_attributes(digits):
+    """Python attributes the trace would freeze (here the beta of a beta-VAE, as in KL annealing) key the graph."""
+    module = _vae("cpu", hidden=(16,))
+    x = digits[0].x[:32]
+    compiled, eager = make_elbo("trace", max_plate_nesting=1, jit=True), FastELBO(make_elbo("trace", max_plate_nesting=1))
+    for beta in (1.0, 0.5, 0.5, 2.0):
+        module.beta = beta
+        _assert_same(_loss_and_grads(eager, module, x, seed=0), _loss_and_grads(compiled, module, x, seed=0))
+    assert len(compiled.compiled) == 3  # one graph per beta
+
+
 def test_compiled_value_dependent_branch_falls_back():
     """A branch on data values is frozen by a trace: the second-call check must catch it and go eager."""
 
