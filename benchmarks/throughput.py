@@ -299,6 +299,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on CPU)")
     p.add_argument("--data-root", default=os.environ.get("PPLM_DATA_ROOT"), help="folder with MNIST/raw")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--machine", default=None, help="a label for the machine, e.g. cpu-2core (JSON, markdown, file name)")
     p.add_argument("--name", default=None, help="output file stem (default throughput-<device>[-quick])")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
@@ -339,7 +340,7 @@ def main(argv=None):
         columns.append("peak_mem_mb")
     shown = [dict(r, loss_rel_diff="" if r["loss_rel_diff"] is None else f"{r['loss_rel_diff']:.1e}") for r in rows]
     table = markdown_table(shown, columns)
-    stem = args.name or f"throughput-{dev.type}" + ("-quick" if quick else "")
+    stem = args.name or f"throughput-{args.machine or dev.type}" + ("-quick" if quick else "")
     try:
         import pythae
 
@@ -348,6 +349,7 @@ def main(argv=None):
         pythae_version = f"not available ({type(exc).__name__})"
     record = {
         "benchmark": "throughput",
+        "machine": args.machine,
         "environment": environment(dev),
         "seed": args.seed,
         "settings": {
@@ -359,7 +361,13 @@ def main(argv=None):
         "seconds": seconds,
         "results": rows,
     }
-    header = (f"# Training throughput on {record['environment']['device_name']} ({dev})\n\n"
+    header = (f"# Training throughput on {args.machine or record['environment']['device_name']} ({dev}, "
+              f"{torch.get_num_threads()} torch threads)\n\n"
+              "Same network (the model's own modules), loss, optimiser (Adam, lr 1e-3), data on the device, batch "
+              "order and random draws for every implementation. hand: hand-written PyTorch loop (torch.distributions "
+              "densities, loss read once per epoch); fit[validate] / fit: inference.fit eager with Pyro validation "
+              "on / off; fit+jit: fit(jit=True, validate=False); pythae: pythae's BaseTrainer on the same "
+              "networks (analytic-KL loss, listed under meanfield).\n\n"
               f"step_ms: median over {rounds} interleaved rounds of one {steps}-step epoch; ratio: median of "
               f"per-round (impl / hand). epoch_s: one pass over the model's full training set (digits 1,438, MNIST 60,000 points) at that rate. loss_rel_diff: first-epoch training loss vs hand-written (same draws).\n\n")
     json_path, md_path = write_results(args.out, stem, record, header + table)
