@@ -24,6 +24,7 @@ import torch
 
 from inference import batching
 from inference.checkpoint import FILENAME, atomic_write, load_checkpoint
+from inference.elbo import make_elbo
 from inference.errors import CheckpointError, UsageError
 from inference.evaluate import evaluate
 from inference.plots import plot_history
@@ -93,7 +94,7 @@ def train_run(command, args):
 
     Refuses, before writing anything, a folder that already holds a run unless
     ``args.resume`` (continue it; its stored options win except ``--epochs``,
-    ``--device`` and ``--particles``) or ``args.overwrite`` (replace it).
+    ``--device``, ``--particles``, ``--quiet`` and ``--no-validate``) or ``args.overwrite`` (replace it).
     Returns the metrics dict.
     """
     out = Path(args.out)
@@ -107,7 +108,8 @@ def train_run(command, args):
         if config["model"] != command.name:
             raise CheckpointError(f"{out} holds a {config['model']!r} run, not {command.name!r}")
         stored = dict(config["args"])
-        stored.update(epochs=args.epochs, device=args.device, particles=args.particles, quiet=args.quiet)
+        stored.update(epochs=args.epochs, device=args.device, particles=args.particles, quiet=args.quiet,
+                      no_validate=args.no_validate)
         args = argparse.Namespace(**{**vars(args), **stored, "resume": True, "overwrite": False, "out": str(out)})
     elif held and not args.overwrite:
         raise UsageError(f"{out} already holds a run ({', '.join(held)}); pass --resume to continue it or --overwrite to replace it")
@@ -118,6 +120,7 @@ def train_run(command, args):
     batching.check_finite(test, "test data")
     pyro.set_rng_seed(args.seed)
     module = command.build(args, train)
+    make_elbo(args.elbo, max_plate_nesting=getattr(module, "max_plate_nesting", None))  # refuse a bad spec now
     if hasattr(module, "check_data"):
         module.check_data(batching.fixed_view(train))
         module.check_data(batching.fixed_view(test))
@@ -251,11 +254,11 @@ def sample_run(run_dir, n, out_file, *, device="auto", seed=0):
     return save_image_grid(images, shape, out_file, nrow=max(1, int(n**0.5)))
 
 
-def print_metrics(metrics, file=sys.stdout):
+def print_metrics(metrics, file=None):
     keys = ("test_elbo", "test_log_likelihood", "train_seconds")
     parts = []
     for k in keys:
         if k in metrics:
             se = metrics.get(f"{k}_se")
             parts.append(f"{k}={metrics[k]:.3f}" + (f" (se {se:.3f})" if se is not None else ""))
-    print(", ".join(parts), file=file)
+    print(", ".join(parts), file=file or sys.stdout)

@@ -114,5 +114,5 @@ def _load_builtin():
     from .. import cli
 
     for info in pkgutil.iter_modules(cli.__path__):
-        if info.name != "base":
+        if info.name not in ("base", "__main__"):
             importlib.import_module(f"{cli.__name__}.{info.name}")

@@ -1,0 +1,200 @@
+"""The pplm command line: the main job, evaluate/sample, and every refusal leaving the disk untouched."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from inference.checkpoint import save_checkpoint
+from ppl_models.cli import build_parser, main
+
+FAST = ["--epochs", "2", "--particles", "20", "--quiet", "--hidden", "32", "--latent-dim", "4"]
+
+
+def snapshot(folder):
+    folder = Path(folder)
+    if not folder.exists():
+        return None
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "vae"
+    assert main(["train", "vae", "--out", str(out), "--seed", "1", *FAST]) == 0
+    return out
+
+
+def test_train_writes_the_run_folder(run_dir):
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"config.json", "checkpoint.pt", "history.csv", "metrics.json", "loss.png", "samples.png", "reconstructions.png"} <= names
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("model", "dataset", "binarize", "likelihood", "elbo", "epochs", "seed", "device", "test_elbo",
+                "test_log_likelihood", "particles", "train_seconds", "versions"):
+        assert key in metrics
+    assert metrics["dataset"] == "digits" and metrics["binarize"] == "dynamic" and metrics["particles"] == 20
+    # the importance-weighted estimate uses the ELBO's particles too: log-mean-exp >= mean, per point
+    assert metrics["test_log_likelihood"] >= metrics["test_elbo"]
+    assert set(metrics["versions"]) >= {"torch", "pyro"}
+    assert (run_dir / "history.csv").read_text().splitlines()[0].startswith("epoch,train_loss")
+
+
+def test_evaluate_reproduces_the_metrics(run_dir, capsys):
+    before = json.loads((run_dir / "metrics.json").read_text())
+    assert main(["evaluate", str(run_dir), "--quiet"]) == 0
+    after = json.loads((run_dir / "metrics.json").read_text())
+    # same checkpoint, same seed, same particles: the same numbers
+    assert after["test_log_likelihood"] == pytest.approx(before["test_log_likelihood"], abs=1e-9)
+    assert main(["evaluate", str(run_dir), "--particles", "200", "--quiet"]) == 0
+    assert json.loads((run_dir / "metrics.json").read_text())["particles"] == 200
+    assert "test_log_likelihood=" in capsys.readouterr().out
+
+
+def test_sample_writes_a_png(run_dir, tmp_path):
+    out = tmp_path / "grid.png"
+    assert main(["sample", str(run_dir), "-n", "16", "--out", str(out), "--seed", "3", "--device", "cpu"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_extends_a_run(run_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    argv = ["train", "vae", "--out", str(copy), "--resume", "--epochs", "3", "--quiet", "--particles", "20", "--no-validate"]
+    assert main(argv) == 0
+    history = (copy / "history.csv").read_text().splitlines()
+    assert len(history) == 1 + 3
+
+
+def test_conv_vae_run_rebuilds_from_its_config(tmp_path):
+    out = tmp_path / "conv"
+    assert main(["train", "vae", "--arch", "conv", "--out", str(out), "--device", "cpu", *FAST]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["module"]["arch"] == "conv" and config["module"]["image_shape"] == [1, 8, 8]
+    before = json.loads((out / "metrics.json").read_text())
+    assert main(["evaluate", str(out), "--quiet", "--device", "cpu"]) == 0  # rebuilt from config.json alone
+    assert json.loads((out / "metrics.json").read_text())["test_elbo"] == pytest.approx(before["test_elbo"], abs=1e-9)
+
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED / "MNIST" / "raw").is_dir(), reason="no MNIST files beside the repository")
+def test_mnist_run_from_the_shared_folder(tmp_path, monkeypatch):
+    """The README's MNIST command (one short epoch): the official split, read-only data, no download
+    although --download is allowed (the files are there, so nothing is fetched)."""
+    monkeypatch.setenv("PPLM_CACHE", str(tmp_path / "cache"))
+    before = snapshot(SHARED / "MNIST" / "raw")
+    out = tmp_path / "mnist"
+    argv = ["train", "vae", "--dataset", "mnist", "--data-root", str(SHARED), "--binarize", "dynamic", "--download",
+            "--batch-size", "500", "--out", str(out), *FAST[:2], "--particles", "5", "--quiet", "--epochs", "1"]
+    assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["n_train"], metrics["n_test"], metrics["binarize"]) == (60000, 10000, "dynamic")
+    # one epoch already beats 784 coin flips (543 nats) by far
+    assert -543 < metrics["test_elbo"] <= metrics["test_log_likelihood"] < 0
+    assert snapshot(SHARED / "MNIST" / "raw") == before
+
+
+def _npz(path, x):
+    np.savez(path, x=x)
+    return str(path)
+
+
+def bad_cases(tmp, run_dir):
+    grey = np.random.default_rng(0).random((30, 16)).astype(np.float32)
+    nan = grey.copy()
+    nan[0, 0] = np.nan
+    other = tmp / "other"
+    other.mkdir()
+    (other / "config.json").write_text((run_dir / "config.json").read_text())
+    save_checkpoint(other / "checkpoint.pt", {"model": "SomethingElse", "epoch": 1})
+    corrupt = tmp / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text((run_dir / "config.json").read_text())
+    (corrupt / "checkpoint.pt").write_bytes(b"\x00garbage")
+    wrong_model = tmp / "wrongmodel"
+    wrong_model.mkdir()
+    cfg = json.loads((run_dir / "config.json").read_text())
+    cfg["model"] = "gmm-or-other"
+    (wrong_model / "config.json").write_text(json.dumps(cfg))
+    out = str(tmp / "new")
+    return {
+        "unknown model": (["train", "nosuchmodel", "--out", out], "invalid choice", out),
+        "unknown dataset": (["train", "vae", "--dataset", "cifar", "--out", out], "unknown dataset", out),
+        "unknown elbo": (["train", "vae", "--elbo", "magic", "--out", out], "unknown ELBO spec", out),
+        "unknown likelihood": (["train", "vae", "--likelihood", "poisson", "--out", out], "unknown likelihood", out),
+        "missing data root": (["train", "vae", "--dataset", "mnist", "--out", out], "needs --data-root", out),
+        "empty data root": (["train", "vae", "--dataset", "mnist", "--data-root", str(tmp), "--out", out],
+                            "train-images-idx3-ubyte", out),
+        "nan data": (["train", "vae", "--dataset", _npz(tmp / "nan.npz", nan), "--binarize", "none",
+                      "--likelihood", "normal", "--out", out], "NaN", out),
+        "outside support": (["train", "vae", "--dataset", _npz(tmp / "grey.npz", grey), "--binarize", "none",
+                             "--out", out], "binary data", out),
+        "cuda absent": (["train", "vae", "--device", "cuda", "--out", out], "CUDA", out)
+        if not torch.cuda.is_available() else None,
+        "beta with iwae": (["train", "vae", "--beta", "2", "--elbo", "iwae:5", "--out", out], "log-sum-exp", out),
+        "zero epochs": (["train", "vae", "--epochs", "0", "--out", out], "positive integer", out),
+        "negative batch": (["train", "vae", "--batch-size", "-3", "--out", out], "positive integer", out),
+        "zero lr": (["train", "vae", "--lr", "0", "--out", out], "positive number", out),
+        "existing run": (["train", "vae", "--out", str(run_dir)], "already holds a run", str(run_dir)),
+        "both flags": (["train", "vae", "--out", str(run_dir), "--resume", "--overwrite"], "not allowed with", str(run_dir)),
+        "checkpoint of another model": (["train", "vae", "--out", str(other), "--resume", "--epochs", "3"],
+                                        "holds a 'SomethingElse' model", str(other)),
+        "corrupt checkpoint": (["train", "vae", "--out", str(corrupt), "--resume", "--epochs", "3"], "corrupt", str(corrupt)),
+        "run of another model": (["train", "vae", "--out", str(wrong_model), "--resume"], "holds a 'gmm-or-other' run",
+                                 str(wrong_model)),
+        "evaluate corrupt": (["evaluate", str(corrupt)], "corrupt", str(corrupt)),
+        "evaluate nothing": (["evaluate", str(tmp / "nothing")], "holds no run", str(tmp / "nothing")),
+        "sample zero": (["sample", str(run_dir), "-n", "0", "--out", str(tmp / "s.png")], "positive integer", str(run_dir)),
+    }
+
+
+CASES = [
+    "unknown model", "unknown dataset", "unknown elbo", "unknown likelihood", "missing data root", "empty data root",
+    "nan data", "outside support", "cuda absent", "beta with iwae", "zero epochs", "negative batch", "zero lr",
+    "existing run", "both flags", "checkpoint of another model", "corrupt checkpoint", "run of another model",
+    "evaluate corrupt", "evaluate nothing", "sample zero",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_and_touches_nothing(case, run_dir, tmp_path, capsys):
+    spec = bad_cases(tmp_path, run_dir)[case]
+    if spec is None:
+        pytest.skip("CUDA is available here")
+    argv, message, folder = spec
+    before = snapshot(folder)
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own refusals
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("pplm"), err
+    assert message in lines[0]
+    assert "Traceback" not in err
+    assert snapshot(folder) == before
+
+
+def test_every_option_is_exercised_by_some_test():
+    """Pyro's habit: an option that no test runs is an option that may not work."""
+    tests_text = "".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py"))
+    parser = build_parser()
+    options = set()
+
+    def walk(p):
+        for action in p._actions:
+            options.update(o for o in action.option_strings if o.startswith("--") and o != "--help")
+            if hasattr(action, "choices") and isinstance(action.choices, dict):
+                for sub in action.choices.values():
+                    walk(sub)
+
+    walk(parser)
+    missing = sorted(o for o in options if f'"{o}"' not in tests_text)
+    assert not missing, f"options no test passes: {missing}"
