@@ -22,22 +22,30 @@ only change speed:
 
 * **Compiled (``jit=True``).** The first call for a given model, guide and
   input signature (shapes, dtypes, devices, and the plain Python attributes of
-  the module the model/guide are methods of, e.g. ``training`` or ``beta``) runs the eager
-  loss with the current validation setting (so Pyro checks the model/guide pair
-  and the data once), then records the loss as a TorchScript graph with
-  :func:`torch.jit.trace`: every module parameter and ``pyro.param`` is an input
-  of the graph, so gradients flow to them, and the random draws
+  the module the model/guide are methods of, e.g. ``training`` or ``beta``)
+  runs the eager loss with the current validation setting (so Pyro checks the
+  model/guide pair and the data once), then records the loss as a TorchScript
+  graph with :func:`torch.jit.trace`: every module parameter and ``pyro.param``
+  is an input of the graph, so gradients flow to them, and the random draws
   (``Normal.rsample``) are ops of the graph, so each call draws fresh noise.
-  Later calls run the graph without Pyro's Python effect handlers. The graph is
-  checked on its first call: with the same random state it must give the eager
-  loss and gradients to float tolerance, or the wrapper warns and stays eager
-  for that signature. A trace is only valid for a model with static structure
-  (no Python control flow on tensor values, no Python-side state that changes
-  between steps); a :class:`torch.jit.TracerWarning` during tracing is taken as
-  a sign that it is not, and the eager path is used. Ragged last batches get a
-  graph of their own (one per distinct batch shape); ``fit(drop_last=True)``
-  keeps a single shape. Pyro's validation checks run on the first (eager) call
-  only.
+  Dead and repeated bookkeeping ops are removed, and later calls run the graph
+  in TorchScript's plain interpreter (per-op autograd, as eager) without Pyro's
+  Python effect handlers or validation. The graph is checked twice, on its
+  first call and on the next one (new data, new draws): with the same random
+  state it must give the eager loss and gradients to float tolerance
+  (:data:`CHECK_RTOL`), or the wrapper warns and stays eager for that
+  signature; the same happens when tracing fails (e.g. a tensor that requires
+  grad but is no parameter). A trace is only valid for a model with static
+  structure: no Python control flow on tensor values and no Python-side state
+  that changes between steps other than the keyed attributes above; the checks
+  catch what the first two batches reveal, not more. A replaced ``pyro.param``
+  (e.g. after ``pyro.clear_param_store()``) is traced again. Each distinct
+  batch shape gets its own graph, so a ragged last batch costs one more trace;
+  ``fit(drop_last=True)`` keeps a single shape.
+
+Pyro's own ``JitTrace_ELBO`` family takes only ``pyro.param`` tensors as graph
+inputs, so tracing fails for the plain ``nn.Module`` parameters used here; and
+its Trace_ELBO freezes the reported value (the ``.item()`` floats) as constants.
 """
 
 import warnings
