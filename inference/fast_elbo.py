@@ -44,8 +44,8 @@ only change speed:
   ``fit(drop_last=True)`` keeps a single shape.
 
 Pyro's own ``JitTrace_ELBO`` family takes only ``pyro.param`` tensors as graph
-inputs, so tracing fails for the plain ``nn.Module`` parameters used here; and
-its Trace_ELBO freezes the reported value (the ``.item()`` floats) as constants.
+inputs, so tracing fails ("Cannot insert a Tensor that requires grad as a
+constant") for the plain ``nn.Module`` parameters every model here uses.
 """
 
 import warnings
