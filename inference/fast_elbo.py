@@ -334,7 +334,7 @@ class FastELBO:
             reason = f"torch.jit.trace failed ({type(exc).__name__}: {str(exc).splitlines()[0]})"
             return self._fallback(key, reason, model, guide, args, start)
         try:
-            _simplify(graph.graph)
+            _simplify(graph.graph, (*params, *tensors))
         except Exception as exc:
             return self._fallback(key, f"simplifying the graph failed ({type(exc).__name__})", model, guide, args, start)
         # shape checks inside torch (e.g. binary_cross_entropy_with_logits) warn while
@@ -350,21 +350,35 @@ class FastELBO:
         return self._checked_call(key, graph, params, tensors, model, guide, args, reference=reference, start=start)
 
 
-_PASSES = ("_jit_pass_dce", "_jit_pass_cse", "_jit_pass_constant_propagation", "_jit_pass_peephole", "_jit_pass_dce")
+_PASSES = (
+    "_jit_pass_dce",
+    "_jit_pass_cse",
+    "_jit_pass_peephole",
+    "_jit_pass_constant_propagation",
+    "_jit_pass_peephole",
+    "_jit_pass_constant_propagation",
+    "_jit_pass_dce",
+)
 
 
-def _simplify(graph):
-    """Drop the dead and repeated ops a trace of Pyro's bookkeeping leaves (about 40% of the nodes of a VAE's graph).
+def _simplify(graph, inputs):
+    """Drop the bookkeeping a trace of Pyro leaves: about half the ops of a VAE's graph.
 
-    TorchScript's own passes (dead-code elimination, common-subexpression
-    elimination, which leaves random ops alone, constant propagation, peephole);
-    they are private, so a torch without them keeps the graph as traced. Either
-    way the graph is then checked against the eager loss.
+    A graph serves one input signature, so its inputs get their complete types
+    (shapes, dtypes, devices); then TorchScript's own passes fold the sizes and
+    what depends on them only (plate scales, ``expand``, the zeros and ones fed
+    to the random draws), and drop dead and repeated ops (common-subexpression
+    elimination leaves random ops alone). The passes are private to torch, so a
+    torch without them keeps the graph as traced; either way the graph is then
+    checked against the eager loss.
     """
     passes = [getattr(torch._C, name, None) for name in _PASSES]
-    if all(p is not None for p in passes):
-        for p in passes:
-            p(graph)
+    if any(p is None for p in passes) or not hasattr(torch._C.TensorType, "create_from_tensor"):
+        return
+    for value, tensor in zip(list(graph.inputs()), inputs):
+        value.setType(torch._C.TensorType.create_from_tensor(tensor))
+    for p in passes:
+        p(graph)
 
 
 def _store_changed(store_params):
