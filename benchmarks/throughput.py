@@ -9,6 +9,10 @@ What is compared, per model, objective, batch size and device:
   divided by the batch size), the same data on the device, the same batch
   order and random draws (it consumes the random state exactly as ``fit`` does),
   the loss accumulated on the device and read once per epoch;
+* ``pyro-svi``: plain Pyro, ``SVI(...).step`` with ``pyro.optim.Adam`` on the
+  same ELBO (networks registered with ``pyro.module``, loss scaled to per
+  datapoint with ``poutine.scale`` for trace/meanfield; summed over the batch
+  for IWAE, where a scale would change the bound), validation off;
 * ``fit``: :func:`inference.fit` with Pyro validation on (``fit[validate]``) and
   off (``fit``), eager;
 * ``fit+jit``: ``fit(jit=True, validate=False)``, the compiled loss of
@@ -50,6 +54,7 @@ from pathlib import Path
 from typing import Callable
 
 import pyro
+import pyro.poutine as poutine
 import torch
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
@@ -133,6 +138,7 @@ MODELS = {
 
 IMPLS = {
     "hand": None,
+    "pyro-svi": dict(validate=False),
     "fit[validate]": dict(jit=False, validate=True),
     "fit": dict(jit=False, validate=False),
     "fit+jit": dict(jit=True, validate=False),
@@ -182,6 +188,52 @@ def run_fit(bench, split, x, batch_size, spec, dev, seed, options):
     return result.history[1]["seconds"], result.history[0]["train_loss"]
 
 
+def run_svi(bench, split, x, batch_size, spec, dev, seed):
+    """Plain Pyro: ``SVI(model, guide, pyro.optim.Adam, elbo).step(batch)``, the networks registered with pyro.module."""
+    from pyro.infer import SVI
+
+    from inference import make_elbo
+
+    torch.manual_seed(0)
+    module = bench.build(split).to(dev)
+    pyro.clear_param_store()
+
+    # the loss per datapoint, as fit and hand use; a scale inside the IWAE/Renyi log-sum-exp
+    # would change the bound, so there the summed loss is used (Adam's step is invariant to
+    # the scale of the loss up to its epsilon) and the reported value divided by B
+    per_point = spec.split(":")[0] in ("trace", "meanfield")
+
+    def scaled(fn, xb):
+        pyro.module("net", module)
+        with poutine.scale(scale=1.0 / xb.shape[0]) if per_point else contextlib.nullcontext():
+            fn(xb)
+
+    def model(xb):
+        scaled(module.model, xb)
+
+    def guide(xb):
+        scaled(module.guide, xb)
+
+    elbo = make_elbo(spec, max_plate_nesting=getattr(module, "max_plate_nesting", None))
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": LR}), elbo)
+    pyro.set_rng_seed(seed)
+    with torch.no_grad():  # the same draws as fit and hand (see run_hand)
+        bench.hand_loss(module, x[:batch_size], spec)
+    n, out = x.shape[0], []
+    with pyro.validation_enabled(False):
+        for _ in range(2):
+            _sync(dev)
+            t0 = time.perf_counter()
+            order = torch.randperm(n, device=dev)
+            total = 0.0
+            for i in range(0, n, batch_size):
+                idx = order[i : i + batch_size]
+                loss = svi.step(x[idx])  # a host read per step: SVI returns a float
+                total += loss * idx.shape[0] if per_point else loss
+            out.append((time.perf_counter() - t0, total / n))
+    return out[1][0], out[0][1]
+
+
 def run_pythae(bench, split, x, batch_size, spec, dev, seed):
     from pythae.data.datasets import BaseDataset
     from pythae.trainers import BaseTrainer, BaseTrainerConfig
@@ -227,6 +279,8 @@ def measure(name, bench, split, spec, batch_size, dev, *, steps, rounds, seed, i
                 torch.cuda.reset_peak_memory_stats(dev)
             if impl == "hand":
                 t, loss = run_hand(bench, split, x, batch_size, spec, dev, seed)
+            elif impl == "pyro-svi":
+                t, loss = run_svi(bench, split, x, batch_size, spec, dev, seed)
             elif impl == "pythae":
                 t, loss = run_pythae(bench, split, x, batch_size, spec, dev, seed)
             else:
@@ -369,7 +423,8 @@ def main(argv=None):
               f"{torch.get_num_threads()} torch threads)\n\n"
               "Same network (the model's own modules), loss, optimiser (Adam, lr 1e-3), data on the device, batch "
               "order and random draws for every implementation. hand: hand-written PyTorch loop (torch.distributions "
-              "densities, loss read once per epoch); fit[validate] / fit: inference.fit eager with Pyro validation "
+              "densities, loss read once per epoch); pyro-svi: plain pyro.infer.SVI.step with pyro.optim.Adam, "
+              "validation off; fit[validate] / fit: inference.fit eager with Pyro validation "
               "on / off; fit+jit: fit(jit=True, validate=False); pythae: pythae's BaseTrainer on the same "
               "networks (analytic-KL loss, listed under meanfield).\n\n"
               f"step_ms: median over {rounds} interleaved rounds of one {steps}-step epoch; ratio: median of "
