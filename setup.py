@@ -24,6 +24,7 @@ setup(
         "tqdm",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest"]},
+    # arviz-stats (ArviZ 1.x's PSIS) is tested beside ArviZ 0.x where both install
+    extras_require={"test": ["pytest", "arviz-stats"]},
     entry_points={"console_scripts": ["pplm=ppl_models.cli:main"]},
 )

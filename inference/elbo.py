@@ -23,9 +23,23 @@ spec                   objective
 =====================  ==========================================================
 
 Every objective is returned as a Pyro ELBO with a ``differentiable_loss``, so the
-training loop can use a plain torch optimiser. The IWAE and Renyi bounds are
-bounds *per datapoint* only when every latent lives inside the data plate: a
-global latent outside it makes the log-mean-exp run over whole-batch weights.
+training loop can use a plain torch optimiser.
+
+When is it a bound? (checks in :mod:`inference.diagnostics`)
+
+* ``meanfield``: sites without a closed-form KL are estimated by Monte Carlo
+  (Pyro does so silently); the objective warns once with a
+  :class:`~inference.diagnostics.MonteCarloKLWarning` naming them and lists them
+  in ``elbo.mc_sites``. The JIT variant does not report.
+* ``iwae``/``renyi``: bounds *per datapoint* only on unscaled log weights. A
+  ``poutine.scale`` (beta-VAE, annealing) or a subsampled plate puts a scale
+  inside the log-sum-exp and raises :class:`UsageError`; a latent outside the
+  ``"data"`` plate makes the log-mean-exp run over whole-batch weights (a bound
+  on the batch's joint log-likelihood) and warns with a
+  :class:`~inference.diagnostics.NotABoundWarning`.
+* Renyi: L_alpha decreases in alpha, with L_0 = log p(x) and L_1 = the ELBO
+  (Li & Turner 2016), so 0 < alpha < 1 lies between them and alpha > 1 below the
+  ELBO; alpha < 0 lies *above* log p(x) and warns (NotABoundWarning).
 """
 
 import math
@@ -36,6 +50,7 @@ from pyro.infer import RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, T
 from pyro.infer.util import get_dependent_plate_dims, is_validation_enabled, torch_sum
 from pyro.util import warn_if_nan
 
+from .diagnostics import MonteCarloKLWarning, NotABoundWarning, check_bound, external_stacklevel, meanfield_mc_sites, warn_global_latents
 from .errors import UsageError
 
 ELBO_SPECS = (
@@ -58,6 +73,17 @@ class DifferentiableRenyiELBO(RenyiELBO):
     its surrogate. Guides with non-reparameterised sites are refused: they need
     score-function terms (use :meth:`loss_and_grads`).
     """
+
+    def _get_traces(self, model, guide, args, kwargs):
+        for model_trace, guide_trace in super()._get_traces(model, guide, args, kwargs):
+            outside = check_bound(model_trace, guide_trace, self._spec())
+            if outside and not getattr(self, "_warned_global", False):
+                self._warned_global = True
+                warn_global_latents(outside, self._spec())
+            yield model_trace, guide_trace
+
+    def _spec(self):
+        return f"iwae:{self.num_particles}" if self.alpha == 0 else f"renyi:{self.alpha:g}:{self.num_particles}"
 
     def log_weights(self, model, guide, *args, **kwargs):
         """log w = log p(x, z) - log q(z | x): shape (K, *batch) for vectorised particles."""
@@ -90,6 +116,36 @@ class DifferentiableRenyiELBO(RenyiELBO):
         return loss
 
 
+class ReportingMeanFieldELBO(TraceMeanField_ELBO):
+    """:class:`~pyro.infer.TraceMeanField_ELBO` that says which sites it could not give an analytic KL.
+
+    ``mc_sites`` lists the latent sites estimated by Monte Carlo (checked on the
+    first trace of every new set of sites); a :class:`MonteCarloKLWarning` names
+    them once.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mc_sites = []
+        self._checked = set()
+
+    def _get_trace(self, model, guide, args, kwargs):
+        model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
+        key = tuple(name for name, site in guide_trace.nodes.items() if site["type"] == "sample")
+        if key not in self._checked:
+            self._checked.add(key)
+            new = [s for s in meanfield_mc_sites(model_trace, guide_trace) if s not in self.mc_sites]
+            if new:
+                self.mc_sites.extend(new)
+                warnings.warn(
+                    f"meanfield: no closed-form KL(q || p) for site(s) {', '.join(map(repr, new))}; "
+                    "TraceMeanField_ELBO estimates them by Monte Carlo (unbiased, but not analytic)",
+                    MonteCarloKLWarning,
+                    stacklevel=external_stacklevel(),
+                )
+        return model_trace, guide_trace
+
+
 def _int(text, what, spec):
     try:
         value = int(text)
@@ -120,7 +176,7 @@ def make_elbo(spec, *, max_plate_nesting=None, jit=False):
     kwargs = {} if max_plate_nesting is None else {"max_plate_nesting": max_plate_nesting}
     simple = {
         "trace": Trace_ELBO,
-        "meanfield": TraceMeanField_ELBO,
+        "meanfield": ReportingMeanFieldELBO,
         "enum": TraceEnum_ELBO,
         "tracegraph": TraceGraph_ELBO,
     }
@@ -140,6 +196,13 @@ def make_elbo(spec, *, max_plate_nesting=None, jit=False):
             raise UsageError(f"ELBO spec {spec!r}: ALPHA must be a number") from None
         if alpha == 1.0 or not math.isfinite(alpha):
             raise UsageError(f"ELBO spec {spec!r}: ALPHA must be finite and != 1 (alpha=1 is the ELBO: use 'trace')")
+        if alpha < 0:
+            warnings.warn(
+                f"ELBO spec {spec!r}: for alpha < 0 the Renyi objective lies above log p(x) (Li & Turner 2016); "
+                "it is not a lower bound",
+                NotABoundWarning,
+                stacklevel=2,
+            )
         k = _int(rest[1], "the number of particles", spec)
         return _compiled(DifferentiableRenyiELBO(alpha=alpha, num_particles=k, vectorize_particles=True, **kwargs), jit, spec)
     raise UsageError(f"unknown ELBO spec {spec!r}; valid specs: {', '.join(ELBO_SPECS)}")

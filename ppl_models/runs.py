@@ -186,7 +186,9 @@ def train_run(command, args):
 
 def _evaluate_metrics(command, module, train, test, args, device, quiet):
     pyro.set_rng_seed(args.seed)
-    ev = evaluate(module, batching.to_device(test, device), particles=args.particles, progress=not quiet)
+    ev = evaluate(
+        module, batching.to_device(test, device), particles=args.particles, progress=not quiet, keep_log_weights=True
+    )
     metrics = {
         "model": command.name,
         "dataset": train.name,
@@ -203,10 +205,20 @@ def _evaluate_metrics(command, module, train, test, args, device, quiet):
         "test_log_likelihood": ev.log_likelihood,
         "test_log_likelihood_se": ev.log_likelihood_se,
         "particles": ev.particles,
+        **_psis_metrics(ev),
         "versions": versions(),
     }
     metrics.update(command.metrics(module, train, test, args) or {})
     return metrics
+
+
+def _psis_metrics(ev):
+    """Pareto k-hat summary of the test importance weights (Yao et al. 2018); see :mod:`inference.psis`."""
+    from inference.psis import khat_summary, min_particles, psis_khat
+
+    if ev.particles < min_particles():
+        return {"psis": f"skipped: PSIS needs --particles >= {min_particles()}"}
+    return khat_summary(psis_khat(ev.log_weights))
 
 
 def _command_and_args(run_dir):
@@ -261,4 +273,9 @@ def print_metrics(metrics, file=None):
         if k in metrics:
             se = metrics.get(f"{k}_se")
             parts.append(f"{k}={metrics[k]:.3f}" + (f" (se {se:.3f})" if se is not None else ""))
+    if "khat_above_0_7" in metrics:
+        parts.append(
+            "PSIS k-hat <0.5/0.5-0.7/>0.7: "
+            + "/".join(f"{metrics[k]:.0%}" for k in ("khat_below_0_5", "khat_0_5_to_0_7", "khat_above_0_7"))
+        )
     print(", ".join(parts), file=file or sys.stdout)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from pyro.infer import RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 
-from inference.elbo import DifferentiableRenyiELBO, make_elbo
+from inference.elbo import DifferentiableRenyiELBO, ReportingMeanFieldELBO, make_elbo
 from inference.errors import UsageError
 from ppl_models.vae import VAE
 
@@ -15,7 +15,7 @@ from ppl_models.vae import VAE
     [
         ("trace", Trace_ELBO, 1),
         ("trace:4", Trace_ELBO, 4),
-        ("meanfield", TraceMeanField_ELBO, 1),
+        ("meanfield", ReportingMeanFieldELBO, 1),  # a TraceMeanField_ELBO that reports MC-KL sites
         ("enum", TraceEnum_ELBO, 1),
         ("tracegraph", TraceGraph_ELBO, 1),
         ("iwae:50", DifferentiableRenyiELBO, 50),

@@ -3,6 +3,8 @@
     pplm train <model> --out DIR [options]      train, evaluate, write the run folder
     pplm evaluate DIR [--particles K]            recompute a run's test metrics
     pplm sample DIR -n N --out FILE.png          a grid of samples from a run's model
+    pplm generate DIR --given MOD[,MOD] --target MOD --out FILE.png
+                                                 cross-modal generation from a multimodal run
 
 Bad input (an unknown name, a missing data folder, data outside a likelihood's
 support, a corrupt checkpoint, a folder that already holds a run, ...) gets one
@@ -68,6 +70,16 @@ def build_parser():
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--device", default="auto")
     sm.set_defaults(func=_sample)
+
+    gen = sub.add_parser("generate", help="cross-modal generation grid from a multimodal (mvae) run")
+    gen.add_argument("run_dir")
+    gen.add_argument("--given", required=True, help="comma-separated modalities to condition on")
+    gen.add_argument("--target", required=True, help="comma-separated modalities to generate")
+    gen.add_argument("-n", type=positive_int, default=10, help="test tuples (columns)")
+    gen.add_argument("--out", required=True, help="PNG file")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device", default="auto")
+    gen.set_defaults(func=_generate)
     return parser
 
 
@@ -91,6 +103,13 @@ def _sample(args):
     from ..runs import sample_run
 
     print(f"samples written to {sample_run(args.run_dir, args.n, args.out, device=args.device, seed=args.seed)}")
+
+
+def _generate(args):
+    from .mvae import generate_run
+
+    path = generate_run(args.run_dir, args.given, args.target, args.out, n=args.n, device=args.device, seed=args.seed)
+    print(f"generation grid written to {path}")
 
 
 def main(argv=None):

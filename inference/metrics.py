@@ -1,0 +1,322 @@
+"""Metrics computed from model outputs and labels.
+
+Sections are independent; each keeps its own imports inside its functions where
+they are heavy.
+"""
+
+import numpy as np
+import torch
+
+from .errors import UsageError
+
+
+# =====================================================================================
+# Clustering: unsupervised accuracy (Hungarian matching), NMI, ARI
+# =====================================================================================
+#
+# A clustering assigns each of N points a cluster id; the ids are arbitrary names,
+# so every score below is invariant to renaming the clusters.
+#
+# * Unsupervised accuracy (Xie et al. 2016; Jiang et al. 2017):
+#       ACC = max_m (1/N) sum_n 1[y_n = m(c_n)]
+#   over one-to-one maps m from cluster ids to class labels. With the contingency
+#   table C[k, j] = #{n : c_n = k, y_n = j}, ACC = max over matchings of the sum of
+#   matched cells / N: a linear assignment problem, solved exactly by
+#   scipy.optimize.linear_sum_assignment (rectangular tables allowed; when there
+#   are more clusters than classes the extra clusters match nothing and count as
+#   errors, so ACC does not reward over-segmentation).
+# * NMI: mutual information between the two labelings normalised by the
+#   arithmetic mean of their entropies (scikit-learn's default), in [0, 1].
+# * ARI: the Rand index adjusted for chance (Hubert & Arabie 1985): 0 in
+#   expectation for random labelings, 1 for identical partitions, can be < 0.
+
+
+def _labels(values, name):
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise UsageError(f"{name} must be a 1-D array of labels, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        if not (np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr))):
+            raise UsageError(f"{name} must hold integer labels, got dtype {arr.dtype}")
+        arr = arr.astype(np.int64)
+    return arr
+
+
+def _pair(y_true, y_pred):
+    y_true, y_pred = _labels(y_true, "y_true"), _labels(y_pred, "y_pred")
+    if y_true.shape != y_pred.shape:
+        raise UsageError(f"y_true and y_pred disagree in length: {y_true.shape[0]} vs {y_pred.shape[0]}")
+    if y_true.size == 0:
+        raise UsageError("cannot score an empty clustering")
+    return y_true, y_pred
+
+
+def contingency(y_true, y_pred):
+    """Table C (clusters x classes) with C[k, j] = #{n : y_pred_n = k, y_true_n = j}, and the two label sets."""
+    y_true, y_pred = _pair(y_true, y_pred)
+    classes, t = np.unique(y_true, return_inverse=True)
+    clusters, p = np.unique(y_pred, return_inverse=True)
+    table = np.zeros((clusters.size, classes.size), dtype=np.int64)
+    np.add.at(table, (p, t), 1)
+    return table, clusters, classes
+
+
+def cluster_matching(y_true, y_pred):
+    """The accuracy-maximising one-to-one map {cluster id: class label} (Hungarian algorithm)."""
+    from scipy.optimize import linear_sum_assignment
+
+    table, clusters, classes = contingency(y_true, y_pred)
+    rows, cols = linear_sum_assignment(table, maximize=True)
+    return {clusters[r].item(): classes[c].item() for r, c in zip(rows, cols)}
+
+
+def cluster_accuracy(y_true, y_pred):
+    """Unsupervised clustering accuracy in [0, 1] under the best one-to-one matching of ids to labels."""
+    from scipy.optimize import linear_sum_assignment
+
+    table, _, _ = contingency(y_true, y_pred)
+    rows, cols = linear_sum_assignment(table, maximize=True)
+    return float(table[rows, cols].sum() / table.sum())
+
+
+def nmi(y_true, y_pred):
+    """Normalised mutual information (arithmetic normalisation), in [0, 1]."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    return float(normalized_mutual_info_score(*_pair(y_true, y_pred)))
+
+
+def ari(y_true, y_pred):
+    """Adjusted Rand index: 1 for identical partitions, 0 in expectation under chance."""
+    from sklearn.metrics import adjusted_rand_score
+
+    return float(adjusted_rand_score(*_pair(y_true, y_pred)))
+
+
+def clustering_scores(y_true, y_pred):
+    """``{"acc", "nmi", "ari"}`` of a clustering against reference labels."""
+    return {"acc": cluster_accuracy(y_true, y_pred), "nmi": nmi(y_true, y_pred), "ari": ari(y_true, y_pred)}
+
+
+# =====================================================================================
+# Multimodal: cross-modal and joint coherence, linear probes, CCA, conditional likelihoods
+# =====================================================================================
+#
+# A multimodal model here is anything with ``generate(given: dict, targets) -> dict``
+# (decode targets from z ~ q(z | X_given)), ``sample(n) -> dict`` (joint draws from
+# the prior) and ``embed(batch) -> (B, L)`` (posterior mean of the shared latent);
+# data are dicts {modality: tensor} sharing dim 0, with class labels y beside them.
+#
+# * Coherence (Shi et al. 2019; Sutter et al. 2021): a classifier per modality,
+#   trained on real data, labels what the model generated for a target modality
+#   from the other modalities of a test tuple; coherence is the fraction labelled
+#   with the tuple's true class. Its ceiling is the classifier's own accuracy.
+# * Joint coherence: the fraction of joint prior draws whose modalities the
+#   classifiers all give the same class.
+# * Linear probe: accuracy of a logistic regression from a representation
+#   (latent means, canonical variates) to the class, fitted on train, scored on test.
+# * CCA (Hotelling 1936; seed 003's "coordinated representation"): project two
+#   views onto their top canonical directions; probe the variates.
+
+
+def _numpy(x):
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+class LabelReader:
+    """The "classifier" of a categorical modality: integer labels as they are, probabilities by argmax."""
+
+    accuracy = 1.0
+
+    def predict(self, x):
+        x = _numpy(x)
+        return x.argmax(-1) if x.ndim == 2 else x.astype(np.int64)
+
+
+class CNNClassifier:
+    """A small convolutional classifier of square one-channel images (N, S*S), trained with Adam.
+
+    Two 3x3 convolutions (32, 64 channels) with 2x2 max-pooling, then a linear
+    layer; trained ``epochs`` passes with batch 128 on the CPU from ``seed``.
+    """
+
+    def __init__(self, x, y, *, epochs=4, seed=0):
+        import torch.nn as nn
+
+        side = int(round(x.shape[1] ** 0.5))
+        if side * side != x.shape[1] or side % 4:
+            raise UsageError(f"the cnn classifier needs square images with side divisible by 4, got {x.shape[1]} values")
+        self.side = side
+        gen = torch.Generator().manual_seed(seed)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.net = nn.Sequential(
+                nn.Unflatten(1, (1, side, side)), nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                nn.Linear(64 * (side // 4) ** 2, int(y.max()) + 1),
+            )
+        xt, yt = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y).long()
+        opt = torch.optim.Adam(self.net.parameters(), lr=1e-3)
+        for _ in range(epochs):
+            for idx in torch.randperm(len(xt), generator=gen).split(128):
+                loss = torch.nn.functional.cross_entropy(self.net(xt[idx]), yt[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        self.net.eval()
+
+    @torch.no_grad()
+    def predict(self, x):
+        x = torch.as_tensor(np.asarray(x, dtype=np.float32)).reshape(len(x), -1)
+        return torch.cat([self.net(b).argmax(-1) for b in x.split(1000)]).numpy()
+
+
+def fit_classifier(x, y, *, kind="logistic", seed=0):
+    """A classifier of real data for one modality: ``logistic`` regression or a small ``mlp`` (scikit-learn),
+    or a small ``cnn`` (:class:`CNNClassifier`, square one-channel images).
+
+    Integer 1-D data (a label modality) get a :class:`LabelReader`.
+    """
+    x, y = _numpy(x), _numpy(y)
+    if x.ndim == 1 and not np.issubdtype(x.dtype, np.floating):
+        return LabelReader()
+    x = x.reshape(len(x), -1)
+    if kind == "cnn":
+        return CNNClassifier(x, y, seed=seed)
+    if kind == "logistic":
+        from sklearn.linear_model import LogisticRegression
+
+        clf = LogisticRegression(max_iter=1000, C=1.0)
+    elif kind == "mlp":
+        from sklearn.neural_network import MLPClassifier
+
+        clf = MLPClassifier(hidden_layer_sizes=(256,), max_iter=60, early_stopping=True, random_state=seed)
+    else:
+        raise UsageError(f"unknown classifier kind {kind!r}; valid: logistic, mlp, cnn")
+    return clf.fit(x, y)
+
+
+def modality_classifiers(train, y_train, test, y_test, *, kind="logistic", seed=0):
+    """One classifier per modality fitted on ``train``; returns (classifiers, their test accuracies)."""
+    classifiers, accuracy = {}, {}
+    for name, x in train.items():
+        clf = fit_classifier(x, y_train, kind=kind, seed=seed)
+        classifiers[name] = clf
+        accuracy[name] = float((_predict(clf, test[name]) == _numpy(y_test)).mean())
+    return classifiers, accuracy
+
+
+def _predict(clf, x):
+    x = _numpy(x)
+    return clf.predict(x if isinstance(clf, LabelReader) else x.reshape(len(x), -1))
+
+
+def _module_device(module):
+    return next(module.parameters()).device
+
+
+def coherence(module, data, y, classifiers, *, given_sizes=None, batch_size=500):
+    """Cross-modal coherence for every non-empty subset S of modalities and every target t not in S.
+
+    Returns a list of ``{"given": "a+b", "size": |S|, "target": t, "coherence": acc}``;
+    ``given_sizes`` limits |S| (default 1..M-1).
+    """
+    import itertools
+
+    names = list(data)
+    y = _numpy(y)
+    sizes = given_sizes or range(1, len(names))
+    dev = _module_device(module)
+    records = []
+    for k in sizes:
+        for given in itertools.combinations(names, k):
+            targets = [t for t in names if t not in given]
+            preds = {t: [] for t in targets}
+            for start in range(0, len(y), batch_size):
+                batch = {m: data[m][start : start + batch_size].to(dev) for m in given}
+                out = module.generate(batch, targets)
+                for t in targets:
+                    preds[t].append(_predict(classifiers[t], out[t]))
+            for t in targets:
+                acc = float((np.concatenate(preds[t]) == y).mean())
+                records.append({"given": "+".join(given), "size": k, "target": t, "coherence": acc})
+    return records
+
+
+def coherence_by_size(records):
+    """Mean coherence over the records of each number of given modalities: {size: mean}."""
+    sizes = sorted({r["size"] for r in records})
+    return {k: float(np.mean([r["coherence"] for r in records if r["size"] == k])) for k in sizes}
+
+
+def joint_coherence(module, classifiers, n=1000):
+    """Fraction of n joint prior draws on whose class every modality's classifier agrees."""
+    out = module.sample(n)
+    preds = np.stack([_predict(classifiers[m], out[m]) for m in classifiers])
+    return float((preds == preds[:1]).all(0).mean())
+
+
+def linear_probe(train_features, y_train, test_features, y_test):
+    """Test accuracy of a logistic regression fitted to (train_features, y_train)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    clf.fit(_numpy(train_features), _numpy(y_train))
+    return float((clf.predict(_numpy(test_features)) == _numpy(y_test)).mean())
+
+
+@torch.no_grad()
+def embeddings(module, data, batch_size=1000):
+    """``module.embed`` over ``data`` (a dict) in batches, on the CPU."""
+    dev = _module_device(module)
+    n = len(next(iter(data.values())))
+    return torch.cat([
+        module.embed({m: v[s : s + batch_size].to(dev) for m, v in data.items()}).cpu()
+        for s in range(0, n, batch_size)
+    ])
+
+
+def cca_probe(view1_train, view2_train, y_train, view1_test, view2_test, y_test, n_components=8):
+    """Linear CCA (scikit-learn) on two views, then linear probes on the canonical variates.
+
+    Returns accuracies from view 1's variates, view 2's, and their average (the
+    coordinated representation of both views).
+    """
+    from sklearn.cross_decomposition import CCA
+    from threadpoolctl import threadpool_limits
+
+    cca = CCA(n_components=n_components, max_iter=2000)
+    # scikit-learn's CCA iterates many small matrix products: BLAS threads cost more than they gain
+    # (20x slower on a busy 2-core machine), so it runs on one
+    with threadpool_limits(1):
+        cca.fit(_numpy(view1_train), _numpy(view2_train))
+        u_tr, v_tr = cca.transform(_numpy(view1_train), _numpy(view2_train))
+        u_te, v_te = cca.transform(_numpy(view1_test), _numpy(view2_test))
+    return {
+        "view1": linear_probe(u_tr, y_train, u_te, y_test),
+        "view2": linear_probe(v_tr, y_train, v_te, y_test),
+        "mean": linear_probe((u_tr + v_tr) / 2, y_train, (u_te + v_te) / 2, y_test),
+    }
+
+
+def conditional_log_likelihood(module, data, given, target, *, particles=1000, batch_size=None):
+    """log p(x_target | X_given) estimated as log p(X_given, x_target) - log p(X_given), per datapoint.
+
+    Both terms are importance-weighted estimates (:func:`inference.evaluate`)
+    with ``particles`` draws from the model's own posteriors; each is a
+    stochastic lower bound, so their difference is consistent as particles grow
+    but is not a bound. Returns (mean, standard error, per-point tensor).
+    """
+    from .evaluate import evaluate
+
+    given = [given] if isinstance(given, str) else list(given)
+    if target in given:
+        raise UsageError(f"the target {target!r} is among the given modalities")
+    joint = evaluate(module, {m: data[m] for m in [*given, target]}, particles=particles, batch_size=batch_size)
+    marginal = evaluate(module, {m: data[m] for m in given}, particles=particles, batch_size=batch_size)
+    per = joint.log_likelihood_per_point - marginal.log_likelihood_per_point
+    return float(per.mean()), float(per.std() / per.numel() ** 0.5), per

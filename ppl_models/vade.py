@@ -1,0 +1,309 @@
+r"""Variational deep embedding, VaDE (Jiang et al. 2017): a VAE whose prior is a Gaussian mixture.
+
+Generative process, for each datapoint n (inside ``pyro.plate("data")``)::
+
+    c_n ~ Cat(pi)                                   pi = softmax(logits)
+    z_n | c_n ~ N(mu_c, diag sigma_c^2)             sigma_c = softplus(r_c) + min_scale
+    x_n | z_n ~ p_theta(x | z_n) = Lik(x; decoder_theta(z_n))
+
+pi, mu_c and sigma_c are learned with the networks. Every sigma_c is positive
+and bounded below by construction, so log N(z; mu_c, sigma_c^2) is finite for
+finite z; a non-finite loss anyway stops :func:`inference.fit` with
+``NonFiniteLossError``.
+
+How c is handled: it is summed out exactly, in the prior
+---------------------------------------------------------
+The model samples z from the marginal mixture
+``p(z) = sum_c pi_c N(z; mu_c, sigma_c^2)`` (``MixtureSameFamily``), so the guide
+is the VAE's ``q(z | x) = N(mu_phi(x), diag sigma_phi(x)^2)`` alone and the
+objective is, per datapoint::
+
+    ELBO(x) = E_q(z|x)[ log p(x | z) + log sum_c pi_c N(z; mu_c, sigma_c^2) - log q(z | x) ]   <= log p(x).
+
+This is exactly what enumerating c in the model with ``TraceEnum_ELBO`` computes
+(a log-sum-exp over c at each sampled z), written as a distribution, so it
+works with every ELBO spec of :func:`inference.make_elbo` (``trace``, ``iwae:K``,
+...) and :func:`inference.evaluate` scores it by its default tracing path with
+no special code: ``log w = log p(x|z) + log p(z) - log q(z|x)``.
+
+Why not the bound of the VaDE paper. With q(z, c | x) = q(z | x) q(c | x) the
+paper optimises::
+
+    ELBO_q(c|x)(x) = E_q[log p(x|z)] - sum_c q(c|x) KL(q(z|x) || N(mu_c, sigma_c^2)) - KL(q(c|x) || pi)
+                   = ELBO(x) - E_q(z|x)[ KL(q(c|x) || p(c|z)) ],
+
+so it is never tighter than ELBO(x) above, and equals it only if q(c | x)
+matched p(c | z) for every z under q(z | x), which a q(c | x) that depends on x
+alone cannot do. Its per-component KLs are analytic, but the analytic part we
+give up is small: in the marginal bound the sum over c is exact, and the
+entropy term enters through the reparameterised estimate
+``log q(z(eps) | x) = -sum_j log sigma_j - |eps|^2 / 2 - L/2 log 2 pi``, whose
+gradient equals the gradient of the analytic entropy exactly (zero variance).
+Only E_q[log p(x|z)] and E_q[log p(z)] are Monte Carlo, as in any VAE.
+
+Cluster assignments. q(c | x) is defined as the posterior responsibility at the
+mean of q(z | x)::
+
+    q(c | x) = p(c | z = mu_phi(x)) = pi_c N(mu_phi(x); mu_c, sigma_c^2) / sum_c' pi_c' N(mu_phi(x); mu_c', sigma_c'^2),
+
+with log pi_c added once (the published code summed it over the L latent
+dimensions, i.e. used pi_c^L, which is wrong); ``cluster(x)`` is its argmax.
+
+Initialisation (:meth:`VaDE.initialise` = :meth:`VaDE.pretrain` then
+:meth:`VaDE.init_mixture`). As the paper says, SVI from random mixture
+parameters gets stuck; we pretrain the encoder mean and the decoder as a
+(optionally denoising) deterministic autoencoder, loss -log p(x | z = mu_phi(x~)),
+fit a diagonal GMM by EM with several restarts to the codes mu_phi(x)
+(scikit-learn's ``GaussianMixture``, k-means initialised), and set pi, mu_c,
+sigma_c from the restart with the best likelihood. The encoder's scale head is
+not pretrained. How good the clustering ends up is decided mostly here: SVI
+moves the accuracy of the initial GMM by a few points, rarely more.
+
+References: Z. Jiang, Y. Zheng, H. Tan, B. Tang, H. Zhou, "Variational Deep
+Embedding: An Unsupervised and Generative Approach to Clustering", IJCAI 2017.
+"""
+
+import math
+import time
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from inference.errors import UsageError
+
+from .vae import VAE
+
+
+def _softplus_inverse(y):
+    return y + math.log(-math.expm1(-y))
+
+
+def fit_diag_gmm(z, n_components, *, restarts=5, seed=0, max_iter=500, reg=1e-6):
+    """Diagonal-covariance GMM by EM (scikit-learn), best of ``restarts`` k-means-initialised runs.
+
+    :param z: (N, L) tensor or array.
+    :returns: the fitted ``sklearn.mixture.GaussianMixture`` (``weights_``,
+        ``means_``, ``covariances_`` (K, L) variances, ``predict``, ``score``).
+    """
+    from sklearn.mixture import GaussianMixture
+
+    if isinstance(z, torch.Tensor):
+        z = z.detach().cpu().double().numpy()
+    z = np.asarray(z, dtype=np.float64)
+    if z.ndim != 2 or z.shape[0] < n_components:
+        raise UsageError(f"a {n_components}-component GMM needs an (N, L) array with N >= {n_components}, got {z.shape}")
+    if not np.isfinite(z).all():
+        raise UsageError("cannot fit a GMM to non-finite codes")
+    gmm = GaussianMixture(
+        n_components, covariance_type="diag", n_init=restarts, max_iter=max_iter, reg_covar=reg, random_state=seed
+    )
+    return gmm.fit(z)
+
+
+class VaDE(VAE):
+    """VaDE: a VAE with a learned K-component diagonal Gaussian-mixture prior (see the module docstring).
+
+    :param x_dim: values per datapoint (flattened).
+    :param n_clusters: K, the number of mixture components.
+    :param latent_dim: L, the size of z.
+    :param hidden: MLP hidden widths (encoder; the decoder mirrors them).
+    :param likelihood: observation family spec (see :mod:`ppl_models.likelihoods`).
+    :param arch: ``"mlp"`` or ``"conv"``.
+    :param min_scale: lower bound of every component's standard deviation.
+    """
+
+    def __init__(
+        self,
+        x_dim,
+        n_clusters=10,
+        latent_dim=10,
+        hidden=(256,),
+        likelihood="bernoulli",
+        arch="mlp",
+        image_shape=None,
+        activation="relu",
+        min_scale=1e-3,
+    ):
+        if not (isinstance(n_clusters, int) and n_clusters >= 1):
+            raise UsageError(f"n_clusters must be a positive integer, got {n_clusters!r}")
+        if not min_scale > 0:
+            raise UsageError(f"min_scale must be positive, got {min_scale!r}")
+        super().__init__(
+            x_dim,
+            latent_dim=latent_dim,
+            hidden=hidden,
+            likelihood=likelihood,
+            beta=1.0,
+            arch=arch,
+            image_shape=image_shape,
+            activation=activation,
+        )
+        self.config.pop("beta")
+        self.config.update(n_clusters=n_clusters, min_scale=min_scale)
+        self.n_clusters = n_clusters
+        self.min_scale = float(min_scale)
+        # until init_mixture: equal weights, unit scales, means spread by a fixed generator
+        gen = torch.Generator().manual_seed(0)
+        self.mixture_logits = nn.Parameter(torch.zeros(n_clusters))
+        self.mixture_locs = nn.Parameter(torch.randn(n_clusters, latent_dim, generator=gen))
+        self.mixture_raw_scales = nn.Parameter(torch.full((n_clusters, latent_dim), _softplus_inverse(1.0)))
+
+    # ---- the mixture prior -------------------------------------------------------------
+    @property
+    def mixture_weights(self):
+        """pi, shape (K,)."""
+        return self.mixture_logits.softmax(-1)
+
+    @property
+    def mixture_scales(self):
+        """sigma_c, shape (K, L), each >= min_scale."""
+        return F.softplus(self.mixture_raw_scales) + self.min_scale
+
+    def components(self):
+        """p(z | c) for every c: a Normal with batch shape (K,) and event shape (L,)."""
+        return dist.Normal(self.mixture_locs, self.mixture_scales).to_event(1)
+
+    def prior(self):
+        """p(z) = sum_c pi_c N(z; mu_c, diag sigma_c^2), event shape (L,)."""
+        return dist.MixtureSameFamily(dist.Categorical(logits=self.mixture_logits), self.components())
+
+    def model(self, x):
+        n = x.shape[0]
+        prior = self.prior()
+        with pyro.plate("data", n):
+            z = pyro.sample("z", prior)
+            pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
+
+    # guide: the VAE's q(z | x)
+
+    # ---- clustering --------------------------------------------------------------------
+    def log_responsibilities_z(self, z):
+        """log p(c | z) for z of shape (..., L): shape (..., K) (Bayes' rule, log pi_c added once)."""
+        joint = self.mixture_logits.log_softmax(-1) + self.components().log_prob(z.unsqueeze(-2))
+        return joint.log_softmax(-1)
+
+    @torch.no_grad()
+    def responsibilities(self, x):
+        """q(c | x) = p(c | z = mean of q(z | x)): shape (N, K), rows sum to 1."""
+        return self.log_responsibilities_z(self.encode(x).mean).exp()
+
+    @torch.no_grad()
+    def cluster(self, x, batch_size=4096):
+        """The most probable cluster under q(c | x) for each row of x: (N,) long."""
+        out = [
+            self.log_responsibilities_z(self.encode(x[i : i + batch_size]).mean).argmax(-1)
+            for i in range(0, x.shape[0], batch_size)
+        ]
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def latent_means(self, x, batch_size=4096):
+        """mu_phi(x), the means of q(z | x): (N, L)."""
+        return torch.cat([self.encode(x[i : i + batch_size]).mean for i in range(0, x.shape[0], batch_size)])
+
+    @torch.no_grad()
+    def sample(self, n, *, component=None, mean=True):
+        """n draws x ~ p(x), or x ~ p(x | c = component) when ``component`` is given.
+
+        ``mean=True`` returns E[x | z] instead of a draw of x.
+        """
+        if component is None:
+            z = self.prior().sample((n,))
+        else:
+            if not (isinstance(component, int) and 0 <= component < self.n_clusters):
+                raise UsageError(f"component must be an integer in 0..{self.n_clusters - 1}, got {component!r}")
+            loc, scale = self.mixture_locs[component], self.mixture_scales[component]
+            z = loc + scale * torch.randn(n, self.latent_dim, device=loc.device, dtype=loc.dtype)
+        px = self.decode(z)
+        return px.mean if mean else px.sample()
+
+    # ---- initialisation ----------------------------------------------------------------
+    def pretrain(self, x, *, epochs=50, batch_size=256, lr=1e-3, dropout=0.0, seed=0, progress=False):
+        """Train encoder mean and decoder as an autoencoder: minimise mean_n -log p(x_n | z = mu_phi(x~_n)).
+
+        With ``dropout`` > 0 the encoder sees x~, the input with each value
+        zeroed with that probability and the rest scaled by 1/(1 - dropout) (a
+        denoising autoencoder, as in the stacked pretraining of DEC/VaDE); the
+        target is always the clean x.
+
+        ``x`` is a tensor or a ``DataSplit`` (a fresh view per epoch under dynamic
+        binarisation) on the module's device. Returns ``{"pretrain_loss",
+        "pretrain_seconds"}`` (loss of the last epoch, per datapoint).
+        """
+        from inference import batching
+
+        if not (isinstance(epochs, int) and epochs >= 0):
+            raise UsageError(f"pretrain epochs must be a non-negative integer, got {epochs!r}")
+        t0 = time.perf_counter()
+        n = batching.length(x)
+        self.check_data(batching.fixed_view(x))
+        params = [p for name, p in self.named_parameters() if not name.startswith("mixture_")]
+        opt = torch.optim.Adam(params, lr=lr)
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        last = float("nan")
+        self.train()
+        epochs_iter = range(epochs)
+        if progress:
+            from tqdm.auto import tqdm
+
+            epochs_iter = tqdm(epochs_iter, desc="pretrain autoencoder", unit="epoch")
+        for _ in epochs_iter:
+            data = batching.epoch_view(x)
+            perm = torch.randperm(n, generator=gen).to(data.device)
+            total = 0.0
+            for i in range(0, n, batch_size):
+                xb = data[perm[i : i + batch_size]]
+                xin = F.dropout(xb, dropout) if dropout > 0 else xb
+                loc, _ = self.encoder_head(self.encoder_body(xin))
+                loss = -self.decode(loc).log_prob(xb).sum()
+                if not torch.isfinite(loss):
+                    from inference.errors import NonFiniteLossError
+
+                    raise NonFiniteLossError("non-finite autoencoder loss during VaDE pretraining")
+                opt.zero_grad(set_to_none=True)
+                (loss / xb.shape[0]).backward()
+                opt.step()
+                total += float(loss.detach())
+            last = total / n
+        self.eval()
+        return {"pretrain_loss": last, "pretrain_seconds": time.perf_counter() - t0}
+
+    @torch.no_grad()
+    def init_mixture(self, x, *, restarts=5, seed=0):
+        """Set pi, mu_c, sigma_c from the best of ``restarts`` diagonal-GMM EM fits to the codes mu_phi(x).
+
+        Returns ``{"gmm_log_likelihood" (mean per code), "gmm_seconds"}``.
+        """
+        from inference import batching
+
+        t0 = time.perf_counter()
+        codes = self.latent_means(batching.fixed_view(x))
+        gmm = fit_diag_gmm(codes, self.n_clusters, restarts=restarts, seed=seed)
+        ref = self.mixture_locs
+        weights = torch.as_tensor(gmm.weights_, dtype=ref.dtype, device=ref.device)
+        variances = torch.as_tensor(gmm.covariances_, dtype=ref.dtype, device=ref.device)
+        scales = variances.sqrt().clamp_min(self.min_scale * 1.01)
+        self.mixture_logits.copy_(weights.clamp_min(1e-12).log())
+        self.mixture_locs.copy_(torch.as_tensor(gmm.means_, dtype=ref.dtype, device=ref.device))
+        self.mixture_raw_scales.copy_(_softplus_inverse_tensor(scales - self.min_scale))
+        return {"gmm_log_likelihood": float(gmm.score(codes.cpu().double().numpy())), "gmm_seconds": time.perf_counter() - t0}
+
+    def initialise(
+        self, x, *, pretrain_epochs=50, batch_size=256, lr=1e-3, dropout=0.0, restarts=5, seed=0, progress=False
+    ):
+        """:meth:`pretrain` then :meth:`init_mixture`; returns their merged records."""
+        info = self.pretrain(
+            x, epochs=pretrain_epochs, batch_size=batch_size, lr=lr, dropout=dropout, seed=seed, progress=progress
+        )
+        info.update(self.init_mixture(x, restarts=restarts, seed=seed))
+        return info
+
+
+def _softplus_inverse_tensor(y):
+    """softplus^{-1}(y) = y + log(1 - exp(-y)) for y > 0, stable for small and large y."""
+    return y + torch.log(-torch.expm1(-y))

@@ -1,0 +1,182 @@
+"""VaDE: responsibilities, the K=1 reduction to a VAE (closed form), clustering of separated data."""
+
+import math
+
+import pyro
+import pytest
+import torch
+import torch.distributions as td
+
+from inference import evaluate, fit, make_elbo
+from inference.errors import NonFiniteLossError, UsageError
+from inference.metrics import cluster_accuracy
+from ppl_models.vade import VaDE, _softplus_inverse_tensor
+from ppl_models.vae import VAE
+
+
+def _set_mixture(m, weights, locs, scales):
+    with torch.no_grad():
+        m.mixture_logits.copy_(weights.log())
+        m.mixture_locs.copy_(locs)
+        m.mixture_raw_scales.copy_(_softplus_inverse_tensor(scales - m.min_scale))
+
+
+def test_responsibilities_are_bayes_rule(device):
+    from sklearn.mixture import GaussianMixture
+
+    torch.manual_seed(0)
+    k, L = 4, 3
+    m = VaDE(6, n_clusters=k, latent_dim=L, hidden=(8,), likelihood="normal:1").to(device)
+    weights = torch.tensor([0.1, 0.2, 0.3, 0.4], device=device)
+    locs, scales = torch.randn(k, L, device=device), 0.5 + torch.rand(k, L, device=device)
+    _set_mixture(m, weights, locs, scales)
+    x = torch.randn(50, 6, device=device)
+    gamma = m.responsibilities(x)
+    assert gamma.device == x.device and gamma.shape == (50, k)
+    # rows of a softmax sum to one up to float32 rounding
+    torch.testing.assert_close(gamma.sum(-1), torch.ones(50, device=device), atol=1e-6, rtol=0)
+    # an independent implementation of p(c | z) at z = mean of q(z | x): scikit-learn's diagonal GMM
+    ref = GaussianMixture(k, covariance_type="diag")
+    ref.weights_, ref.means_ = weights.double().cpu().numpy(), locs.double().cpu().numpy()
+    ref.covariances_ = (scales.double() ** 2).cpu().numpy()
+    ref.precisions_cholesky_ = 1 / scales.double().cpu().numpy()
+    expected = torch.as_tensor(ref.predict_proba(m.latent_means(x).double().cpu().numpy()), dtype=torch.float32)
+    # float32 densities of moderate size: agreement to 1e-5 absolute
+    torch.testing.assert_close(gamma.cpu(), expected, atol=1e-5, rtol=0)
+    assert torch.equal(m.cluster(x).cpu(), expected.argmax(-1))
+
+
+def test_equal_components_give_the_mixture_weights():
+    # with identical components p(c | z) = pi_c for every z; adding log pi_c once per latent
+    # dimension (the published code's bug) would give pi_c^L / sum pi^L instead
+    m = VaDE(5, n_clusters=3, latent_dim=4, hidden=(8,), likelihood="normal:1")
+    weights = torch.tensor([0.2, 0.3, 0.5])
+    _set_mixture(m, weights, torch.zeros(3, 4), torch.ones(3, 4))
+    gamma = m.responsibilities(torch.randn(20, 5))
+    torch.testing.assert_close(gamma, weights.expand(20, 3), atol=1e-6, rtol=0)
+
+
+def test_one_cluster_with_standard_prior_is_the_vae():
+    # same networks, K=1 with mu=0, sigma=1: the same reparameterised draws give the same ELBO value
+    vade = VaDE(10, n_clusters=1, latent_dim=3, hidden=(16,), likelihood="normal:0.5")
+    vae = VAE(10, latent_dim=3, hidden=(16,), likelihood="normal:0.5")
+    vae.load_state_dict({k: v for k, v in vade.state_dict().items() if not k.startswith("mixture_")})
+    _set_mixture(vade, torch.ones(1), torch.zeros(1, 3), torch.ones(1, 3))
+    x = torch.randn(32, 10)
+    elbo = make_elbo("trace:8", max_plate_nesting=1)  # as fit passes it: no guessing run that draws numbers
+    pyro.set_rng_seed(3)
+    a = elbo.differentiable_loss(vade.model, vade.guide, x)
+    pyro.set_rng_seed(3)
+    b = elbo.differentiable_loss(vae.model, vae.guide, x)
+    # identical computations but for a log-sum-exp over one component: float32 rounding only
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_one_cluster_elbo_matches_closed_form(device):
+    """Linear-Gaussian VaDE with K=1: every term of the ELBO is closed form.
+
+    Encoder q(z|x) = N(A x + a, diag s(x)^2), decoder p(x|z) = N(W z + b, S^2 I), prior N(m, diag sigma^2):
+    E_q[log p(x|z)] = -D/2 log(2 pi S^2) - (|x - W mu - b|^2 + sum_dj W_dj^2 s_j^2) / (2 S^2),
+    minus KL(q || prior) from torch.distributions.
+    """
+    torch.manual_seed(1)
+    D, L, S = 6, 2, 0.7
+    vade = VaDE(D, n_clusters=1, latent_dim=L, hidden=(), likelihood=f"normal:{S}").to(device)
+    _set_mixture(vade, torch.ones(1, device=device), torch.randn(1, L, device=device), 0.5 + torch.rand(1, L, device=device))
+    x = torch.randn(8, D, device=device)
+    q = vade.encode(x).base_dist
+    lin = vade.decoder[0]
+    W, b = lin.weight.detach(), lin.bias.detach()
+    with torch.no_grad():
+        resid = x - q.loc @ W.T - b
+        recon = -D / 2 * math.log(2 * math.pi * S**2) - (resid.pow(2).sum(-1) + (q.scale.pow(2) @ W.pow(2).T).sum(-1)) / (
+            2 * S**2
+        )
+        prior = td.Normal(vade.mixture_locs[0], vade.mixture_scales[0])
+        exact = recon - td.kl_divergence(td.Normal(q.loc, q.scale), prior).sum(-1)
+    particles = 20000
+    ev = evaluate(vade, x, particles=particles, keep_log_weights=True)
+    se = ev.log_weights.std(dim=1).double() / math.sqrt(particles)
+    # Monte Carlo mean of K iid log weights: within 5 standard errors (two-sided p ~ 6e-7 per point)
+    assert ((ev.elbo_per_point - exact.double().cpu()).abs() <= 5 * se).all()
+    # and the importance-weighted estimate is above the ELBO (Jensen), as it must be for any model
+    assert (ev.log_likelihood_per_point >= ev.elbo_per_point - 1e-6).all()
+
+
+def test_scales_bounded_and_nonfinite_loss_caught():
+    m = VaDE(4, n_clusters=2, latent_dim=2, hidden=(8,), likelihood="normal:1", min_scale=1e-3)
+    with torch.no_grad():
+        m.mixture_raw_scales.fill_(-1e4)  # softplus underflows to 0: the scale is the floor, not 0
+    assert (m.mixture_scales == 1e-3).all()
+    assert torch.isfinite(m.prior().log_prob(torch.zeros(3, 2))).all()
+    with torch.no_grad():
+        m.mixture_locs.fill_(float("inf"))
+    with pytest.raises(NonFiniteLossError):
+        fit(m, torch.randn(16, 4), epochs=1, batch_size=8, lr=1e-3, device="cpu", progress=False)
+
+
+def test_bad_arguments():
+    with pytest.raises(UsageError, match="n_clusters"):
+        VaDE(4, n_clusters=0)
+    m = VaDE(4, n_clusters=2, latent_dim=2, hidden=(8,), likelihood="normal:1")
+    with pytest.raises(UsageError, match="component"):
+        m.sample(3, component=2)
+
+
+def _blobs(n_per, k, dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    centres = 3 * torch.randn(k, dim, generator=g)  # pairwise distance ~ 3*sqrt(2*dim): far beyond the noise 0.3
+    y = torch.arange(k).repeat_interleave(n_per)
+    x = centres[y] + 0.3 * torch.randn(k * n_per, dim, generator=g)
+    perm = torch.randperm(k * n_per, generator=g)
+    return x[perm], y[perm]
+
+
+def test_separated_clusters_are_found(device):
+    k, dim = 4, 12
+    x, y = _blobs(150, k, dim, seed=0)
+    x, y = x.to(device), y.to(device)
+    torch.manual_seed(0)
+    m = VaDE(dim, n_clusters=k, latent_dim=2, hidden=(32,), likelihood="normal:0.3").to(device)
+    m.initialise(x, pretrain_epochs=10, batch_size=64, restarts=3, seed=0)
+    fit(m, x, epochs=10, batch_size=64, lr=2e-3, device=device, seed=0, progress=False)
+    # the issue's target for well-separated clusters
+    assert cluster_accuracy(y, m.cluster(x)) >= 0.95
+    # draws from component c are assigned to cluster c (the components are the clusters)
+    for c in range(k):
+        assert (m.cluster(m.sample(50, component=c)) == c).float().mean() >= 0.9
+    # the config round-trips
+    again = VaDE.from_config(m.config).to(device)
+    again.load_state_dict(m.state_dict())
+    assert torch.equal(again.cluster(x), m.cluster(x))
+
+
+def test_pplm_train_vade_writes_clustering_outputs(tmp_path):
+    import json
+
+    from inference.checkpoint import load_checkpoint
+    from inference.metrics import clustering_scores
+    from ppl_models.cli import main
+    from ppl_models.data import load_dataset
+
+    out = tmp_path / "vade"
+    argv = ["train", "vade", "--clusters", "10", "--out", str(out), "--epochs", "2", "--pretrain-epochs", "3",
+            "--hidden", "32", "--latent-dim", "4", "--particles", "10", "--quiet", "--device", "cpu",
+            "--gmm-restarts", "2", "--pretrain-dropout", "0.1", "--pretrain-lr", "2e-3", "--min-scale", "0.01"]
+    assert main(argv) == 0
+    for name in ("cluster_samples.png", "latent_pca.png", "loss.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert sum(metrics["cluster_weights"]) == pytest.approx(1.0, abs=1e-5)  # softmax weights, float32
+    # the reported test scores are those of the saved model's q(c | x), recomputed from the checkpoint
+    state = load_checkpoint(out / "checkpoint.pt")
+    m = VaDE.from_config(state["config"])
+    m.load_state_dict(state["module"])
+    assert m.min_scale == 0.01 and (m.mixture_scales >= 0.01).all()
+    _, test = load_dataset("digits")
+    again = clustering_scores(test.y, m.cluster(test.x))
+    assert again == pytest.approx({k: metrics[f"test_{k}"] for k in ("acc", "nmi", "ari")}, abs=1e-12)
+    # pretraining is required: zero epochs is refused before anything is written
+    assert main(["train", "vade", "--out", str(tmp_path / "no"), "--pretrain-epochs", "0", "--quiet"]) == 2
+    assert main(["train", "vade", "--out", str(tmp_path / "no"), "--pretrain-dropout", "1", "--quiet"]) == 2
+    assert not (tmp_path / "no").exists()
