@@ -62,7 +62,7 @@ from pyro.util import warn_if_nan
 
 from .elbo import DifferentiableRenyiELBO
 
-SUPPORTED = (Trace_ELBO, TraceMeanField_ELBO, DifferentiableRenyiELBO)
+SUPPORTED = (DifferentiableRenyiELBO, TraceMeanField_ELBO, Trace_ELBO)  # most specific first
 
 # first-call check of a compiled graph against the eager loss: both run the same
 # float32 ops in the same order on the same random draws, so they agree to a few
@@ -71,8 +71,19 @@ CHECK_RTOL = 1e-4
 
 
 def supports(elbo):
-    """True when :class:`FastELBO` has a specialised path for this ELBO object."""
-    return type(elbo) in SUPPORTED
+    """True when :class:`FastELBO` has a specialised path for this ELBO object.
+
+    That is an instance of one of :data:`SUPPORTED` whose class keeps that
+    class's loss (a subclass may change how traces are made or checked, e.g.
+    ``make_elbo``'s reporting mean-field ELBO, but not the loss: Pyro's
+    ``JitTrace_ELBO`` is not supported).
+    """
+    for base in SUPPORTED:
+        if isinstance(elbo, base):
+            cls = type(elbo)
+            return all(getattr(cls, m, None) is getattr(base, m, None)
+                       for m in ("differentiable_loss", "_differentiable_loss_particle"))
+    return False
 
 
 def _trace_elbo_particle(model_trace, guide_trace):
@@ -211,7 +222,8 @@ class FastELBO:
 
     def __init__(self, elbo, *, jit=False):
         if not supports(elbo):
-            raise TypeError(f"FastELBO supports {', '.join(c.__name__ for c in SUPPORTED)}, not {type(elbo).__name__}")
+            names = ", ".join(c.__name__ for c in SUPPORTED)
+            raise TypeError(f"FastELBO supports {names} (and subclasses keeping their loss), not {type(elbo).__name__}")
         self.elbo = elbo
         self.jit = bool(jit)
         self._graphs = {}
