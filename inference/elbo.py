@@ -161,7 +161,13 @@ def make_elbo(spec, *, max_plate_nesting=None, jit=False):
 
     ``max_plate_nesting`` is passed to the ELBO when given (enumeration and
     vectorised particles need it; Pyro guesses it by running the model otherwise).
-    ``jit=True`` picks Pyro's JIT-compiled variant where one exists.
+    ``jit=True`` returns the loss compiled by ``torch.jit.trace`` as a
+    :class:`inference.fast_elbo.FastELBO` for trace, meanfield, iwae and renyi
+    (the same loss and gradients, checked against the eager path on first use).
+    Pyro's own ``JitTrace_ELBO`` family is not used: it only passes
+    ``pyro.param`` tensors into the graph, so the parameters of a plain
+    ``nn.Module`` (every model here) make its trace fail. enum and tracegraph
+    have no compiled path: with ``jit=True`` they warn and stay eager.
     Raises :class:`~inference.errors.UsageError` (a ``ValueError``) listing the valid specs.
     """
     if not isinstance(spec, str):
@@ -177,14 +183,12 @@ def make_elbo(spec, *, max_plate_nesting=None, jit=False):
     if name in simple and len(rest) <= 1:
         k = _int(rest[0], "the number of particles", spec) if rest else 1
         cls = simple[name]
-        if jit:
-            cls = _jit_variant(name, spec)
         if name == "enum" and "max_plate_nesting" not in kwargs:
             raise UsageError("ELBO spec 'enum' needs max_plate_nesting (the model's number of plates)")
-        return cls(num_particles=k, vectorize_particles=k > 1, **kwargs)
+        return _compiled(cls(num_particles=k, vectorize_particles=k > 1, **kwargs), jit, spec)
     if name == "iwae" and len(rest) == 1:
         k = _int(rest[0], "the number of particles", spec)
-        return DifferentiableRenyiELBO(alpha=0.0, num_particles=k, vectorize_particles=True, **kwargs)
+        return _compiled(DifferentiableRenyiELBO(alpha=0.0, num_particles=k, vectorize_particles=True, **kwargs), jit, spec)
     if name == "renyi" and len(rest) == 2:
         try:
             alpha = float(rest[0])
@@ -200,19 +204,19 @@ def make_elbo(spec, *, max_plate_nesting=None, jit=False):
                 stacklevel=2,
             )
         k = _int(rest[1], "the number of particles", spec)
-        return DifferentiableRenyiELBO(alpha=alpha, num_particles=k, vectorize_particles=True, **kwargs)
+        return _compiled(DifferentiableRenyiELBO(alpha=alpha, num_particles=k, vectorize_particles=True, **kwargs), jit, spec)
     raise UsageError(f"unknown ELBO spec {spec!r}; valid specs: {', '.join(ELBO_SPECS)}")
 
 
-def _jit_variant(name, spec):
-    from pyro.infer import JitTrace_ELBO, JitTraceEnum_ELBO, JitTraceGraph_ELBO, JitTraceMeanField_ELBO
+def _compiled(elbo, jit, spec):
+    if not jit:
+        return elbo
+    from .fast_elbo import FastELBO, supports
 
-    return {
-        "trace": JitTrace_ELBO,
-        "meanfield": JitTraceMeanField_ELBO,
-        "enum": JitTraceEnum_ELBO,
-        "tracegraph": JitTraceGraph_ELBO,
-    }[name]
+    if not supports(elbo):
+        warnings.warn(f"ELBO spec {spec!r} has no compiled path; jit=True is ignored and the eager ELBO is used")
+        return elbo
+    return FastELBO(elbo, jit=True)
 
 
 def particles_of(elbo):

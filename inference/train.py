@@ -16,6 +16,7 @@ from . import batching
 from .checkpoint import FILENAME, get_rng_state, load_checkpoint, model_name, save_checkpoint, set_rng_state
 from .elbo import make_elbo
 from .errors import NonFiniteLossError, UsageError
+from .fast_elbo import FastELBO, supports
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
@@ -117,12 +118,21 @@ def fit(
     * A non-finite loss raises :class:`NonFiniteLossError` naming the epoch and
       step; the checkpoint on disk is the last good one and is never replaced by
       a non-finite state.
-    * The loss is accumulated on the device and read every ``sync_every`` steps
-      (default: every step on CPU, every 50 on CUDA), so GPU steps do not wait
-      on the host.
-    * ``drop_last=True`` drops the ragged last batch so every step has the same
-      shape (useful for compiled paths); the default keeps it.
-    * ``validate``: switch Pyro's validation on/off for the run (None leaves it).
+    * The losses stay on the device and are read in one transfer every
+      ``sync_every`` steps (default: every step on CPU, where a read costs
+      nothing, every 50 on CUDA), so GPU steps do not wait on the host. The loss
+      of Trace_ELBO, TraceMeanField_ELBO and the IWAE/Renyi bounds is computed
+      by :class:`inference.fast_elbo.FastELBO`, the same loss as Pyro's without
+      its per-site ``.item()`` host reads.
+    * ``jit=True`` (with an ELBO spec) compiles the loss with ``torch.jit.trace``
+      (see :mod:`inference.fast_elbo`: checked against the eager loss and
+      gradients, eager fallback with a warning where it cannot be traced).
+      Each distinct batch shape gets its own graph, so the ragged last batch
+      costs one more trace; ``drop_last=True`` drops it so every step has the
+      same shape. The default keeps it.
+    * ``validate``: switch Pyro's validation on/off for the run (None leaves
+      it). Validation costs time on every eager step; with ``jit=True`` it runs
+      on the first step of each batch shape only.
     * ``callback(record)`` is called after each epoch with its history record.
     """
     _positive("epochs", epochs, int)
@@ -167,8 +177,10 @@ def fit(
             pyro.get_param_store().set_state(state["param_store"])
         module.train()
         first = batching.take(batching.fixed_view(train), slice(0, min(batch_size, n)))
-        capture_elbo = make_elbo(spec, max_plate_nesting=getattr(module, "max_plate_nesting", None)) if jit else elbo
+        # parameters are found with the eager loss; the compiled one is built on the first step
+        capture_elbo = elbo.elbo if isinstance(elbo, FastELBO) else elbo
         params = collect_params(module, capture_elbo, first)
+        step_elbo = FastELBO(elbo) if supports(elbo) else elbo
         opt = OPTIMIZERS[optimizer](params, lr=lr) if isinstance(optimizer, str) else optimizer(params)
         history, start = [], 1
         if state is not None:
@@ -190,7 +202,7 @@ def fit(
             for epoch in range(start, epochs + 1):
                 t0 = time.perf_counter()
                 record = _run_epoch(
-                    module, elbo, opt, params, train, epoch, batch_size, dev, drop_last, clip_norm, sync_every, bar,
+                    module, step_elbo, opt, params, train, epoch, batch_size, dev, drop_last, clip_norm, sync_every, bar,
                     ckpt_path if ckpt_path is not None and ckpt_path.exists() else None,
                 )
                 record["seconds"] = time.perf_counter() - t0
@@ -234,34 +246,42 @@ def _postfix(record):
     return out
 
 
+def _read(window):
+    """Host copies of the losses in ``window``: one device-to-host transfer."""
+    if len(window) == 1:
+        return [float(window[0])]
+    return torch.stack(window).tolist()
+
+
 def _run_epoch(module, elbo, opt, params, train, epoch, batch_size, dev, drop_last, clip_norm, sync_every, bar, good):
     data = batching.epoch_view(train)
     batches = batching.batch_indices(batching.length(train), batch_size, shuffle=True, device=dev, drop_last=drop_last)
-    total = torch.zeros((), device=dev)
-    first_bad = torch.full((), -1, device=dev, dtype=torch.long)
-    seen = pending = 0
+    model, guide, loss_of = module.model, module.guide, elbo.differentiable_loss
+    last = len(batches)
+    window = []  # detached losses of the steps since the last host read
+    total = 0.0  # sum of the losses read so far, accumulated in float64 on the host
+    seen = 0
     for step, idx in enumerate(batches, start=1):
-        loss = elbo.differentiable_loss(module.model, module.guide, batching.take(data, idx))
-        first_bad = torch.where(~torch.isfinite(loss.detach()) & (first_bad < 0), step, first_bad)
-        pending += 1
-        if step % sync_every == 0 or step == len(batches):
-            # the only host read: has any step so far been non-finite?
-            bad = int(first_bad)
-            if bad >= 0:
-                kept = f"; the last good checkpoint {good} is kept" if good is not None else ""
-                raise NonFiniteLossError(f"non-finite loss at epoch {epoch}, step {bad}{kept}")
-            bar.update(pending)
-            pending = 0
-            if step % (20 * sync_every) == 0 or step == len(batches):
-                running = float(total + loss.detach()) / (seen + idx.shape[0])
-                bar.set_postfix({"epoch": epoch, "loss": f"{running:.3f}"}, refresh=False)
-        (loss / idx.shape[0]).backward()
+        size = idx.shape[0]
+        loss = loss_of(model, guide, batching.take(data, idx))
+        window.append(loss.detach())
+        if step % sync_every == 0 or step == last:
+            # the only host read: the losses of the window, checked before this step's update
+            values = _read(window)
+            window = []
+            for k, value in enumerate(values):
+                if not math.isfinite(value):
+                    kept = f"; the last good checkpoint {good} is kept" if good is not None else ""
+                    bad = step - len(values) + 1 + k
+                    raise NonFiniteLossError(f"non-finite loss at epoch {epoch}, step {bad}{kept}")
+            total += math.fsum(values)
+            bar.update(len(values))
+            if step % (20 * sync_every) == 0 or step == last:
+                bar.set_postfix({"epoch": epoch, "loss": f"{total / (seen + size):.3f}"}, refresh=False)
+        (loss / size).backward()
         if clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, clip_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        total = total + loss.detach()
-        seen += idx.shape[0]
-    return {"epoch": epoch, "train_loss": float(total) / seen}
-
-
+        seen += size
+    return {"epoch": epoch, "train_loss": total / seen}
