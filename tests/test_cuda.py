@@ -20,8 +20,27 @@ import torch
 
 from inference import fit, load_checkpoint
 from inference.checkpoint import FILENAME
+from ppl_models.gmm import GMM
+from ppl_models.multimodal import MultimodalVAE, modality
+from ppl_models.ppca import PPCA
 from ppl_models.vade import VaDE
 from ppl_models.vae import VAE
+
+
+def _on(module, *shape):
+    """A tensor of zeros on the module's device: the inputs of score-only checks."""
+    return torch.zeros(*shape, device=next(module.parameters()).device)
+
+
+def _halves(split):
+    """digits as a three-modality dict: top half, bottom half, label."""
+    return {"top": split.x[:, :32], "bottom": split.x[:, 32:], "label": split.y}
+
+
+def _mvae(rule):
+    specs = [modality("top", 32, "cbernoulli", (1, 4, 8)), modality("bottom", 32, "cbernoulli", (1, 4, 8)),
+             modality("label", 10, "categorical")]
+    return lambda s: MultimodalVAE(specs, latent_dim=4, hidden=(32,), rule=rule, rho=0.3 if rule == "code" else 0.0)
 
 
 @dataclass
@@ -37,14 +56,20 @@ MODELS = {
     "vae-mlp": Case(lambda s: VAE(s.dim, latent_dim=4, hidden=(32,))),
     "vae-conv": Case(lambda s: VAE(s.dim, latent_dim=4, arch="conv", image_shape=s.image_shape)),
     "vade": Case(lambda s: VaDE(s.dim, n_clusters=3, latent_dim=4, hidden=(32,))),
-    # GMM, pPCA and the multimodal VAE: one entry each
+    "gmm": Case(lambda s: GMM(s.dim, 3), data=lambda s: s.x, elbos=("enum",),
+                sample=lambda m: m.log_marginal(_on(m, 2, m.config["x_dim"]))),
+    "ppca": Case(lambda s: PPCA(s.dim, 3), data=lambda s: s.x.float(), elbos=("trace", "meanfield", "iwae:3"),
+                 sample=lambda m: m.marginal().sample((4,))),
+    "mvae-mopoe": Case(_mvae("mopoe"), data=_halves, elbos=("trace",)),
+    "mvae-code": Case(_mvae("code"), data=_halves, elbos=("trace", "meanfield")),
 }
 
 CASES = [
     pytest.param(name, spec, jit, id=f"{name}-{spec}{'-jit' if jit else ''}")
     for name, case in MODELS.items()
     for spec in case.elbos
-    for jit in ((False, True) if spec == case.elbos[0] else (False,))  # the compiled path once per model
+    # the compiled path once per model (enumeration has none)
+    for jit in ((False, True) if spec == case.elbos[0] and spec != "enum" else (False,))
 ]
 
 
