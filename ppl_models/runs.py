@@ -94,7 +94,7 @@ def train_run(command, args):
 
     Refuses, before writing anything, a folder that already holds a run unless
     ``args.resume`` (continue it; its stored options win except ``--epochs``,
-    ``--device``, ``--particles``, ``--quiet`` and ``--no-validate``) or ``args.overwrite`` (replace it).
+    ``--device``, ``--particles``, ``--quiet``, ``--no-validate`` and ``--jit``) or ``args.overwrite`` (replace it).
     Returns the metrics dict.
     """
     out = Path(args.out)
@@ -109,7 +109,7 @@ def train_run(command, args):
             raise CheckpointError(f"{out} holds a {config['model']!r} run, not {command.name!r}")
         stored = dict(config["args"])
         stored.update(epochs=args.epochs, device=args.device, particles=args.particles, quiet=args.quiet,
-                      no_validate=args.no_validate)
+                      no_validate=args.no_validate, jit=args.jit)
         args = argparse.Namespace(**{**vars(args), **stored, "resume": True, "overwrite": False, "out": str(out)})
     elif held and not args.overwrite:
         raise UsageError(f"{out} already holds a run ({', '.join(held)}); pass --resume to continue it or --overwrite to replace it")
@@ -166,6 +166,7 @@ def train_run(command, args):
         resume=args.resume,
         progress=not quiet,
         validate=not getattr(args, "no_validate", False),
+        jit=getattr(args, "jit", False),
     )
     wall = time.perf_counter() - t0
     write_history(out / "history.csv", result.history)
