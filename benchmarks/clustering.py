@@ -8,6 +8,9 @@ What is compared, per seed, on the same data:
 * ``vade``: :class:`ppl_models.vade.VaDE` with its initialisation (autoencoder
   pretraining for ``--pretrain-epochs``, a diagonal GMM with ``--restarts`` EM
   restarts on the codes), then ``--epochs`` of SVI; clusters = argmax q(c | x).
+  With ``--candidates R`` (default 3) R initialisations are each trained for
+  ``--select-epochs`` of SVI and the one with the highest training ELBO is kept
+  and trained on (its selection epochs count in ``--epochs``); no labels are used.
 * ``vae-gmm``: a plain :class:`ppl_models.vae.VAE` with the same encoder, decoder,
   likelihood, latent size, batch size and learning rate, trained by SVI for
   ``--pretrain-epochs + --epochs`` epochs (VaDE's pretraining plus SVI passes),
@@ -62,6 +65,11 @@ def parse_args(argv=None):
     p.add_argument("--likelihood", default=None, help="observation family of VaDE and the VAE (default normal:0.3)")
     p.add_argument("--clusters", type=int, default=10)
     p.add_argument("--restarts", type=int, default=5, help="EM restarts of every GMM")
+    p.add_argument("--candidates", type=int, default=3,
+                   help="VaDE initialisations tried; the one with the highest training ELBO after --select-epochs "
+                        "of SVI is kept (no labels); 1 = a single initialisation")
+    p.add_argument("--select-epochs", type=int, default=10,
+                   help="SVI epochs per VaDE candidate before selection (counted in --epochs)")
     p.add_argument("--pixel-reg", type=float, default=1e-2, help="variance ridge of the GMM on pixels")
     p.add_argument("--fit-on", choices=("all", "train"), default="all",
                    help="all: fit and score train+test together; train: fit on train, score test")
@@ -111,9 +119,11 @@ def run_vade(x, xs, s, seed, device):
     m = VaDE(x.shape[1], n_clusters=s["clusters"], latent_dim=s["latent_dim"], hidden=s["hidden"],
              likelihood=s["likelihood"]).to(device)
     info = m.initialise(x, pretrain_epochs=s["pretrain_epochs"], batch_size=s["batch_size"], restarts=s["restarts"],
-                        dropout=s["pretrain_dropout"], seed=seed)
-    info["init_clusters"] = m.cluster(xs)
-    fit(m, x, epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], device=device, seed=seed, progress=False,
+                        dropout=s["pretrain_dropout"], seed=seed, candidates=s["candidates"],
+                        select_epochs=s["select_epochs"], select_lr=s["lr"])
+    info["init_clusters"] = m.cluster(xs)  # after initialisation (and, with candidates > 1, the selection's SVI)
+    done = s["select_epochs"] if s["candidates"] > 1 else 0
+    fit(m, x, epochs=s["epochs"] - done, batch_size=s["batch_size"], lr=s["lr"], device=device, seed=seed, progress=False,
         validate=False)
     return m.cluster(xs), info
 
@@ -227,6 +237,9 @@ def main(argv=None):
     for name in ("hidden", "latent_dim", "epochs", "pretrain_epochs", "batch_size", "lr", "likelihood"):
         if getattr(args, name) is not None:
             s[name] = getattr(args, name)
+    if args.candidates > 1 and not 1 <= args.select_epochs < s["epochs"]:
+        raise UsageError(f"--select-epochs must lie in 1..{s['epochs'] - 1} (below --epochs), got {args.select_epochs}")
+    s.update(candidates=args.candidates, select_epochs=args.select_epochs)
     s.update(clusters=args.clusters, restarts=args.restarts, pixel_reg=args.pixel_reg, fit_on=args.fit_on,
              limit=args.limit, pretrain_dropout=0.2)
     seeds = seeds_from(args.seeds)
@@ -279,6 +292,15 @@ def main(argv=None):
     }
     header = (f"Clustering on {args.dataset} ({x.shape[0]} points fitted, {xs.shape[0]} scored; {len(seeds)} seeds; "
               f"{machine}, {env['device_name']}); median [min, max]. Total {total:.0f} s.\n\n")
+    init = [e for e in extras if e["method"] == "vade" and "init_acc" in e]
+    if init:
+        accs = [e["init_acc"] for e in init]
+        md += (f"\n\nVaDE ACC right after initialisation (candidates {s['candidates']}"
+               f"{', selected by training ELBO after ' + str(s['select_epochs']) + ' SVI epochs' if s['candidates'] > 1 else ''}"
+               f"), per seed {[round(a, 3) for a in accs]}: median {statistics.median(accs):.3f}.")
+        if s["candidates"] > 1:
+            md += " Selected candidate per seed: " + ", ".join(
+                f"seed {e['seed']}: #{e['selected']} of ELBOs {[round(v, 2) for v in e['candidate_elbos']]}" for e in init)
     json_path, md_path = write_results(args.out, name, record, header + md)
     figure(results, methods, Path(args.out) / f"{name}.png",
            f"clustering on {args.dataset}, {len(seeds)} seeds ({machine})")

@@ -57,7 +57,10 @@ fit a diagonal GMM by EM with several restarts to the codes mu_phi(x)
 (scikit-learn's ``GaussianMixture``, k-means initialised), and set pi, mu_c,
 sigma_c from the restart with the best likelihood. The encoder's scale head is
 not pretrained. How good the clustering ends up is decided mostly here: SVI
-moves the accuracy of the initial GMM by a few points, rarely more.
+moves the accuracy of the initial GMM by a few points, rarely more. With
+``candidates=R`` several such initialisations are tried and the one with the
+highest training ELBO after a few SVI epochs is kept (maximum marginal
+likelihood, no labels); the pretraining may use AdamW ``weight_decay``.
 
 References: Z. Jiang, Y. Zheng, H. Tan, B. Tang, H. Zhou, "Variational Deep
 Embedding: An Unsupervised and Generative Approach to Clustering", IJCAI 2017.
@@ -222,7 +225,7 @@ class VaDE(VAE):
         return px.mean if mean else px.sample()
 
     # ---- initialisation ----------------------------------------------------------------
-    def pretrain(self, x, *, epochs=50, batch_size=256, lr=1e-3, dropout=0.0, seed=0, progress=False):
+    def pretrain(self, x, *, epochs=50, batch_size=256, lr=1e-3, dropout=0.0, weight_decay=0.0, seed=0, progress=False):
         """Train encoder mean and decoder as an autoencoder: minimise mean_n -log p(x_n | z = mu_phi(x~_n)).
 
         With ``dropout`` > 0 the encoder sees x~, the input with each value
@@ -242,7 +245,7 @@ class VaDE(VAE):
         n = batching.length(x)
         self.check_data(batching.fixed_view(x))
         params = [p for name, p in self.named_parameters() if not name.startswith("mixture_")]
-        opt = torch.optim.Adam(params, lr=lr)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
         last = float("nan")
@@ -294,13 +297,76 @@ class VaDE(VAE):
         return {"gmm_log_likelihood": float(gmm.score(codes.cpu().double().numpy())), "gmm_seconds": time.perf_counter() - t0}
 
     def initialise(
-        self, x, *, pretrain_epochs=50, batch_size=256, lr=1e-3, dropout=0.0, restarts=5, seed=0, progress=False
+        self, x, *, pretrain_epochs=50, batch_size=256, lr=1e-3, dropout=0.0, weight_decay=0.0, restarts=5, seed=0,
+        progress=False, candidates=1, select_epochs=10, select_lr=2e-3, select_particles=10,
     ):
-        """:meth:`pretrain` then :meth:`init_mixture`; returns their merged records."""
-        info = self.pretrain(
-            x, epochs=pretrain_epochs, batch_size=batch_size, lr=lr, dropout=dropout, seed=seed, progress=progress
-        )
-        info.update(self.init_mixture(x, restarts=restarts, seed=seed))
+        """:meth:`pretrain` then :meth:`init_mixture`; returns their merged records.
+
+        With ``candidates`` R > 1 the initialisation is chosen by the bound, with
+        no labels: R candidates are built (candidate 0 exactly as with R = 1;
+        candidate r > 0 from freshly drawn network weights and its own
+        pretraining and GMM seeds), each is trained by SVI for ``select_epochs``
+        epochs (Adam, ``select_lr``, ``batch_size``), its ELBO on ``x`` is
+        estimated with ``select_particles`` draws per point (same random stream
+        for every candidate), and the module keeps the candidate with the
+        highest ELBO, i.e. the highest lower bound on the marginal likelihood
+        log p(x) of the training data. The record then also holds
+        ``candidate_elbos`` (per datapoint), ``selected`` (its index) and
+        ``select_seconds``; the chosen module has had ``select_epochs`` of SVI.
+
+        Measured on sklearn digits (15 pretraining seeds, 10 SVI epochs): the
+        selection ELBO ranks candidates by clustering accuracy only weakly
+        (Spearman 0.24), so this buys a better bound, not reliably better clusters.
+        """
+        if not (isinstance(candidates, int) and candidates >= 1):
+            raise UsageError(f"candidates must be a positive integer, got {candidates!r}")
+
+        def build(r):
+            cand_seed = seed if r == 0 else 1_000_003 * (seed + 1) + r
+            if r > 0:
+                torch.manual_seed(cand_seed)
+                for mod in self.modules():
+                    if mod is not self and hasattr(mod, "reset_parameters"):
+                        mod.reset_parameters()
+                with torch.no_grad():  # the mixture is set by init_mixture; this only resets it to the constructor's
+                    self.mixture_logits.zero_()
+            out = self.pretrain(
+                x, epochs=pretrain_epochs, batch_size=batch_size, lr=lr, dropout=dropout, weight_decay=weight_decay,
+                seed=cand_seed, progress=progress,
+            )
+            out.update(self.init_mixture(x, restarts=restarts, seed=cand_seed))
+            return out
+
+        if candidates == 1:
+            return build(0)
+        if not (isinstance(select_epochs, int) and select_epochs >= 1):
+            raise UsageError(f"select_epochs must be a positive integer when candidates > 1, got {select_epochs!r}")
+        import copy
+
+        from inference import batching, evaluate, fit
+
+        t0 = time.perf_counter()
+        device = self.mixture_locs.device
+        best, best_elbo, elbos, records = None, -math.inf, [], []
+        for r in range(candidates):
+            info = build(r)
+            fit(self, x, epochs=select_epochs, batch_size=batch_size, lr=select_lr, device=device,
+                seed=seed + r, progress=False, validate=False)
+            pyro.set_rng_seed(seed)  # common random numbers: every candidate is scored with the same draws
+            elbo = float(evaluate(self, batching.fixed_view(x), particles=select_particles).elbo)
+            if not math.isfinite(elbo):
+                from inference.errors import NonFiniteLossError
+
+                raise NonFiniteLossError(f"VaDE candidate {r} has a non-finite ELBO after {select_epochs} SVI epochs")
+            elbos.append(elbo)
+            records.append(info)
+            if elbo > best_elbo:
+                best, best_elbo = copy.deepcopy(self.state_dict()), elbo
+        selected = int(np.argmax(elbos))
+        self.load_state_dict(best)
+        self.eval()
+        info = dict(records[selected])
+        info.update(candidate_elbos=elbos, selected=selected, select_seconds=time.perf_counter() - t0)
         return info
 
 

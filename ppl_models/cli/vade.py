@@ -74,6 +74,9 @@ class VaDECommand(ModelCommand):
         p.add_argument("--pretrain-lr", type=positive_float, default=1e-3)
         p.add_argument("--pretrain-dropout", type=float, default=0.2, help="input dropout of the denoising pretraining")
         p.add_argument("--gmm-restarts", type=positive_int, default=5, help="EM restarts of the initial GMM on the codes")
+        p.add_argument("--init-candidates", type=positive_int, default=1,
+                       help="initialisations tried; the highest training ELBO after --select-epochs of SVI is kept")
+        p.add_argument("--select-epochs", type=positive_int, default=10, help="SVI epochs per candidate (with --init-candidates > 1)")
 
     def check_args(self, args):
         if not 0 <= args.pretrain_dropout < 1:
@@ -111,6 +114,9 @@ class VaDECommand(ModelCommand):
             dropout=args.pretrain_dropout,
             restarts=args.gmm_restarts,
             seed=args.seed,
+            candidates=args.init_candidates,
+            select_epochs=args.select_epochs,
+            select_lr=args.lr,
             progress=not getattr(args, "quiet", False),
         )
         if train.y is not None:
