@@ -1,0 +1,159 @@
+"""Each benchmark script runs end to end at a tiny budget and writes the record its issue specifies.
+
+The budgets here are far too small for the figures to mean anything; what is checked
+is the record's shape and the properties that hold at any budget (bounds stay below
+exact log-likelihoods, k-means on digits beats chance, timings are consistent). Every
+option a script offers is passed by some test here (Pyro's test_examples habit), except
+``--quick`` where it takes minutes: its settings are checked by parsing instead.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import bounds, clustering, multimodal, throughput
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+needs_mnist = pytest.mark.skipif(not (SHARED / "MNIST" / "raw").is_dir(), reason="no MNIST files beside the repository")
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    yield
+    torch.set_num_threads(old)  # the scripts set their own thread counts
+
+
+def _record(out):
+    (path,) = [p for p in Path(out).glob("*.json")]
+    assert path.with_suffix(".md").is_file() and any(Path(out).glob("*.png"))
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bounds(tmp_path, device):
+    argv = ["--epochs", "1", "--limit", "200", "100", "--eval-particles", "30", "--elbos", "trace", "iwae:3",
+            "--ppca-epochs", "2", "--ppca-latent", "4", "--snr-samples", "3", "--threads", "1", "--hidden", "32", "32",
+            "--latent-dim", "4", "--activation", "tanh", "--batch-size", "50", "--lr", "1e-3", "--seed", "1",
+            "--binarize", "dynamic", "--gmm-clusters", "3", "--gmm-reg", "0.01", "--device", device,
+            "--name", "tiny", "--out", str(tmp_path)]
+    bounds.main(argv)
+    record = _record(tmp_path)
+    assert [r["elbo"] for r in record["results"]] == ["trace", "iwae:3"]
+    for row in record["results"]:
+        assert {"test_elbo", "test_log_likelihood", "seconds_per_epoch", "khat_above_0_7"} <= set(row)
+        assert row["test_log_likelihood"] >= row["test_elbo"]  # same particles: log-mean-exp >= mean
+    for row in record["exact"]:
+        assert {"model", "bound", "value", "stderr", "exact"} <= set(row)
+        # a bound is a bound at any budget: never above the exact value beyond Monte Carlo error
+        assert row["value"] - row["exact"] <= 3 * max(row.get("gap_stderr") or 0.0, 1e-6)
+    enum = [r for r in record["exact"] if r["model"] == "gmm" and r["bound"].startswith("enum")]
+    assert enum and abs(enum[0]["value"] - enum[0]["exact"]) < 1e-6  # the enumerated GMM ELBO is exact
+
+
+@needs_mnist
+def test_bounds_on_mnist_skipping_the_exact_table(tmp_path):
+    bounds.main(["--dataset", "mnist", "--data-root", str(SHARED), "--epochs", "1", "--limit", "300", "100",
+                 "--eval-particles", "25", "--elbos", "trace", "--snr-samples", "2", "--skip-exact", "--threads", "1",
+                 "--out", str(tmp_path)])
+    record = _record(tmp_path)
+    assert record["exact"] == [] and record["results"][0]["test_elbo"] < 0
+
+
+def test_bounds_quick_means_digits_on_the_cpu():
+    args = bounds.parse_args(["--quick"])
+    assert (args.dataset, args.device, args.threads) == ("digits", "cpu", 1)
+
+
+def test_clustering(tmp_path):
+    argv = ["--seeds", "0,1", "--epochs", "2", "--pretrain-epochs", "1", "--limit", "300", "--restarts", "1",
+            "--candidates", "1", "--select-epochs", "1", "--batch-size", "64", "--lr", "2e-3", "--hidden", "32",
+            "--latent-dim", "4", "--likelihood", "normal:0.3", "--clusters", "10", "--pixel-reg", "0.01",
+            "--fit-on", "all", "--methods", "vade,kmeans-pixels,gmm-pixels,vae-gmm", "--device", "cpu", "--threads",
+            "1", "--machine", "test", "--name", "tiny", "--out", str(tmp_path)]
+    clustering.main(argv)
+    rows = _record(tmp_path)["results"]
+    assert {(r["method"], r["seed"]) for r in rows} == {
+        (m, s) for m in ("vade", "kmeans-pixels", "gmm-pixels", "vae-gmm") for s in (0, 1)}
+    for row in rows:
+        assert {"method", "dataset", "seed", "acc", "nmi", "ari", "seconds"} <= set(row)
+        assert 0 <= row["acc"] <= 1 and 0 <= row["nmi"] <= 1
+    # with Hungarian matching chance is about 0.15 on 300 points; k-means on digit pixels is far above it
+    assert all(r["acc"] > 0.5 for r in rows if r["method"] == "kmeans-pixels")
+
+
+@needs_mnist
+def test_clustering_on_mnist(tmp_path):
+    clustering.main(["--dataset", "mnist", "--data-root", str(SHARED), "--seeds", "1", "--limit", "500",
+                     "--methods", "kmeans-pixels", "--out", str(tmp_path), "--threads", "1"])
+    (row,) = _record(tmp_path)["results"]
+    assert row["dataset"] == "mnist" and row["acc"] > 0.3  # chance ~0.12 with matching on 500 points
+
+
+def test_clustering_quick_means_digits_on_the_cpu():
+    args = clustering.parse_args(["--quick"])
+    assert (args.dataset, args.device) == ("digits", "cpu")
+
+
+def test_multimodal(tmp_path):
+    argv = ["--dataset", "digits-halves", "--rules", "poe,code:0.4", "--objective", "subset", "--epochs", "1",
+            "--batch-size", "64", "--lr", "1e-3", "--latent-dim", "4", "--hidden", "32", "--arch", "mlp",
+            "--likelihood", "cbernoulli", "--max-train", "300", "--max-test", "100", "--particles", "5",
+            "--classifier", "logistic", "--device", "cpu", "--seed", "2", "--out", str(tmp_path)]
+    multimodal.main(argv)
+    record = _record(tmp_path)
+    rows = record["results"]
+    # 3 modalities: 3 single givens x 2 targets + 3 pairs x 1 target = 9 rows per rule
+    assert len(rows) == 2 * 9
+    for row in rows:
+        assert {"rule", "rho", "given", "target", "coherence"} <= set(row) and 0 <= row["coherence"] <= 1
+    assert {r["rho"] for r in rows if r["rule"] == "code"} == {0.4}
+    assert {s["rule"] for s in record["summaries"]} == {"poe", "code"}
+
+
+@needs_mnist
+def test_multimodal_polymnist(tmp_path):
+    multimodal.main(["--dataset", "polymnist", "--data-root", str(SHARED), "--modalities", "3", "--rules", "mopoe",
+                     "--epochs", "1", "--max-train", "200", "--max-test", "50", "--particles", "3", "--hidden", "32",
+                     "--latent-dim", "4", "--classifier", "logistic", "--device", "cpu", "--out", str(tmp_path)])
+    record = _record(tmp_path)
+    assert record["data"]["modalities"] == ["m0", "m1", "m2"] and record["data"]["n_train"] == 200
+    # 3 views: 3 single givens x 2 targets + 3 pairs x 1 target
+    assert len(record["results"]) == 9 and {r["target"] for r in record["results"]} == {"m0", "m1", "m2"}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_throughput(tmp_path, device):
+    argv = ["--models", "vae-mlp-digits", "--batch-sizes", "32", "--elbos", "trace", "--impls", "hand", "fit",
+            "fit+jit", "fit[validate]", "pyro-svi", "--steps", "3", "--rounds", "1", "--threads", "1", "--seed", "0",
+            "--device", device, "--machine", "test", "--name", "tiny", "--out", str(tmp_path)]
+    throughput.main(argv)
+    record = _record(tmp_path)
+    assert record["environment"]["versions"]["torch"] == torch.__version__
+    rows = record["results"]
+    assert {r["impl"] for r in rows} >= {"hand", "fit", "fit+jit", "fit[validate]", "pyro-svi"}
+    for row in rows:
+        assert {"model", "impl", "elbo", "device", "batch_size", "step_ms", "samples_per_s"} <= set(row)
+        # samples per second and step time describe the same measurement
+        assert row["samples_per_s"] == pytest.approx(row["batch_size"] / (row["step_ms"] / 1000), rel=1e-6)
+
+
+@needs_mnist
+def test_throughput_on_mnist(tmp_path):
+    throughput.main(["--models", "vae-mlp-mnist", "--data-root", str(SHARED), "--batch-sizes", "64", "--elbos",
+                     "trace", "--impls", "hand", "fit", "--steps", "2", "--rounds", "1", "--out", str(tmp_path)])
+    assert {r["model"] for r in _record(tmp_path)["results"]} == {"vae-mlp-mnist"}
+
+
+@pytest.mark.parametrize("script", [bounds, clustering, multimodal, throughput], ids=lambda m: m.__name__)
+def test_every_option_is_exercised(script, capsys):
+    with pytest.raises(SystemExit):
+        script.main(["--help"])
+    options = set(re.findall(r"(--[a-z][a-z0-9-]*)", capsys.readouterr().out)) - {"--help", "--quick"}
+    text = Path(__file__).read_text()
+    missing = sorted(o for o in options if f'"{o}"' not in text)
+    assert not missing, f"{script.__name__} offers options no test passes: {missing}"
