@@ -51,3 +51,16 @@ def test_pplm_entry_point_is_installed():
     assert script.value == "ppl_models.cli:main"
     out = subprocess.run([sys.executable, "-m", "ppl_models.cli", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and "train" in out.stdout and "evaluate" in out.stdout and "sample" in out.stdout
+
+
+def test_every_documented_pplm_command_parses():
+    """Each ``pplm ...`` line in the README's code blocks is accepted by the parser as written."""
+    from ppl_models.cli import build_parser
+
+    lines = [line.split("#")[0].strip() for line in README.splitlines() if line.startswith("pplm ")]
+    assert len(lines) >= 10
+    for line in lines:
+        argv = line.split()[1:]
+        if argv[-1] == "--help":
+            continue
+        build_parser().parse_args(argv)
