@@ -27,3 +27,12 @@ def digits():
     from ppl_models.data import load_dataset
 
     return load_dataset("digits", binarize="dynamic")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a test module on one torch thread (tiny tensors; threads only add overhead), then restore."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

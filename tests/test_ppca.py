@@ -11,12 +11,7 @@ from ppl_models.ppca import PPCA
 D, L, N = 10, 3, 200
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors; the CPU is shared
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster
 
 
 def make_ppca(guide="full", dtype=torch.float64, device="cpu", seed=0):

@@ -12,12 +12,7 @@ from inference.psis import khat_summary, min_particles, psis_khat
 from ppl_models.ppca import PPCA
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors; the CPU is shared
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster
 
 
 @pytest.mark.parametrize("k", [0.2, 0.9])

@@ -3,19 +3,7 @@
 from inference.errors import UsageError
 
 from ..vade import VaDE
-from .base import ModelCommand, positive_float, positive_int, register
-
-
-def non_negative_int(text):
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
+from .base import ModelCommand, non_negative_int, positive_float, positive_int, register
 
 
 def save_latent_projection(z, clusters, path, labels=None, title=None):
