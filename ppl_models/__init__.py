@@ -1,9 +1,12 @@
 """Deep generative models as Pyro model/guide pairs."""
 
 from .data import DataSplit, load_dataset
+from .gmm import GMM, em
 from .multimodal import MultimodalVAE
 from .multimodal_data import load_multimodal
+from .ppca import PPCA
+from .vade import VaDE
 from .vae import VAE
 
 __version__ = "0.1.0"
-__all__ = ["VAE", "DataSplit", "MultimodalVAE", "load_dataset", "load_multimodal"]
+__all__ = ["GMM", "PPCA", "VAE", "DataSplit", "MultimodalVAE", "VaDE", "em", "load_dataset", "load_multimodal"]
