@@ -23,7 +23,7 @@ import pyro
 import torch
 
 from inference import batching
-from inference.checkpoint import FILENAME, atomic_write, load_checkpoint
+from inference.checkpoint import FILENAME, atomic_write, get_rng_state, load_checkpoint, set_rng_state
 from inference.elbo import make_elbo
 from inference.errors import CheckpointError, UsageError
 from inference.evaluate import evaluate
@@ -89,6 +89,18 @@ def _load_module(command, config, device):
     return module.to(device).eval(), state
 
 
+def _check_objective(module, spec, train):
+    """Run the objective once on two training points, so that its own refusals (an unknown spec, a scale
+    inside IWAE's log-sum-exp, ...) come before anything is written. The RNG state is left as it was."""
+    elbo = make_elbo(spec, max_plate_nesting=getattr(module, "max_plate_nesting", None))
+    state = get_rng_state()
+    try:
+        # not under no_grad: TraceEnum_ELBO refuses a loss it cannot differentiate; nothing calls backward
+        elbo.differentiable_loss(module.model, module.guide, batching.take(batching.fixed_view(train), slice(0, 2)))
+    finally:
+        set_rng_state(state)
+
+
 def train_run(command, args):
     """Train ``command``'s model as ``args`` say, into the folder ``args.out``.
 
@@ -120,10 +132,10 @@ def train_run(command, args):
     batching.check_finite(test, "test data")
     pyro.set_rng_seed(args.seed)
     module = command.build(args, train)
-    make_elbo(args.elbo, max_plate_nesting=getattr(module, "max_plate_nesting", None))  # refuse a bad spec now
     if hasattr(module, "check_data"):
         module.check_data(batching.fixed_view(train))
         module.check_data(batching.fixed_view(test))
+    _check_objective(module, args.elbo, train)
     ckpt = out / FILENAME
     resuming = args.resume and ckpt.exists()
     if resuming:
