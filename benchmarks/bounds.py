@@ -31,15 +31,13 @@ pPCA) and ``<name>-curves.png`` (training curves per objective) into ``--out``.
 
 import argparse
 import math
-import os
-import re
 import time
 from pathlib import Path
 
 import pyro
 import torch
 
-from benchmarks.common import RESULTS, environment, markdown_table, write_results
+from benchmarks.common import RESULTS, environment, machine_tag, markdown_table, write_results
 from inference import evaluate, fit, gradient_snr, khat_summary, make_elbo, psis_khat, resolve_device
 from inference.errors import UsageError
 from ppl_models.data import BINARIZE, load_dataset
@@ -102,12 +100,6 @@ def _head(split, n):
 
     cut = lambda t: None if t is None else t[:n]  # noqa: E731
     return replace(split, x=cut(split.x), y=cut(split.y), grey=cut(split.grey))
-
-
-def machine_tag(device):
-    if device.type == "cuda":
-        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
-    return f"cpu-{os.cpu_count()}core"
 
 
 # ---- table 1: one VAE per objective --------------------------------------------------

@@ -29,8 +29,6 @@ for the whole method (pretraining and initialisation included).
 """
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -38,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS, environment, markdown_table, write_results
+from benchmarks.common import RESULTS, environment, machine_tag, markdown_table, write_results
 
 METHODS = ("vade", "vae-gmm", "kmeans-pixels", "gmm-pixels")
 
@@ -269,8 +267,7 @@ def main(argv=None):
     summary = summarise(results, methods, args.dataset)
     md = table(summary)
     env = environment(device)
-    machine = args.machine or (f"cpu-{os.cpu_count()}core" if device.type == "cpu" else
-                               env["device_name"].replace(" ", "-").lower())
+    machine = args.machine or machine_tag(device)
     name = args.name or f"clustering-{Path(args.dataset).stem}{'-quick' if args.quick else ''}-{machine}"
     backend = next((e.get("backend") for e in extras if e["method"] == "gmm-pixels"), None)
     record = {

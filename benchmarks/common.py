@@ -1,7 +1,9 @@
 """Helpers every benchmark script shares: the environment record and result files."""
 
 import json
+import os
 import platform
+import re
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +28,14 @@ def environment(device):
         "versions": {"torch": torch.__version__, "pyro": pyro.__version__, "numpy": numpy.__version__},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def machine_tag(device):
+    """A short file-name-safe name of the machine: the GPU's name on CUDA, ``cpu-<N>core`` otherwise."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+    return f"cpu-{os.cpu_count()}core"
 
 
 def markdown_table(rows, columns, floatfmt="{:.3f}"):

@@ -21,13 +21,12 @@ cross-modal generation grid per rule into ``--out``.
 
 import argparse
 import os
-import re
 import time
 
 import pyro
 import torch
 
-from benchmarks.common import RESULTS, environment, markdown_table, write_results
+from benchmarks.common import RESULTS, environment, machine_tag, markdown_table, write_results
 from inference import fit
 from inference import metrics as M
 from inference.train import resolve_device
@@ -40,12 +39,6 @@ DEFAULT_RULES = ("poe", "moe", "mopoe", "code:0", "code:0.2", "code:0.4", "code:
 def parse_rule(text):
     name, _, rho = text.partition(":")
     return name, float(rho) if rho else 0.0
-
-
-def machine_tag(device):
-    if device.type == "cuda":
-        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
-    return f"cpu-{os.cpu_count()}core"
 
 
 def main(argv=None):

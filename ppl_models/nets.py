@@ -6,7 +6,6 @@ put a particle dimension in front of the data dimension).
 
 import math
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

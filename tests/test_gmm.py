@@ -1,7 +1,6 @@
 """GMM: EM, SVI with enumerated assignments, exact scoring."""
 
 import numpy as np
-import pyro
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment

@@ -144,6 +144,6 @@ class VaDECommand(ModelCommand):
         device = next(module.parameters()).device
         x = test.data.to(device)
         save_latent_projection(module.latent_means(x), module.cluster(x), run_dir / "latent_pca.png",
-                               labels=test.y, title=f"test latent means, PCA, coloured by cluster")
+                               labels=test.y, title="test latent means, PCA, coloured by cluster")
         outputs.append("latent_pca.png")
         return outputs
