@@ -67,11 +67,20 @@ def check_finite(data, what="data"):
             raise UsageError(f"{name} holds {bad} NaN or infinite values")
 
 
+def _stop(n, batch_size, drop_last):
+    """Points used by one pass: all of them, or without the ragged last batch (kept if it is the only one)."""
+    return n - n % batch_size if drop_last and n >= batch_size else n
+
+
+def num_batches(n, batch_size, *, drop_last=False):
+    """How many batches :func:`batch_indices` makes."""
+    return -(-_stop(n, batch_size, drop_last) // batch_size)
+
+
 def batch_indices(n, batch_size, *, shuffle, device, drop_last=False):
     """Index tensors for one pass over ``n`` points; shuffling draws from the device's RNG."""
     if shuffle:
         order = torch.randperm(n, device=device)
     else:
         order = torch.arange(n, device=device)
-    stop = n - n % batch_size if drop_last and n >= batch_size else n
-    return [order[i : i + batch_size] for i in range(0, stop, batch_size)]
+    return [order[i : i + batch_size] for i in range(0, _stop(n, batch_size, drop_last), batch_size)]

@@ -188,7 +188,7 @@ def fit(
             set_rng_state(state["rng"])
             history, start = list(state["history"]), state["epoch"] + 1
         settings = {"elbo": spec, "batch_size": batch_size, "seed": seed, "lr": lr, "epochs": epochs}
-        steps_per_epoch = len(batching.batch_indices(n, batch_size, shuffle=False, device="cpu", drop_last=drop_last))
+        steps_per_epoch = batching.num_batches(n, batch_size, drop_last=drop_last)
         bar = tqdm(
             total=(epochs - start + 1) * steps_per_epoch,
             disable=not progress,
