@@ -6,9 +6,12 @@
 What is compared, per seed, on the same data:
 
 * ``vade``: :class:`ppl_models.vade.VaDE` with its initialisation (autoencoder
-  pretraining for ``--pretrain-epochs``, a diagonal GMM with ``--restarts`` EM
-  restarts on the codes), then ``--epochs`` of SVI; clusters = argmax q(c | x).
-  With ``--candidates R`` (default 3) R initialisations are each trained for
+  pretraining for ``--pretrain-epochs``, then the mixture from ``--init``: ``tsne``
+  (default) fits a full GMM with ``--restarts`` restarts in a 2-D t-SNE map of the
+  inputs (digits) or of the codes (MNIST), ``--embed`` to choose, and moves it to
+  the latent space by one M-step; ``gmm`` is the paper's diagonal GMM on the
+  codes), then ``--epochs`` of SVI; clusters = argmax q(c | x).
+  With ``--candidates R`` (default 1) R initialisations are each trained for
   ``--select-epochs`` of SVI and the one with the highest training ELBO is kept
   and trained on (its selection epochs count in ``--epochs``); no labels are used.
 * ``vae-gmm``: a plain :class:`ppl_models.vae.VAE` with the same encoder, decoder,
@@ -19,6 +22,9 @@ What is compared, per seed, on the same data:
 * ``gmm-pixels``: our EM (:func:`ppl_models.gmm.em`, diagonal covariances,
   ``--restarts`` restarts, ridge ``--pixel-reg`` on every variance, since many
   pixels are nearly constant) on the pixels.
+* ``tsne-gmm-pixels``: VaDE's t-SNE initialiser alone on the pixels (t-SNE map of
+  every point, full GMM), so the table shows what SVI adds to it; not run by
+  default on MNIST (t-SNE of 70,000 images) nor with ``--fit-on train``.
 
 Every method sees the same points: by default all of them, train and test
 together (``--fit-on all``; clustering is transductive, and the VaDE paper trains
@@ -38,14 +44,14 @@ import torch
 
 from benchmarks.common import RESULTS, environment, machine_tag, markdown_table, write_results
 
-METHODS = ("vade", "vae-gmm", "kmeans-pixels", "gmm-pixels")
+METHODS = ("vade", "vae-gmm", "kmeans-pixels", "gmm-pixels", "tsne-gmm-pixels")
 
 # per-dataset defaults (the --quick budget is the digits row)
 DEFAULTS = {
     "digits": dict(hidden=[256, 256], latent_dim=10, epochs=150, pretrain_epochs=50, batch_size=64, lr=2e-3,
-                   likelihood="normal:0.3"),
+                   likelihood="normal:0.3", init="tsne", embed="inputs", methods=",".join(METHODS)),
     "mnist": dict(hidden=[500, 500, 2000], latent_dim=10, epochs=100, pretrain_epochs=20, batch_size=256, lr=2e-3,
-                  likelihood="normal:0.3"),
+                  likelihood="normal:0.3", init="tsne", embed="codes", methods="vade,vae-gmm,kmeans-pixels,gmm-pixels"),
 }
 
 
@@ -63,7 +69,14 @@ def parse_args(argv=None):
     p.add_argument("--likelihood", default=None, help="observation family of VaDE and the VAE (default normal:0.3)")
     p.add_argument("--clusters", type=int, default=10)
     p.add_argument("--restarts", type=int, default=5, help="EM restarts of every GMM")
-    p.add_argument("--candidates", type=int, default=3,
+    p.add_argument("--init", choices=("gmm", "tsne"), default=None,
+                   help="VaDE mixture initialisation: gmm (EM on the codes, the paper) or tsne (GMM in a t-SNE map; "
+                        "default)")
+    p.add_argument("--embed", choices=("codes", "inputs"), default=None,
+                   help="what --init tsne embeds (default: inputs on digits, codes on MNIST)")
+    p.add_argument("--embed-points", type=int, default=10000, help="points embedded by t-SNE (a seeded subset beyond)")
+    p.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity")
+    p.add_argument("--candidates", type=int, default=1,
                    help="VaDE initialisations tried; the one with the highest training ELBO after --select-epochs "
                         "of SVI is kept (no labels); 1 = a single initialisation")
     p.add_argument("--select-epochs", type=int, default=10,
@@ -72,7 +85,8 @@ def parse_args(argv=None):
     p.add_argument("--fit-on", choices=("all", "train"), default="all",
                    help="all: fit and score train+test together; train: fit on train, score test")
     p.add_argument("--limit", type=int, default=None, help="use only the first N points (smoke tests)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument("--methods", default=None,
+                   help=f"comma list of {', '.join(METHODS)} (default: all on digits; no tsne-gmm-pixels on MNIST)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default=str(RESULTS))
@@ -87,9 +101,16 @@ def parse_args(argv=None):
 
 
 def seeds_from(text):
-    if "," in text:
-        return [int(s) for s in text.split(",") if s.strip()]
-    return list(range(int(text)))
+    """``"N"`` -> seeds 0..N-1; ``"a,b,..."`` -> those seeds (``"3,"`` is the single seed 3)."""
+    from inference.errors import UsageError
+
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()] if "," in text else list(range(int(text)))
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise UsageError(f"--seeds needs a positive count or a comma list of seeds, got {text!r}")
+    return seeds
 
 
 def load_points(args):
@@ -118,7 +139,8 @@ def run_vade(x, xs, s, seed, device):
              likelihood=s["likelihood"]).to(device)
     info = m.initialise(x, pretrain_epochs=s["pretrain_epochs"], batch_size=s["batch_size"], restarts=s["restarts"],
                         dropout=s["pretrain_dropout"], seed=seed, candidates=s["candidates"],
-                        select_epochs=s["select_epochs"], select_lr=s["lr"])
+                        select_epochs=s["select_epochs"], select_lr=s["lr"], init=s["init"], embed=s["embed"],
+                        embed_points=s["embed_points"], perplexity=s["perplexity"])
     info["init_clusters"] = m.cluster(xs)  # after initialisation (and, with candidates > 1, the selection's SVI)
     done = s["select_epochs"] if s["candidates"] > 1 else 0
     fit(m, x, epochs=s["epochs"] - done, batch_size=s["batch_size"], lr=s["lr"], device=device, seed=seed, progress=False,
@@ -162,7 +184,21 @@ def run_gmm_pixels(x, xs, s, seed, device):
     return fit.predict(xs), {"backend": "ppl_models.gmm.em", "em_converged": bool(fit.converged)}
 
 
-RUNNERS = {"vade": run_vade, "vae-gmm": run_vae_gmm, "kmeans-pixels": run_kmeans, "gmm-pixels": run_gmm_pixels}
+def run_tsne_gmm_pixels(x, xs, s, seed, device):
+    """VaDE's t-SNE initialiser alone, on the pixels: a full GMM in the 2-D map of every point (transductive)."""
+    from sklearn.mixture import GaussianMixture
+
+    from ppl_models.vade import tsne_map
+
+    if xs is not x:
+        return None, {"skipped": "t-SNE has no out-of-sample map; run it with --fit-on all"}
+    emb = tsne_map(x, perplexity=s["perplexity"], seed=seed)
+    g = GaussianMixture(s["clusters"], covariance_type="full", n_init=s["restarts"], random_state=seed).fit(emb)
+    return torch.as_tensor(g.predict(emb)), {}
+
+
+RUNNERS = {"vade": run_vade, "vae-gmm": run_vae_gmm, "kmeans-pixels": run_kmeans, "gmm-pixels": run_gmm_pixels,
+           "tsne-gmm-pixels": run_tsne_gmm_pixels}
 
 
 def summarise(results, methods, dataset):
@@ -226,20 +262,21 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    key = "mnist" if args.dataset in ("mnist", "fashion-mnist") else "digits"
+    s = dict(DEFAULTS[key])
+    methods = [m.strip() for m in (args.methods or s.pop("methods")).split(",") if m.strip()]
+    s.pop("methods", None)
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise UsageError(f"unknown method(s) {unknown}; valid: {', '.join(METHODS)}")
-    key = "mnist" if args.dataset in ("mnist", "fashion-mnist") else "digits"
-    s = dict(DEFAULTS[key])
-    for name in ("hidden", "latent_dim", "epochs", "pretrain_epochs", "batch_size", "lr", "likelihood"):
+    for name in ("hidden", "latent_dim", "epochs", "pretrain_epochs", "batch_size", "lr", "likelihood", "init", "embed"):
         if getattr(args, name) is not None:
             s[name] = getattr(args, name)
     if args.candidates > 1 and not 1 <= args.select_epochs < s["epochs"]:
         raise UsageError(f"--select-epochs must lie in 1..{s['epochs'] - 1} (below --epochs), got {args.select_epochs}")
     s.update(candidates=args.candidates, select_epochs=args.select_epochs)
     s.update(clusters=args.clusters, restarts=args.restarts, pixel_reg=args.pixel_reg, fit_on=args.fit_on,
-             limit=args.limit, pretrain_dropout=0.2)
+             limit=args.limit, pretrain_dropout=0.2, embed_points=args.embed_points, perplexity=args.perplexity)
     seeds = seeds_from(args.seeds)
 
     t_start = time.perf_counter()
@@ -252,6 +289,9 @@ def main(argv=None):
         for method in methods:
             t0 = time.perf_counter()
             pred, extra = RUNNERS[method](x, xs, s, seed, device)
+            if pred is None:
+                print(f"  seed {seed} {method:14s} skipped: {extra['skipped']}", file=sys.stderr)
+                continue
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0

@@ -54,6 +54,9 @@ def main(argv=None):
     p.add_argument("--latent-dim", type=int, default=16)
     p.add_argument("--hidden", type=int, nargs="+", default=[256])
     p.add_argument("--arch", default="mlp", choices=("mlp", "conv"))
+    p.add_argument("--private-dim", type=int, default=0,
+                   help="size of each image modality's private latent w_m beside the shared z (0: none)")
+    p.add_argument("--beta", type=float, default=1.0, help="weight of the KL terms (1: the ELBO)")
     p.add_argument("--likelihood", default=None, help="image likelihood (default: the dataset's, cbernoulli)")
     p.add_argument("--max-train", type=int, default=None)
     p.add_argument("--max-test", type=int, default=None)
@@ -95,7 +98,8 @@ def main(argv=None):
         label = rule if rule != "code" else f"code({rho:g})"
         pyro.set_rng_seed(args.seed)
         module = MultimodalVAE(specs, latent_dim=args.latent_dim, hidden=args.hidden, rule=rule, rho=rho,
-                               prior_expert=rule == "poe", objective=args.objective, arch=args.arch)
+                               prior_expert=rule == "poe", objective=args.objective, arch=args.arch,
+                               private_dim=args.private_dim, beta=args.beta)
         fr = fit(module, train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=device,
                  seed=args.seed, progress=False, validate=False)
         t1 = time.perf_counter()
@@ -136,7 +140,8 @@ def main(argv=None):
     table = markdown_table(rows, columns)
     legend = (
         f"\n\n{args.dataset}, {len(train)} train / {len(test)} test, modalities {train.names}, objective "
-        f"{args.objective}, latent {args.latent_dim}, hidden {args.hidden}, {args.arch}, {args.epochs} epochs, batch "
+        f"{args.objective}, latent {args.latent_dim} (+{args.private_dim} private per image), beta {args.beta}, "
+        f"hidden {args.hidden}, {args.arch}, {args.epochs} epochs, batch "
         f"{args.batch_size}, lr {args.lr}, seed {args.seed}, device {device}.\n"
         "coh|k: mean cross-modal coherence given k modalities (targets not given); joint: joint coherence of 1000 "
         "prior draws; probe: linear-probe accuracy of the posterior mean given all modalities (probe_1: the worst "

@@ -73,12 +73,16 @@ def test_clustering(tmp_path):
     argv = ["--seeds", "0,1", "--epochs", "2", "--pretrain-epochs", "1", "--limit", "300", "--restarts", "1",
             "--candidates", "1", "--select-epochs", "1", "--batch-size", "64", "--lr", "2e-3", "--hidden", "32",
             "--latent-dim", "4", "--likelihood", "normal:0.3", "--clusters", "10", "--pixel-reg", "0.01",
-            "--fit-on", "all", "--methods", "vade,kmeans-pixels,gmm-pixels,vae-gmm", "--device", "cpu", "--threads",
-            "1", "--machine", "test", "--name", "tiny", "--out", str(tmp_path)]
+            "--fit-on", "all", "--methods", "vade,kmeans-pixels,gmm-pixels,vae-gmm,tsne-gmm-pixels", "--device", "cpu",
+            "--threads", "1", "--machine", "test", "--name", "tiny", "--init", "tsne", "--embed", "codes",
+            "--embed-points", "200", "--perplexity", "20", "--out", str(tmp_path)]
     clustering.main(argv)
-    rows = _record(tmp_path)["results"]
+    record = _record(tmp_path)
+    rows = record["results"]
     assert {(r["method"], r["seed"]) for r in rows} == {
-        (m, s) for m in ("vade", "kmeans-pixels", "gmm-pixels", "vae-gmm") for s in (0, 1)}
+        (m, s) for m in ("vade", "kmeans-pixels", "gmm-pixels", "vae-gmm", "tsne-gmm-pixels") for s in (0, 1)}
+    # VaDE's t-SNE initialisation embedded the requested subset of the 300 points
+    assert {d.get("embed_points") for d in record["details"] if d["method"] == "vade"} == {200}
     for row in rows:
         assert {"method", "dataset", "seed", "acc", "nmi", "ari", "seconds"} <= set(row)
         assert 0 <= row["acc"] <= 1 and 0 <= row["nmi"] <= 1
@@ -99,11 +103,22 @@ def test_clustering_quick_means_digits_on_the_cpu():
     assert (args.dataset, args.device) == ("digits", "cpu")
 
 
+def test_clustering_seed_lists():
+    from inference.errors import UsageError
+
+    assert clustering.seeds_from("3") == [0, 1, 2] and clustering.seeds_from("4,") == [4]
+    assert clustering.seeds_from("1,5") == [1, 5]
+    for bad in ("0", "x", ","):  # zero seeds would write an empty table: refused
+        with pytest.raises(UsageError, match="--seeds"):
+            clustering.seeds_from(bad)
+
+
 def test_multimodal(tmp_path):
     argv = ["--dataset", "digits-halves", "--rules", "poe,code:0.4", "--objective", "subset", "--epochs", "1",
             "--batch-size", "64", "--lr", "1e-3", "--latent-dim", "4", "--hidden", "32", "--arch", "mlp",
             "--likelihood", "cbernoulli", "--max-train", "300", "--max-test", "100", "--particles", "5",
-            "--classifier", "logistic", "--device", "cpu", "--seed", "2", "--out", str(tmp_path)]
+            "--classifier", "logistic", "--device", "cpu", "--seed", "2", "--private-dim", "2", "--beta", "1.0",
+            "--out", str(tmp_path)]
     multimodal.main(argv)
     record = _record(tmp_path)
     rows = record["results"]

@@ -121,6 +121,48 @@ def test_bad_arguments():
     m = VaDE(4, n_clusters=2, latent_dim=2, hidden=(8,), likelihood="normal:1")
     with pytest.raises(UsageError, match="component"):
         m.sample(3, component=2)
+    # initialisation arguments are refused before any pretraining changes a weight
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(50, 4)
+    for kw, match in [(dict(init="kmeans"), "initialisation"), (dict(init="tsne", embed="pixels"), "embed"),
+                      (dict(init="tsne", embed_points=2), "embed_points"), (dict(init="tsne", perplexity=0), "perplexity")]:
+        with pytest.raises(UsageError, match=match):
+            m.initialise(x, pretrain_epochs=1, **kw)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(UsageError, match="more than"):  # 50 points cannot carry a perplexity of 60
+        m.init_mixture(x, method="tsne", perplexity=60)
+    with pytest.raises(UsageError, match="responsibilities"):
+        m.set_mixture_from_responsibilities(torch.randn(5, 2), torch.rand(5, 3))
+
+
+def test_mixture_from_responsibilities_is_the_m_step():
+    """One-hot responsibilities give each component its cluster's proportion, mean and (biased) variance."""
+    g = torch.Generator().manual_seed(0)
+    k, L = 3, 4
+    m = VaDE(6, n_clusters=k, latent_dim=L, hidden=(8,), likelihood="normal:1", min_scale=1e-3)
+    labels = torch.tensor([0] * 20 + [1] * 50 + [2] * 30)
+    z = torch.randn(100, L, generator=g, dtype=torch.float64) * (1 + labels[:, None]) + 5 * labels[:, None]
+    ll = m.set_mixture_from_responsibilities(z, torch.nn.functional.one_hot(labels, k))
+    for c in range(k):
+        zc = z[labels == c]
+        # float32 parameters; the 1e-6 pseudo-count moves a moment by ~1e-6 relative: 1e-5 covers both
+        assert float(m.mixture_weights[c].detach()) == pytest.approx(len(zc) / 100, rel=1e-5)
+        torch.testing.assert_close(m.mixture_locs[c].double(), zc.mean(0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m.mixture_scales[c].double(), zc.var(0, unbiased=False).sqrt(), rtol=1e-5, atol=1e-5)
+    assert ll == pytest.approx(float(m.prior().log_prob(z.float()).mean()), rel=1e-6)
+    # soft responsibilities: the weighted moments, against numpy's weighted average
+    import numpy as np
+
+    r = torch.rand(100, k, generator=g, dtype=torch.float64)
+    m.set_mixture_from_responsibilities(z, r)
+    for c in range(k):
+        mean = np.average(z.numpy(), axis=0, weights=r[:, c].numpy())
+        var = np.average((z.numpy() - mean) ** 2, axis=0, weights=r[:, c].numpy())
+        np.testing.assert_allclose(m.mixture_locs[c].detach().numpy(), mean, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(m.mixture_scales[c].detach().numpy(), np.sqrt(var), rtol=1e-5, atol=1e-5)
+    # an empty component stays finite (pooled moments through the pseudo-count)
+    m.set_mixture_from_responsibilities(z, torch.nn.functional.one_hot(torch.zeros(100, dtype=torch.long), k))
+    assert all(torch.isfinite(t).all() for t in (m.mixture_logits, m.mixture_locs, m.mixture_scales))
 
 
 def _blobs(n_per, k, dim, seed):
@@ -132,13 +174,15 @@ def _blobs(n_per, k, dim, seed):
     return x[perm], y[perm]
 
 
-def test_separated_clusters_are_found(device):
+@pytest.mark.parametrize("init,embed", [("gmm", "codes"), ("tsne", "codes"), ("tsne", "inputs")])
+def test_separated_clusters_are_found(device, init, embed):
     k, dim = 4, 12
     x, y = _blobs(150, k, dim, seed=0)
     x, y = x.to(device), y.to(device)
     torch.manual_seed(0)
     m = VaDE(dim, n_clusters=k, latent_dim=2, hidden=(32,), likelihood="normal:0.3").to(device)
-    m.initialise(x, pretrain_epochs=10, batch_size=64, restarts=3, seed=0)
+    info = m.initialise(x, pretrain_epochs=10, batch_size=64, restarts=3, seed=0, init=init, embed=embed)
+    assert info["init"] == init and math.isfinite(info["gmm_log_likelihood"])
     fit(m, x, epochs=10, batch_size=64, lr=2e-3, device=device, seed=0, progress=False)
     # the issue's target for well-separated clusters
     assert cluster_accuracy(y, m.cluster(x)) >= 0.95
@@ -162,7 +206,8 @@ def test_pplm_train_vade_writes_clustering_outputs(tmp_path):
     out = tmp_path / "vade"
     argv = ["train", "vade", "--clusters", "10", "--out", str(out), "--epochs", "2", "--pretrain-epochs", "3",
             "--hidden", "32", "--latent-dim", "4", "--particles", "10", "--quiet", "--device", "cpu",
-            "--gmm-restarts", "2", "--pretrain-dropout", "0.1",
+            "--gmm-restarts", "2", "--pretrain-dropout", "0.1", "--init", "tsne", "--embed", "inputs",
+            "--embed-points", "300", "--perplexity", "20",
             "--init-candidates", "2", "--select-epochs", "1", "--pretrain-lr", "2e-3", "--min-scale", "0.01"]
     assert main(argv) == 0
     for name in ("cluster_samples.png", "latent_pca.png", "loss.png"):
@@ -180,6 +225,7 @@ def test_pplm_train_vade_writes_clustering_outputs(tmp_path):
     # pretraining is required: zero epochs is refused before anything is written
     assert main(["train", "vade", "--out", str(tmp_path / "no"), "--pretrain-epochs", "0", "--quiet"]) == 2
     assert main(["train", "vade", "--out", str(tmp_path / "no"), "--pretrain-dropout", "1", "--quiet"]) == 2
+    assert main(["train", "vade", "--out", str(tmp_path / "no"), "--embed-points", "10", "--quiet"]) == 2
     assert not (tmp_path / "no").exists()
 
 

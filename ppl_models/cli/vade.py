@@ -45,7 +45,7 @@ def save_latent_projection(z, clusters, path, labels=None, title=None):
 @register
 class VaDECommand(ModelCommand):
     name = "vade"
-    help = "VaDE: VAE with a learned Gaussian-mixture prior (clustering); AE pretraining + GMM initialisation"
+    help = "VaDE: VAE with a learned Gaussian-mixture prior (clustering); AE pretraining + t-SNE/GMM initialisation"
     default_binarize = "none"
     default_epochs = 150
     default_batch_size = 128
@@ -61,7 +61,14 @@ class VaDECommand(ModelCommand):
         p.add_argument("--pretrain-epochs", type=non_negative_int, default=50, help="autoencoder pretraining epochs")
         p.add_argument("--pretrain-lr", type=positive_float, default=1e-3)
         p.add_argument("--pretrain-dropout", type=float, default=0.2, help="input dropout of the denoising pretraining")
-        p.add_argument("--gmm-restarts", type=positive_int, default=5, help="EM restarts of the initial GMM on the codes")
+        p.add_argument("--init", choices=("tsne", "gmm"), default="tsne",
+                       help="mixture initialisation: tsne (a GMM in a 2-D t-SNE map moved to the latent space) or "
+                            "gmm (EM on the codes, as the VaDE paper)")
+        p.add_argument("--embed", choices=("codes", "inputs"), default="codes", help="what --init tsne embeds")
+        p.add_argument("--embed-points", type=positive_int, default=10000,
+                       help="points embedded by t-SNE (a seeded random subset beyond that)")
+        p.add_argument("--perplexity", type=positive_float, default=30.0, help="t-SNE perplexity")
+        p.add_argument("--gmm-restarts", type=positive_int, default=5, help="EM restarts of the initial GMM")
         p.add_argument("--init-candidates", type=positive_int, default=1,
                        help="initialisations tried; the highest training ELBO after --select-epochs of SVI is kept")
         p.add_argument("--select-epochs", type=positive_int, default=10, help="SVI epochs per candidate (with --init-candidates > 1)")
@@ -69,6 +76,8 @@ class VaDECommand(ModelCommand):
     def check_args(self, args):
         if not 0 <= args.pretrain_dropout < 1:
             raise UsageError(f"--pretrain-dropout must lie in [0, 1), got {args.pretrain_dropout}")
+        if args.init == "tsne" and args.embed_points <= args.clusters:
+            raise UsageError(f"--embed-points {args.embed_points} must exceed --clusters {args.clusters}")
         if args.pretrain_epochs == 0:
             raise UsageError("--pretrain-epochs 0 leaves the mixture fitted to random codes; VaDE needs pretraining")
 
@@ -90,7 +99,7 @@ class VaDECommand(ModelCommand):
         return VaDE.from_config(config["module"])
 
     def before_fit(self, module, train, args, device):
-        """Pretrain the autoencoder and set the mixture from a GMM fitted to its codes."""
+        """Pretrain the autoencoder and set the mixture (``--init``: from a t-SNE map or a GMM on the codes)."""
         from inference import batching
 
         module.to(device)
@@ -105,6 +114,10 @@ class VaDECommand(ModelCommand):
             candidates=args.init_candidates,
             select_epochs=args.select_epochs,
             select_lr=args.lr,
+            init=args.init,
+            embed=args.embed,
+            embed_points=args.embed_points,
+            perplexity=args.perplexity,
             progress=not getattr(args, "quiet", False),
         )
         if train.y is not None:
