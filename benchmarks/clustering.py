@@ -9,8 +9,10 @@ What is compared, per seed, on the same data:
   pretraining for ``--pretrain-epochs``, then the mixture from ``--init``: ``tsne``
   (default) fits a full GMM with ``--restarts`` restarts in a 2-D t-SNE map of the
   inputs (digits) or of the codes (MNIST), ``--embed`` to choose, and moves it to
-  the latent space by one M-step; ``gmm`` is the paper's diagonal GMM on the
-  codes), then ``--epochs`` of SVI; clusters = argmax q(c | x).
+  the latent space by one M-step, then ``--align-epochs`` of
+  :meth:`~ppl_models.vade.VaDE.align` (on by default for MNIST); ``gmm`` is the
+  paper's diagonal GMM on the codes), then ``--epochs`` of SVI; clusters =
+  argmax q(c | x).
   With ``--candidates R`` (default 1) R initialisations are each trained for
   ``--select-epochs`` of SVI and the one with the highest training ELBO is kept
   and trained on (its selection epochs count in ``--epochs``); no labels are used.
@@ -49,9 +51,10 @@ METHODS = ("vade", "vae-gmm", "kmeans-pixels", "gmm-pixels", "tsne-gmm-pixels")
 # per-dataset defaults (the --quick budget is the digits row)
 DEFAULTS = {
     "digits": dict(hidden=[256, 256], latent_dim=10, epochs=150, pretrain_epochs=50, batch_size=64, lr=2e-3,
-                   likelihood="normal:0.3", init="tsne", embed="inputs", methods=",".join(METHODS)),
+                   likelihood="normal:0.3", init="tsne", embed="inputs", align_epochs=0, methods=",".join(METHODS)),
     "mnist": dict(hidden=[500, 500, 2000], latent_dim=10, epochs=100, pretrain_epochs=20, batch_size=256, lr=2e-3,
-                  likelihood="normal:0.3", init="tsne", embed="codes", methods="vade,vae-gmm,kmeans-pixels,gmm-pixels"),
+                  likelihood="normal:0.3", init="tsne", embed="codes", align_epochs=5,
+                  methods="vade,vae-gmm,kmeans-pixels,gmm-pixels"),
 }
 
 
@@ -76,6 +79,9 @@ def parse_args(argv=None):
                    help="what --init tsne embeds (default: inputs on digits, codes on MNIST)")
     p.add_argument("--embed-points", type=int, default=10000, help="points embedded by t-SNE (a seeded subset beyond)")
     p.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity")
+    p.add_argument("--align-epochs", type=int, default=None,
+                   help="epochs pulling the codes towards the t-SNE map's clusters before SVI (VaDE.align)")
+    p.add_argument("--align-weight", type=float, default=100.0, help="weight of the cross-entropy in VaDE.align")
     p.add_argument("--candidates", type=int, default=1,
                    help="VaDE initialisations tried; the one with the highest training ELBO after --select-epochs "
                         "of SVI is kept (no labels); 1 = a single initialisation")
@@ -140,7 +146,8 @@ def run_vade(x, xs, s, seed, device):
     info = m.initialise(x, pretrain_epochs=s["pretrain_epochs"], batch_size=s["batch_size"], restarts=s["restarts"],
                         dropout=s["pretrain_dropout"], seed=seed, candidates=s["candidates"],
                         select_epochs=s["select_epochs"], select_lr=s["lr"], init=s["init"], embed=s["embed"],
-                        embed_points=s["embed_points"], perplexity=s["perplexity"])
+                        embed_points=s["embed_points"], perplexity=s["perplexity"], align_epochs=s["align_epochs"],
+                        align_weight=s["align_weight"])
     info["init_clusters"] = m.cluster(xs)  # after initialisation (and, with candidates > 1, the selection's SVI)
     done = s["select_epochs"] if s["candidates"] > 1 else 0
     fit(m, x, epochs=s["epochs"] - done, batch_size=s["batch_size"], lr=s["lr"], device=device, seed=seed, progress=False,
@@ -269,14 +276,16 @@ def main(argv=None):
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise UsageError(f"unknown method(s) {unknown}; valid: {', '.join(METHODS)}")
-    for name in ("hidden", "latent_dim", "epochs", "pretrain_epochs", "batch_size", "lr", "likelihood", "init", "embed"):
+    for name in ("hidden", "latent_dim", "epochs", "pretrain_epochs", "batch_size", "lr", "likelihood", "init", "embed",
+                 "align_epochs"):
         if getattr(args, name) is not None:
             s[name] = getattr(args, name)
     if args.candidates > 1 and not 1 <= args.select_epochs < s["epochs"]:
         raise UsageError(f"--select-epochs must lie in 1..{s['epochs'] - 1} (below --epochs), got {args.select_epochs}")
     s.update(candidates=args.candidates, select_epochs=args.select_epochs)
     s.update(clusters=args.clusters, restarts=args.restarts, pixel_reg=args.pixel_reg, fit_on=args.fit_on,
-             limit=args.limit, pretrain_dropout=0.2, embed_points=args.embed_points, perplexity=args.perplexity)
+             limit=args.limit, pretrain_dropout=0.2, embed_points=args.embed_points, perplexity=args.perplexity,
+             align_weight=args.align_weight)
     seeds = seeds_from(args.seeds)
 
     t_start = time.perf_counter()

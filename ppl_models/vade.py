@@ -372,7 +372,8 @@ class VaDE(VAE):
 
         Returns ``{"init", "gmm_log_likelihood" (mean per code under the set
         mixture), "gmm_seconds"}`` plus, for t-SNE, ``embed``, ``embed_points`` and
-        ``embed_seconds``.
+        ``embed_seconds``; t-SNE also leaves ``self.map_clusters = (index, r)``, the
+        embedded rows of x and their responsibilities, for :meth:`align`.
         """
         from inference import batching
 
@@ -404,18 +405,73 @@ class VaDE(VAE):
         from sklearn.mixture import GaussianMixture
 
         gmm = GaussianMixture(self.n_clusters, covariance_type="full", n_init=restarts, random_state=seed).fit(emb)
-        ll = self.set_mixture_from_responsibilities(codes[idx.to(codes.device)], gmm.predict_proba(emb))
+        resp = torch.as_tensor(gmm.predict_proba(emb), dtype=codes.dtype, device=codes.device)
+        ll = self.set_mixture_from_responsibilities(codes[idx.to(codes.device)], resp)
+        self.map_clusters = (idx, resp)  # for :meth:`align`; not part of the state dict
         return {"init": "tsne", "embed": embed, "embed_points": int(len(idx)), "embed_seconds": t1 - t0,
                 "gmm_log_likelihood": ll, "gmm_seconds": time.perf_counter() - t1}
+
+    def align(self, x, r, *, epochs=5, weight=100.0, lr=1e-3, batch_size=256, seed=0, progress=False):
+        r"""Pull the codes towards given clusters: train encoder mean, decoder and mixture on ``x`` (N, D) with
+        target responsibilities ``r`` (N, K), minimising the mean over points of::
+
+            -log p(x_n | z = mu_phi(x_n))  +  weight * sum_c r_nc [-log p(c | z = mu_phi(x_n))].
+
+        The first term is the autoencoder loss of :meth:`pretrain`; the second is
+        the cross-entropy from the targets to the responsibilities the model will
+        use for q(c | x). One M-step (:meth:`set_mixture_from_responsibilities`)
+        puts a diagonal Gaussian on each cluster of codes, but clusters found in a
+        t-SNE map are not diagonal Gaussians in the code space, so the latent
+        mixture starts below the map's accuracy (measured on MNIST: 0.959 in the
+        map, 0.905 after the M-step, 0.928 after 5 epochs of this). No labels are
+        used: the targets are the map's own clusters. Returns ``{"align_seconds",
+        "align_cross_entropy"}`` (mean cross-entropy of the last epoch).
+        """
+        if not (isinstance(epochs, int) and epochs >= 0):
+            raise UsageError(f"align epochs must be a non-negative integer, got {epochs!r}")
+        if not weight >= 0:
+            raise UsageError(f"align weight must be non-negative, got {weight!r}")
+        t0 = time.perf_counter()
+        r = torch.as_tensor(r).to(device=x.device, dtype=x.dtype)
+        if r.shape != (x.shape[0], self.n_clusters):
+            raise UsageError(f"need responsibilities ({x.shape[0]}, {self.n_clusters}), got {tuple(r.shape)}")
+        opt = torch.optim.Adam(self.parameters(), lr=lr)
+        gen = torch.Generator().manual_seed(seed)
+        ce_sum = float("nan")
+        self.train()
+        epochs_iter = range(epochs)
+        if progress:
+            from tqdm.auto import tqdm
+
+            epochs_iter = tqdm(epochs_iter, desc="align codes to the map's clusters", unit="epoch")
+        for _ in epochs_iter:
+            ce_sum = 0.0
+            for b in torch.randperm(x.shape[0], generator=gen).to(x.device).split(batch_size):
+                loc, _ = self.encoder_head(self.encoder_body(x[b]))
+                rec = -self.decode(loc).log_prob(x[b]).sum()
+                ce = -(r[b] * self.log_responsibilities_z(loc)).sum()
+                loss = (rec + weight * ce) / len(b)
+                if not torch.isfinite(loss):
+                    from inference.errors import NonFiniteLossError
+
+                    raise NonFiniteLossError("non-finite loss while aligning VaDE's codes to the map's clusters")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                ce_sum += float(ce.detach())
+            ce_sum /= x.shape[0]
+        self.eval()
+        return {"align_seconds": time.perf_counter() - t0, "align_cross_entropy": ce_sum}
 
     def initialise(
         self, x, *, pretrain_epochs=50, batch_size=256, lr=1e-3, dropout=0.0, weight_decay=0.0, restarts=5, seed=0,
         progress=False, candidates=1, select_epochs=10, select_lr=2e-3, select_particles=10, init="gmm",
-        embed="codes", embed_points=10000, perplexity=30.0,
+        embed="codes", embed_points=10000, perplexity=30.0, align_epochs=0, align_weight=100.0,
     ):
         """:meth:`pretrain` then :meth:`init_mixture` (``init``, ``embed``, ``embed_points``, ``perplexity`` are
-        its ``method``, ``embed``, ...); returns their merged records. Bad arguments are refused before any
-        training.
+        its ``method``, ``embed``, ...), then, for ``init="tsne"`` with ``align_epochs`` > 0, :meth:`align` on the
+        embedded points and their map clusters (``align_weight``, learning rate ``lr``); returns the merged
+        records. Bad arguments are refused before any training.
 
         With ``candidates`` R > 1 the initialisation is chosen by the bound, with
         no labels: R candidates are built (candidate 0 exactly as with R = 1;
@@ -436,6 +492,9 @@ class VaDE(VAE):
         if not (isinstance(candidates, int) and candidates >= 1):
             raise UsageError(f"candidates must be a positive integer, got {candidates!r}")
         _check_init(init, embed, embed_points, perplexity, self.n_clusters)
+        if not (isinstance(align_epochs, int) and align_epochs >= 0) or not align_weight >= 0:
+            raise UsageError(f"align_epochs must be a non-negative integer and align_weight non-negative, "
+                             f"got {align_epochs!r}, {align_weight!r}")
 
         def build(r):
             cand_seed = seed if r == 0 else 1_000_003 * (seed + 1) + r
@@ -452,6 +511,14 @@ class VaDE(VAE):
             )
             out.update(self.init_mixture(x, restarts=restarts, seed=cand_seed, method=init, embed=embed,
                                          embed_points=embed_points, perplexity=perplexity))
+            if init == "tsne" and align_epochs:
+                from inference import batching
+
+                idx, resp = self.map_clusters
+                xf = batching.fixed_view(x)
+                out.update(self.align(xf[idx.to(xf.device)], resp, epochs=align_epochs,
+                                      weight=align_weight, lr=lr, batch_size=batch_size, seed=cand_seed,
+                                      progress=progress))
             return out
 
         if candidates == 1:

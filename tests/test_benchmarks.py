@@ -75,7 +75,8 @@ def test_clustering(tmp_path):
             "--latent-dim", "4", "--likelihood", "normal:0.3", "--clusters", "10", "--pixel-reg", "0.01",
             "--fit-on", "all", "--methods", "vade,kmeans-pixels,gmm-pixels,vae-gmm,tsne-gmm-pixels", "--device", "cpu",
             "--threads", "1", "--machine", "test", "--name", "tiny", "--init", "tsne", "--embed", "codes",
-            "--embed-points", "200", "--perplexity", "20", "--out", str(tmp_path)]
+            "--embed-points", "200", "--perplexity", "20", "--align-epochs", "1", "--align-weight", "50",
+            "--out", str(tmp_path)]
     clustering.main(argv)
     record = _record(tmp_path)
     rows = record["results"]
@@ -83,6 +84,7 @@ def test_clustering(tmp_path):
         (m, s) for m in ("vade", "kmeans-pixels", "gmm-pixels", "vae-gmm", "tsne-gmm-pixels") for s in (0, 1)}
     # VaDE's t-SNE initialisation embedded the requested subset of the 300 points
     assert {d.get("embed_points") for d in record["details"] if d["method"] == "vade"} == {200}
+    assert all(d["align_cross_entropy"] >= 0 for d in record["details"] if d["method"] == "vade")
     for row in rows:
         assert {"method", "dataset", "seed", "acc", "nmi", "ari", "seconds"} <= set(row)
         assert 0 <= row["acc"] <= 1 and 0 <= row["nmi"] <= 1

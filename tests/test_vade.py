@@ -195,6 +195,24 @@ def test_separated_clusters_are_found(device, init, embed):
     assert torch.equal(again.cluster(x), m.cluster(x))
 
 
+def test_align_pulls_the_codes_to_the_target_clusters():
+    """align minimises the cross-entropy from the targets to p(c | mu_phi(x)): it drops, and the argmax follows."""
+    x, y = _blobs(100, 4, 10, seed=3)
+    torch.manual_seed(0)
+    m = VaDE(10, n_clusters=4, latent_dim=3, hidden=(32,), likelihood="normal:0.3")
+    m.pretrain(x, epochs=5, batch_size=64, seed=0)
+    # start from a mixture fitted to random responsibilities: every component sits on the pooled codes
+    m.set_mixture_from_responsibilities(m.latent_means(x), torch.rand(len(x), 4, generator=torch.Generator().manual_seed(1)))
+    before = cluster_accuracy(y, m.cluster(x))
+    r = torch.nn.functional.one_hot(y, 4).float()  # the targets: the blobs
+    first = m.align(x, r, epochs=1, weight=100.0, lr=1e-3, batch_size=64, seed=0)["align_cross_entropy"]
+    last = m.align(x, r, epochs=20, weight=100.0, lr=1e-3, batch_size=64, seed=0)["align_cross_entropy"]
+    assert last < 0.1 * first  # from about chance (log 4 = 1.39) to near 0
+    assert before < 0.7 and cluster_accuracy(y, m.cluster(x)) == 1.0
+    with pytest.raises(UsageError, match="responsibilities"):
+        m.align(x, r[:10], epochs=1)
+
+
 def test_pplm_train_vade_writes_clustering_outputs(tmp_path):
     import json
 
@@ -207,7 +225,7 @@ def test_pplm_train_vade_writes_clustering_outputs(tmp_path):
     argv = ["train", "vade", "--clusters", "10", "--out", str(out), "--epochs", "2", "--pretrain-epochs", "3",
             "--hidden", "32", "--latent-dim", "4", "--particles", "10", "--quiet", "--device", "cpu",
             "--gmm-restarts", "2", "--pretrain-dropout", "0.1", "--init", "tsne", "--embed", "inputs",
-            "--embed-points", "300", "--perplexity", "20",
+            "--embed-points", "300", "--perplexity", "20", "--align-epochs", "1", "--align-weight", "10",
             "--init-candidates", "2", "--select-epochs", "1", "--pretrain-lr", "2e-3", "--min-scale", "0.01"]
     assert main(argv) == 0
     for name in ("cluster_samples.png", "latent_pca.png", "loss.png"):
@@ -226,6 +244,8 @@ def test_pplm_train_vade_writes_clustering_outputs(tmp_path):
     assert main(["train", "vade", "--out", str(tmp_path / "no"), "--pretrain-epochs", "0", "--quiet"]) == 2
     assert main(["train", "vade", "--out", str(tmp_path / "no"), "--pretrain-dropout", "1", "--quiet"]) == 2
     assert main(["train", "vade", "--out", str(tmp_path / "no"), "--embed-points", "10", "--quiet"]) == 2
+    assert main(["train", "vade", "--out", str(tmp_path / "no"), "--init", "gmm", "--align-epochs", "2", "--quiet"]) == 2
+    assert main(["train", "vade", "--out", str(tmp_path / "no"), "--align-weight", "-1", "--quiet"]) == 2
     assert not (tmp_path / "no").exists()
 
 

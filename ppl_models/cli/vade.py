@@ -68,6 +68,9 @@ class VaDECommand(ModelCommand):
         p.add_argument("--embed-points", type=positive_int, default=10000,
                        help="points embedded by t-SNE (a seeded random subset beyond that)")
         p.add_argument("--perplexity", type=positive_float, default=30.0, help="t-SNE perplexity")
+        p.add_argument("--align-epochs", type=non_negative_int, default=0,
+                       help="epochs pulling the codes towards the t-SNE map's clusters before SVI (VaDE.align)")
+        p.add_argument("--align-weight", type=float, default=100.0, help="weight of the cross-entropy in the alignment")
         p.add_argument("--gmm-restarts", type=positive_int, default=5, help="EM restarts of the initial GMM")
         p.add_argument("--init-candidates", type=positive_int, default=1,
                        help="initialisations tried; the highest training ELBO after --select-epochs of SVI is kept")
@@ -78,6 +81,10 @@ class VaDECommand(ModelCommand):
             raise UsageError(f"--pretrain-dropout must lie in [0, 1), got {args.pretrain_dropout}")
         if args.init == "tsne" and args.embed_points <= args.clusters:
             raise UsageError(f"--embed-points {args.embed_points} must exceed --clusters {args.clusters}")
+        if args.align_weight < 0:
+            raise UsageError(f"--align-weight must be non-negative, got {args.align_weight}")
+        if args.align_epochs and args.init != "tsne":
+            raise UsageError("--align-epochs aligns to the t-SNE map's clusters: it needs --init tsne")
         if args.pretrain_epochs == 0:
             raise UsageError("--pretrain-epochs 0 leaves the mixture fitted to random codes; VaDE needs pretraining")
 
@@ -118,6 +125,8 @@ class VaDECommand(ModelCommand):
             embed=args.embed,
             embed_points=args.embed_points,
             perplexity=args.perplexity,
+            align_epochs=args.align_epochs,
+            align_weight=args.align_weight,
             progress=not getattr(args, "quiet", False),
         )
         if train.y is not None:
