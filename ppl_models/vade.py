@@ -294,12 +294,7 @@ class VaDE(VAE):
         torch.manual_seed(seed)
         last = float("nan")
         self.train()
-        epochs_iter = range(epochs)
-        if progress:
-            from tqdm.auto import tqdm
-
-            epochs_iter = tqdm(epochs_iter, desc="pretrain autoencoder", unit="epoch")
-        for _ in epochs_iter:
+        for _ in _epochs(epochs, progress, "pretrain autoencoder"):
             data = batching.epoch_view(x)
             perm = torch.randperm(n, generator=gen).to(data.device)
             total = 0.0
@@ -439,12 +434,7 @@ class VaDE(VAE):
         gen = torch.Generator().manual_seed(seed)
         ce_sum = float("nan")
         self.train()
-        epochs_iter = range(epochs)
-        if progress:
-            from tqdm.auto import tqdm
-
-            epochs_iter = tqdm(epochs_iter, desc="align codes to the map's clusters", unit="epoch")
-        for _ in epochs_iter:
+        for _ in _epochs(epochs, progress, "align codes to the map's clusters"):
             ce_sum = 0.0
             for b in torch.randperm(x.shape[0], generator=gen).to(x.device).split(batch_size):
                 loc, _ = self.encoder_head(self.encoder_body(x[b]))
@@ -552,6 +542,15 @@ class VaDE(VAE):
         info = dict(records[selected])
         info.update(candidate_elbos=elbos, selected=selected, select_seconds=time.perf_counter() - t0)
         return info
+
+
+def _epochs(epochs, progress, desc):
+    """range(epochs), under a tqdm bar named ``desc`` when ``progress``."""
+    if not progress:
+        return range(epochs)
+    from tqdm.auto import tqdm
+
+    return tqdm(range(epochs), desc=desc, unit="epoch")
 
 
 def _softplus_inverse_tensor(y):
