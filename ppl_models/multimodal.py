@@ -85,7 +85,11 @@ class MultimodalVAE(nn.Module):
     :param subset_weights: ``"uniform"`` or ``"learned"`` (subset objective only).
     :param subset_entropy: weight of the entropy term for learned subset weights.
     :param beta: weight of the KL terms.
-    :param private_dim: size of each image modality's private latent w_m (0: none).
+    :param private_dim: size of each image modality's private latent w_m (0: none). Beware the shortcut
+        that MMVAE+ (Palumbo et al. 2023) was built against: a decoder can read the digit from its own w_m and
+        ignore z. Measured on the PolyMNIST-like set (3 views, MoPoE, joint objective, 5 epochs, 60,000 tuples):
+        with 8 private dimensions cross-modal coherence given one view fell to 0.20 (probe accuracy of z
+        stayed 0.975), against 0.82 without them.
     :param arch: ``"mlp"`` or ``"conv"`` for image modalities with an image_shape.
     """
 
