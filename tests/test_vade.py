@@ -149,7 +149,7 @@ def test_mixture_from_responsibilities_is_the_m_step():
         assert float(m.mixture_weights[c].detach()) == pytest.approx(len(zc) / 100, rel=1e-5)
         torch.testing.assert_close(m.mixture_locs[c].double(), zc.mean(0), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(m.mixture_scales[c].double(), zc.var(0, unbiased=False).sqrt(), rtol=1e-5, atol=1e-5)
-    assert ll == pytest.approx(float(m.prior().log_prob(z.float()).mean()), rel=1e-6)
+    assert ll == pytest.approx(float(m.prior().log_prob(z.float()).mean().detach()), rel=1e-6)
     # soft responsibilities: the weighted moments, against numpy's weighted average
     import numpy as np
 
