@@ -52,8 +52,8 @@ METHODS = ("vade", "vae-gmm", "kmeans-pixels", "gmm-pixels", "tsne-gmm-pixels")
 DEFAULTS = {
     "digits": dict(hidden=[256, 256], latent_dim=10, epochs=150, pretrain_epochs=50, batch_size=64, lr=2e-3,
                    likelihood="normal:0.3", init="tsne", embed="inputs", align_epochs=0, methods=",".join(METHODS)),
-    "mnist": dict(hidden=[500, 500, 2000], latent_dim=10, epochs=100, pretrain_epochs=20, batch_size=256, lr=2e-3,
-                  likelihood="normal:0.3", init="tsne", embed="codes", align_epochs=5,
+    "mnist": dict(hidden=[500, 500, 2000], latent_dim=10, epochs=5, pretrain_epochs=20, batch_size=256, lr=5e-4,
+                  likelihood="normal:0.3", init="tsne", embed="codes", align_epochs=3,
                   methods="vade,vae-gmm,kmeans-pixels,gmm-pixels"),
 }
 

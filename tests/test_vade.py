@@ -174,15 +174,23 @@ def _blobs(n_per, k, dim, seed):
     return x[perm], y[perm]
 
 
-@pytest.mark.parametrize("init,embed", [("gmm", "codes"), ("tsne", "codes"), ("tsne", "inputs")])
-def test_separated_clusters_are_found(device, init, embed):
+@pytest.mark.parametrize("init,embed,points", [("gmm", "codes", 0), ("tsne", "codes", 10000), ("tsne", "inputs", 10000),
+                                               ("tsne", "codes", 200)])
+def test_separated_clusters_are_found(device, init, embed, points):
     k, dim = 4, 12
     x, y = _blobs(150, k, dim, seed=0)
     x, y = x.to(device), y.to(device)
     torch.manual_seed(0)
     m = VaDE(dim, n_clusters=k, latent_dim=2, hidden=(32,), likelihood="normal:0.3").to(device)
-    info = m.initialise(x, pretrain_epochs=10, batch_size=64, restarts=3, seed=0, init=init, embed=embed)
+    info = m.initialise(x, pretrain_epochs=10, batch_size=64, restarts=3, seed=0, init=init, embed=embed,
+                        embed_points=points or 10000, align_epochs=2 if init == "tsne" else 0)
     assert info["init"] == init and math.isfinite(info["gmm_log_likelihood"])
+    if init == "tsne":
+        # a map of 200 of the 600 points: the other 400 get their clusters by the nearest-codes vote
+        idx, r = m.map_clusters
+        assert info["embed_points"] == min(points, 600) and len(idx) == 600 and r.shape == (600, k)
+        torch.testing.assert_close(r.sum(-1), torch.ones(600, device=r.device, dtype=r.dtype))
+        assert cluster_accuracy(y, r.argmax(-1)) >= 0.95
     fit(m, x, epochs=10, batch_size=64, lr=2e-3, device=device, seed=0, progress=False)
     # the target for well-separated clusters
     assert cluster_accuracy(y, m.cluster(x)) >= 0.95
