@@ -431,9 +431,12 @@ class VaDE(VAE):
         use for q(c | x). One M-step (:meth:`set_mixture_from_responsibilities`)
         puts a diagonal Gaussian on each cluster of codes, but clusters found in a
         t-SNE map are not diagonal Gaussians in the code space, so the latent
-        mixture starts below the map's accuracy (measured on MNIST: 0.959 in the
-        map, 0.905 after the M-step, 0.928 after 5 epochs of this). No labels are
-        used: the targets are the map's own clusters. Returns ``{"align_seconds",
+        mixture starts below the map's accuracy. Measured on MNIST (70,000 images,
+        one seed): 0.956 for the map's clusters voted to every point, 0.905 after
+        the M-step, 0.957 after 3 epochs of this; SVI on the ELBO then gives some
+        of it back (0.951, 0.944, 0.940 after 2, 4, 6 epochs at lr 5e-4), since
+        the bound does not reward class-shaped clusters. No labels are used: the
+        targets are the map's own clusters. Returns ``{"align_seconds",
         "align_cross_entropy"}`` (mean cross-entropy of the last epoch).
         """
         if not (isinstance(epochs, int) and epochs >= 0):
