@@ -343,12 +343,19 @@ class VaDE(VAE):
         mean, second = z.mean(0), (z**2).mean(0)
         locs = (r.T @ z + eps * mean) / nk[:, None]
         var = ((r.T @ z**2 + eps * second) / nk[:, None] - locs**2).clamp_min(0)
+        self._set_mixture((nk / nk.sum()).log(), locs, var)
+        return float(self.prior().log_prob(z.to(self.mixture_locs)).mean())
+
+    def _set_mixture(self, log_weights, locs, variances):
+        """Copy log pi, mu_c and sigma_c^2 into the parameters (sigma_c floored just above ``min_scale``).
+
+        The floor is applied in the dtype given, then everything is cast to the parameters' dtype and device.
+        """
         ref = self.mixture_locs
-        scales = var.sqrt().clamp_min(self.min_scale * 1.01).to(ref)
-        self.mixture_logits.copy_((nk / nk.sum()).log().to(ref))
+        scales = variances.sqrt().clamp_min(self.min_scale * 1.01).to(ref)
+        self.mixture_logits.copy_(log_weights.to(ref))
         self.mixture_locs.copy_(locs.to(ref))
         self.mixture_raw_scales.copy_(_softplus_inverse_tensor(scales - self.min_scale))
-        return float(self.prior().log_prob(z.to(ref)).mean())
 
     @torch.no_grad()
     def init_mixture(self, x, *, restarts=5, seed=0, method="gmm", embed="codes", embed_points=10000, perplexity=30.0):
@@ -374,8 +381,8 @@ class VaDE(VAE):
 
         Returns ``{"init", "gmm_log_likelihood" (mean per code under the set
         mixture), "gmm_seconds"}`` plus, for t-SNE, ``embed``, ``embed_points`` and
-        ``embed_seconds``; t-SNE also leaves ``self.map_clusters = (index, r)``, the
-        rows of x and their responsibilities (all rows when some were voted in), for :meth:`align`.
+        ``embed_seconds``; t-SNE also leaves ``self.map_responsibilities``, the (N, K)
+        responsibilities of every row of x (mapped or voted in), for :meth:`align`.
         """
         from inference import batching
 
@@ -386,40 +393,36 @@ class VaDE(VAE):
         if method == "gmm":
             gmm = fit_diag_gmm(codes, self.n_clusters, restarts=restarts, seed=seed)
             ref = self.mixture_locs
-            weights = torch.as_tensor(gmm.weights_, dtype=ref.dtype, device=ref.device)
-            variances = torch.as_tensor(gmm.covariances_, dtype=ref.dtype, device=ref.device)
-            scales = variances.sqrt().clamp_min(self.min_scale * 1.01)
-            self.mixture_logits.copy_(weights.clamp_min(1e-12).log())
-            self.mixture_locs.copy_(torch.as_tensor(gmm.means_, dtype=ref.dtype, device=ref.device))
-            self.mixture_raw_scales.copy_(_softplus_inverse_tensor(scales - self.min_scale))
+            as_ref = lambda a: torch.as_tensor(a, dtype=ref.dtype, device=ref.device)  # noqa: E731
+            self._set_mixture(as_ref(gmm.weights_).clamp_min(1e-12).log(), as_ref(gmm.means_), as_ref(gmm.covariances_))
             return {"init": "gmm", "gmm_log_likelihood": float(gmm.score(codes.cpu().double().numpy())),
                     "gmm_seconds": time.perf_counter() - t0}
         n = codes.shape[0]
         idx = torch.arange(n)
         if n > embed_points:
             idx = torch.as_tensor(np.sort(np.random.default_rng(seed).choice(n, embed_points, replace=False)))
-        points = codes[idx.to(codes.device)] if embed == "codes" else xf[idx.to(xf.device)].reshape(len(idx), -1)
-        if len(idx) <= max(perplexity, self.n_clusters):
+        embedded = len(idx)
+        sub_codes = codes[idx.to(codes.device)]
+        points = sub_codes if embed == "codes" else xf[idx.to(xf.device)].reshape(embedded, -1)
+        if embedded <= max(perplexity, self.n_clusters):
             raise UsageError(f"t-SNE with perplexity {perplexity} and {self.n_clusters} clusters needs more than "
-                             f"{max(perplexity, self.n_clusters):g} points, got {len(idx)}")
+                             f"{max(perplexity, self.n_clusters):g} points, got {embedded}")
         emb = tsne_map(points, perplexity=perplexity, seed=seed)
         t1 = time.perf_counter()
         from sklearn.mixture import GaussianMixture
 
         gmm = GaussianMixture(self.n_clusters, covariance_type="full", n_init=restarts, random_state=seed).fit(emb)
-        resp, embedded = gmm.predict_proba(emb), len(idx)
+        resp = gmm.predict_proba(emb)
         if embedded < n:  # out-of-sample: the map's clusters carried to every point by its 10 nearest embedded codes
             from sklearn.neighbors import KNeighborsClassifier
 
-            sub = codes[idx.to(codes.device)].cpu().double().numpy()
-            knn = KNeighborsClassifier(min(10, len(idx))).fit(sub, resp.argmax(1))
+            knn = KNeighborsClassifier(min(10, embedded)).fit(sub_codes.cpu().double().numpy(), resp.argmax(1))
             proba = knn.predict_proba(codes.cpu().double().numpy())
             resp = np.zeros((n, self.n_clusters))
             resp[:, knn.classes_] = proba
-            idx = torch.arange(n)
         resp = torch.as_tensor(resp, dtype=codes.dtype, device=codes.device)
         ll = self.set_mixture_from_responsibilities(codes, resp)
-        self.map_clusters = (idx, resp)  # for :meth:`align`; not part of the state dict
+        self.map_responsibilities = resp  # every row of x, for :meth:`align`; not part of the state dict
         return {"init": "tsne", "embed": embed, "embed_points": int(embedded), "embed_seconds": t1 - t0,
                 "gmm_log_likelihood": ll, "gmm_seconds": time.perf_counter() - t1}
 
@@ -479,8 +482,8 @@ class VaDE(VAE):
         embed="codes", embed_points=10000, perplexity=30.0, align_epochs=0, align_weight=100.0,
     ):
         """:meth:`pretrain` then :meth:`init_mixture` (``init``, ``embed``, ``embed_points``, ``perplexity`` are
-        its ``method``, ``embed``, ...), then, for ``init="tsne"`` with ``align_epochs`` > 0, :meth:`align` on the
-        embedded points and their map clusters (``align_weight``, learning rate ``lr``); returns the merged
+        its ``method``, ``embed``, ...), then, for ``init="tsne"`` with ``align_epochs`` > 0, :meth:`align` on every
+        point and its map cluster (``align_weight``, learning rate ``lr``); returns the merged
         records. Bad arguments are refused before any training.
 
         With ``candidates`` R > 1 the initialisation is chosen by the bound, with
@@ -524,9 +527,7 @@ class VaDE(VAE):
             if init == "tsne" and align_epochs:
                 from inference import batching
 
-                idx, resp = self.map_clusters
-                xf = batching.fixed_view(x)
-                out.update(self.align(xf[idx.to(xf.device)], resp, epochs=align_epochs,
+                out.update(self.align(batching.fixed_view(x), self.map_responsibilities, epochs=align_epochs,
                                       weight=align_weight, lr=lr, batch_size=batch_size, seed=cand_seed,
                                       progress=progress))
             return out
