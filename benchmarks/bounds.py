@@ -109,7 +109,7 @@ def run_vae(spec, train, test, args, device):
     vae = VAE(train.dim, latent_dim=args.latent_dim, hidden=args.hidden, likelihood="bernoulli",
               activation=args.activation)
     result = fit(vae, train, elbo=spec, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=device,
-                 seed=args.seed, test=test, progress=False, validate=False)
+                 seed=args.seed, validation=test, progress=False, validate=False)
     snr_batch = test.data[: args.batch_size].to(device)
     pyro.set_rng_seed(args.seed)
     with pyro.validation_enabled(False):
@@ -240,7 +240,7 @@ def plot_curves(results, path):
     for r in results:
         epochs = [h["epoch"] for h in r["history"]]
         axes[0].plot(epochs, [h["train_loss"] for h in r["history"]], label=r["elbo"])
-        axes[1].plot(epochs, [h["test_elbo"] for h in r["history"]], label=r["elbo"])
+        axes[1].plot(epochs, [h["val_elbo"] for h in r["history"]], label=r["elbo"])
     axes[0].set_ylabel("training loss (-objective per point)")
     axes[1].set_ylabel("test ELBO (1 particle per point)")
     for ax in axes:

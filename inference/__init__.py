@@ -7,10 +7,19 @@ from .elbo import ELBO_SPECS, make_elbo
 from .errors import CheckpointError, NonFiniteLossError, UsageError
 from .evaluate import Evaluation, evaluate, trace_log_weights
 from .psis import khat_summary, psis_diagnostics, psis_khat
-from .train import FitResult, fit, resolve_device
+from .callbacks import Callback, Checkpoint, EarlyStopping, TensorBoard
+from .loss import StepLoss, make_step_loss
+from .train import FitResult, Trainer, fit, resolve_device
 
 __all__ = [
     "ELBO_SPECS",
+    "Callback",
+    "Checkpoint",
+    "EarlyStopping",
+    "StepLoss",
+    "TensorBoard",
+    "Trainer",
+    "make_step_loss",
     "CheckpointError",
     "Evaluation",
     "FitResult",

@@ -3,7 +3,8 @@
 A *data* object is a tensor whose first dimension indexes datapoints, a mapping
 of names to such tensors (multimodal data: every value shares the first
 dimension), or an object with ``.data`` (a fixed view, used for evaluation) and
-``.epoch()`` (a fresh view per training epoch, e.g. dynamic binarisation) such as
+``.epoch()`` (a fresh view per training epoch, e.g. dynamic binarisation) and
+``.rows(index)`` (the same kind of object for a subset of the datapoints), such as
 :class:`ppl_models.data.DataSplit`. Batches are formed by indexing device tensors
 with device index tensors, so the hot path makes no host-to-device copies.
 """
@@ -40,6 +41,18 @@ def take(data, index):
     if isinstance(data, Mapping):
         return {k: (None if v is None else v[index]) for k, v in data.items()}
     return data[index]
+
+
+def subset(data, index):
+    """The datapoints ``index`` (an index tensor) of ``data``, as data of the same kind.
+
+    Data objects (with ``.epoch()``) provide ``rows(index)``; tensors and mappings are indexed.
+    """
+    if hasattr(data, "rows"):
+        return data.rows(index)
+    if hasattr(data, "epoch"):
+        raise UsageError(f"{type(data).__name__} cannot be split: give it a rows(index) method")
+    return take(data, index)
 
 
 def to_device(data, device):

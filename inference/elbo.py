@@ -156,18 +156,13 @@ def _int(text, what, spec):
     return value
 
 
-def make_elbo(spec, *, max_plate_nesting=None, jit=False):
+def make_elbo(spec, *, max_plate_nesting=None):
     """Build a Pyro ELBO from a spec string such as ``"trace"``, ``"iwae:50"`` or ``"renyi:0.5:5"``.
 
     ``max_plate_nesting`` is passed to the ELBO when given (enumeration and
     vectorised particles need it; Pyro guesses it by running the model otherwise).
-    ``jit=True`` returns the loss compiled by ``torch.jit.trace`` as a
-    :class:`inference.fast_elbo.FastELBO` for trace, meanfield, iwae and renyi
-    (the same loss and gradients, checked against the eager path on first use).
-    Pyro's own ``JitTrace_ELBO`` family is not used: it only passes
-    ``pyro.param`` tensors into the graph, so the parameters of a plain
-    ``nn.Module`` (every model here) make its trace fail. enum and tracegraph
-    have no compiled path: with ``jit=True`` they warn and stay eager.
+    The loss a training step runs (without host syncs, optionally compiled) is
+    built from this object by :func:`inference.loss.make_step_loss`.
     Raises :class:`~inference.errors.UsageError` (a ``ValueError``) listing the valid specs.
     """
     if not isinstance(spec, str):
@@ -185,10 +180,10 @@ def make_elbo(spec, *, max_plate_nesting=None, jit=False):
         cls = simple[name]
         if name == "enum" and "max_plate_nesting" not in kwargs:
             raise UsageError("ELBO spec 'enum' needs max_plate_nesting (the model's number of plates)")
-        return _compiled(cls(num_particles=k, vectorize_particles=k > 1, **kwargs), jit, spec)
+        return cls(num_particles=k, vectorize_particles=k > 1, **kwargs)
     if name == "iwae" and len(rest) == 1:
         k = _int(rest[0], "the number of particles", spec)
-        return _compiled(DifferentiableRenyiELBO(alpha=0.0, num_particles=k, vectorize_particles=True, **kwargs), jit, spec)
+        return DifferentiableRenyiELBO(alpha=0.0, num_particles=k, vectorize_particles=True, **kwargs)
     if name == "renyi" and len(rest) == 2:
         try:
             alpha = float(rest[0])
@@ -204,19 +199,8 @@ def make_elbo(spec, *, max_plate_nesting=None, jit=False):
                 stacklevel=2,
             )
         k = _int(rest[1], "the number of particles", spec)
-        return _compiled(DifferentiableRenyiELBO(alpha=alpha, num_particles=k, vectorize_particles=True, **kwargs), jit, spec)
+        return DifferentiableRenyiELBO(alpha=alpha, num_particles=k, vectorize_particles=True, **kwargs)
     raise UsageError(f"unknown ELBO spec {spec!r}; valid specs: {', '.join(ELBO_SPECS)}")
-
-
-def _compiled(elbo, jit, spec):
-    if not jit:
-        return elbo
-    from .fast_elbo import FastELBO, supports
-
-    if not supports(elbo):
-        warnings.warn(f"ELBO spec {spec!r} has no compiled path; jit=True is ignored and the eager ELBO is used")
-        return elbo
-    return FastELBO(elbo, jit=True)
 
 
 def particles_of(elbo):

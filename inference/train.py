@@ -1,24 +1,32 @@
-"""One training loop for every model/guide pair."""
+"""One training engine for every model/guide pair: a :class:`Trainer` (state and step), a short epoch loop, callbacks.
+
+The shape follows NumPyro's SVI: :class:`Trainer` is built once (every check
+on the data, the pair and the objective runs here, and the objective runs once
+to find the parameters), :meth:`Trainer.run` is a short loop over epochs of
+:meth:`Trainer.step`, and everything optional (progress bar, validation-based
+early stopping, checkpoints and resume, TensorBoard, the user's own hooks) is a
+callback (:mod:`inference.callbacks`). :func:`fit` is the one-call convenience.
+"""
 
 import math
-import sys
-from contextlib import nullcontext
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyro
 import pyro.poutine as poutine
 import torch
-from tqdm.auto import tqdm
 
 from . import batching
-from .checkpoint import FILENAME, get_rng_state, load_checkpoint, model_name, save_checkpoint, set_rng_state
-from .elbo import make_elbo
+from .callbacks import Checkpoint, EarlyStopping, ProgressBar, TensorBoard, as_callback, snapshot
+from .checkpoint import get_rng_state, model_name, set_rng_state
 from .errors import NonFiniteLossError, UsageError
-from .fast_elbo import FastELBO, supports
+from .evaluate import evaluate
+from .loss import make_step_loss
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+SCHEDULER_INTERVALS = ("epoch", "step")
 
 
 def resolve_device(device="auto"):
@@ -44,33 +52,39 @@ def _positive(name, value, kind=float):
 
 @dataclass
 class FitResult:
-    """What :func:`fit` returns.
+    """What :func:`fit` (and :meth:`Trainer.run`) returns.
 
     ``history`` has one dict per epoch: ``epoch``, ``train_loss`` (the negative
-    training objective per datapoint, averaged over the epoch's steps),
-    ``test_elbo`` (per datapoint, one particle per point, when test data is
-    given), ``seconds`` (training time of the epoch) and ``eval_seconds``.
+    training objective per datapoint, averaged over the epoch's steps), ``lr``
+    (the learning rate the epoch started with), ``seconds`` (training time of
+    the epoch) and, with validation data, ``val_elbo`` (per datapoint, one
+    particle per point) and ``eval_seconds``. ``best_epoch`` is the epoch whose
+    parameters early stopping restored (None without early stopping);
+    ``stopped_early`` says whether it ended training before ``epochs``. ``elbo``
+    is the objective (a Pyro ELBO object), ``loss`` what each step ran
+    (:func:`inference.loss.make_step_loss`).
     """
 
     history: list = field(default_factory=list)
     checkpoint: Path = None
     device: torch.device = None
     elbo: object = None
+    loss: object = None
     train_seconds: float = 0.0
+    best_epoch: int = None
+    stopped_early: bool = False
 
 
-def collect_params(module, elbo, batch):
+def collect_params(module, objective, batch):
     """The tensors to optimise: ``module.parameters()`` plus any ``pyro.param`` the pair touches.
 
     Parameters kept in Pyro's param store (``pyro.param``) are created lazily, so
     they are found by running the objective once under a param-only trace.
     """
     with poutine.trace(param_only=True) as capture:
-        elbo.differentiable_loss(module.model, module.guide, batch)
+        objective.differentiable_loss(module.model, module.guide, batch)
     params, seen = [], set()
-    for p in list(module.parameters()) + [
-        site["value"].unconstrained() for site in capture.trace.nodes.values()
-    ]:
+    for p in list(module.parameters()) + [site["value"].unconstrained() for site in capture.trace.nodes.values()]:
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
             params.append(p)
@@ -79,171 +93,292 @@ def collect_params(module, elbo, batch):
     return params
 
 
-def fit(
-    module,
-    train,
-    *,
-    elbo="trace",
-    epochs,
-    batch_size,
-    lr,
-    device="auto",
-    seed=0,
-    test=None,
-    checkpoint_dir=None,
-    resume=False,
-    progress=True,
-    optimizer="adam",
-    clip_norm=None,
-    drop_last=False,
-    validate=None,
-    jit=False,
-    sync_every=None,
-    callback=None,
-):
-    """Train ``module`` (anything with ``model(batch)`` and ``guide(batch)``) by SVI.
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
-    Each step draws a minibatch B, computes the differentiable loss
-    ``-ELBO(B) / |B|`` of the chosen objective (a spec for :func:`make_elbo` or a
-    Pyro ELBO object) and takes a step of a plain torch optimiser over the
-    module's parameters and any ``pyro.param`` it uses.
 
-    * ``train``/``test``: a tensor, a mapping of tensors, or a
-      :class:`ppl_models.data.DataSplit`; moved to ``device`` once.
-    * ``device="auto"`` uses CUDA when available.
-    * ``checkpoint_dir``: a checkpoint is written atomically after every epoch
-      (module, param store, optimiser, RNG states, history). With
-      ``resume=True`` training continues from it when it exists; on CPU with the
-      same seed the result equals an uninterrupted run exactly.
-    * A non-finite loss raises :class:`NonFiniteLossError` naming the epoch and
-      step; the checkpoint on disk is the last good one and is never replaced by
-      a non-finite state.
-    * The losses stay on the device and are read in one transfer every
-      ``sync_every`` steps (default: every step on CPU, where a read costs
-      nothing, every 50 on CUDA), so GPU steps do not wait on the host. The loss
-      of Trace_ELBO, TraceMeanField_ELBO and the IWAE/Renyi bounds is computed
-      by :class:`inference.fast_elbo.FastELBO`, the same loss as Pyro's without
-      its per-site ``.item()`` host reads.
-    * ``jit=True`` (with an ELBO spec) compiles the loss with ``torch.jit.trace``
-      (see :mod:`inference.fast_elbo`: checked against the eager loss and
-      gradients, eager fallback with a warning where it cannot be traced).
-      Each distinct batch shape gets its own graph, so the ragged last batch
-      costs one more trace; ``drop_last=True`` drops it so every step has the
-      same shape. The default keeps it.
-    * ``validate``: switch Pyro's validation on/off for the run (None leaves
-      it). Validation costs time on every eager step; with ``jit=True`` it runs
-      on the first step of each batch shape only.
-    * ``callback(record)`` is called after each epoch with its history record.
-    """
-    _positive("epochs", epochs, int)
-    _positive("batch_size", batch_size, int)
-    _positive("lr", lr)
-    dev = resolve_device(device)
-    spec = elbo if isinstance(elbo, str) else type(elbo).__name__
-    if isinstance(elbo, str):
-        elbo = make_elbo(elbo, max_plate_nesting=getattr(module, "max_plate_nesting", None), jit=jit)
-    if batching.length(train) == 0:
-        raise UsageError("the training data is empty")
-    batching.check_finite(train, "training data")
-    if test is not None:
-        batching.check_finite(test, "test data")
-    if hasattr(module, "check_data"):
-        module.check_data(batching.fixed_view(train))
-        if test is not None:
-            module.check_data(batching.fixed_view(test))
-    ckpt_path = Path(checkpoint_dir) / FILENAME if checkpoint_dir is not None else None
-    state = None
-    if resume and ckpt_path is not None and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, expect_model=model_name(module), map_location=dev)
-        for key, now in (("elbo", spec), ("batch_size", batch_size), ("seed", seed)):
-            if state["settings"].get(key) != now:
-                raise UsageError(
-                    f"cannot resume: the checkpoint was trained with {key}={state['settings'].get(key)!r}, not {now!r}"
-                )
-
-    module.to(dev)
-    train = batching.to_device(train, dev)
-    test = batching.to_device(test, dev) if test is not None else None
+def _validation_split(train, validation, seed):
+    """``(train, validation)``: a fraction is held out of ``train`` by a permutation seeded with ``seed``."""
+    if validation is None or not _is_number(validation):
+        return train, validation
+    if validation == 0:
+        return train, None
+    if not 0.0 < validation < 1.0:
+        raise UsageError(f"a validation fraction must lie in [0, 1), got {validation!r}")
     n = batching.length(train)
-    if hasattr(module, "num_data"):
-        module.num_data = n
-    if sync_every is None:
-        sync_every = 1 if dev.type == "cpu" else 50
+    held = int(round(validation * n))
+    if held < 1 or held >= n:
+        raise UsageError(f"a validation fraction of {validation} of {n} training points leaves no validation "
+                         "or no training data")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return batching.subset(train, order[held:].sort().values), batching.subset(train, order[:held].sort().values)
 
-    with pyro.validation_enabled(validate) if validate is not None else nullcontext():
-        pyro.set_rng_seed(seed)
-        if state is not None:
-            module.load_state_dict(state["module"])
-            pyro.get_param_store().set_state(state["param_store"])
-        module.train()
-        first = batching.take(batching.fixed_view(train), slice(0, min(batch_size, n)))
-        # parameters are found with the eager loss; the compiled one is built on the first step
-        capture_elbo = elbo.elbo if isinstance(elbo, FastELBO) else elbo
-        params = collect_params(module, capture_elbo, first)
-        step_elbo = FastELBO(elbo) if supports(elbo) else elbo
-        opt = OPTIMIZERS[optimizer](params, lr=lr) if isinstance(optimizer, str) else optimizer(params)
-        history, start = [], 1
-        if state is not None:
-            opt.load_state_dict(state["optimizer"])
-            set_rng_state(state["rng"])
-            history, start = list(state["history"]), state["epoch"] + 1
-        settings = {"elbo": spec, "batch_size": batch_size, "seed": seed, "lr": lr, "epochs": epochs}
-        steps_per_epoch = batching.num_batches(n, batch_size, drop_last=drop_last)
-        bar = tqdm(
-            total=(epochs - start + 1) * steps_per_epoch,
-            disable=not progress,
-            desc=f"fit {model_name(module)} [{spec}]",
-            unit="step",
-            file=sys.stderr,
-            dynamic_ncols=True,
+
+class Trainer:
+    """The state of one SVI run and its step; :meth:`run` is the epoch loop.
+
+    Built once per run, it checks everything before any step (positive sizes,
+    the device, non-empty finite data, the model's own ``check_data``, the
+    objective: an unknown spec or an invalid combination raises here), holds a
+    validation split out of the training data, moves the data to the device,
+    runs the objective once to find the parameters (``module.parameters()`` and
+    every ``pyro.param``), and builds the optimiser and LR scheduler.
+
+    :param module: the pair: an object with ``model(batch)`` and ``guide(batch)``
+        (an ``nn.Module``, whose parameters are optimised), optionally
+        ``max_plate_nesting``, ``num_data`` (set to the number of training
+        points) and ``check_data(batch)``.
+    :param train: a tensor (N, ...), a mapping of such tensors (modalities), or a
+        data object with ``.data`` (a fixed view), ``.epoch()`` (a fresh view per
+        epoch, e.g. dynamic binarisation) and ``.rows(index)``
+        (:class:`ppl_models.data.DataSplit`).
+    :param elbo: an ELBO spec (:func:`inference.make_elbo`) or a Pyro ELBO object.
+    :param batch_size: datapoints per step; ``drop_last`` drops the ragged last batch.
+    :param lr: learning rate.
+    :param optimizer: ``"adam"``, ``"adamw"``, ``"sgd"``, or ``f(params) -> torch.optim.Optimizer``.
+    :param scheduler: None or ``f(optimizer) -> torch.optim.lr_scheduler.LRScheduler``,
+        stepped after every epoch (``scheduler_interval="epoch"``) or step
+        (``"step"``); ``ReduceLROnPlateau`` is stepped with the negative
+        validation ELBO (or the training loss without validation data). Its
+        state is checkpointed, so resuming stays exact.
+    :param validation: None, data to monitor, or a fraction in (0, 1) of the
+        training points held out (a permutation seeded by ``seed``): the ELBO on
+        it (one particle per point) is recorded after every epoch as ``val_elbo``.
+    :param validate: switch Pyro's validation on/off for the run (None leaves it).
+    :param jit: compile the loss (:func:`inference.loss.make_step_loss`).
+    :param sync_every: steps between host reads of the losses (default 1 on CPU,
+        where a read costs nothing, 50 on CUDA); a non-finite loss is found at
+        the next read and stops the run with :class:`NonFiniteLossError`.
+    :raises inference.errors.UsageError: for any bad argument or data.
+    """
+
+    def __init__(
+        self,
+        module,
+        train,
+        *,
+        elbo="trace",
+        batch_size,
+        lr,
+        optimizer="adam",
+        scheduler=None,
+        scheduler_interval="epoch",
+        device="auto",
+        seed=0,
+        validation=None,
+        clip_norm=None,
+        drop_last=False,
+        validate=None,
+        jit=False,
+        sync_every=None,
+    ):
+        _positive("batch_size", batch_size, int)
+        _positive("lr", lr)
+        if scheduler_interval not in SCHEDULER_INTERVALS:
+            raise UsageError(f"scheduler_interval must be one of {SCHEDULER_INTERVALS}, got {scheduler_interval!r}")
+        if not (isinstance(optimizer, str) and optimizer in OPTIMIZERS) and not callable(optimizer):
+            raise UsageError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)} or a callable")
+        self.module, self.batch_size, self.lr, self.seed = module, batch_size, lr, seed
+        self.device = resolve_device(device)
+        self.spec = elbo if isinstance(elbo, str) else type(elbo).__name__
+        self.objective, self.loss = make_step_loss(
+            elbo, max_plate_nesting=getattr(module, "max_plate_nesting", None), jit=jit
         )
-        result = FitResult(history=history, checkpoint=ckpt_path, device=dev, elbo=elbo)
-        try:
-            for epoch in range(start, epochs + 1):
-                t0 = time.perf_counter()
-                record = _run_epoch(
-                    module, step_elbo, opt, params, train, epoch, batch_size, dev, drop_last, clip_norm, sync_every, bar,
-                    ckpt_path if ckpt_path is not None and ckpt_path.exists() else None,
-                )
-                record["seconds"] = time.perf_counter() - t0
-                t1 = time.perf_counter()
-                if test is not None:
-                    from .evaluate import evaluate
+        if batching.length(train) == 0:
+            raise UsageError("the training data is empty")
+        fraction = float(validation) if _is_number(validation) else None
+        train, validation = _validation_split(train, validation, seed)
+        for data, what in ((train, "training data"), (validation, "validation data")):
+            if data is not None:
+                batching.check_finite(data, what)
+                if hasattr(module, "check_data"):
+                    module.check_data(batching.fixed_view(data))
+        self.optimizer_spec, self.scheduler_spec, self.scheduler_interval = optimizer, scheduler, scheduler_interval
+        self.clip_norm, self.drop_last = clip_norm, drop_last
+        self.validate = validate
+        self.sync_every = sync_every or (1 if self.device.type == "cpu" else 50)
+        module.to(self.device)
+        self.train_data = batching.to_device(train, self.device)
+        self.validation = batching.to_device(validation, self.device) if validation is not None else None
+        self.num_data = batching.length(self.train_data)
+        if hasattr(module, "num_data"):
+            module.num_data = self.num_data
+        self.steps_per_epoch = batching.num_batches(self.num_data, batch_size, drop_last=drop_last)
+        self.settings = {"elbo": self.spec, "batch_size": batch_size, "seed": seed, "lr": lr, "validation": fraction}
+        self.epoch, self.epochs, self.history = 0, 0, []
+        self.should_stop, self.best_epoch, self.checkpoint_path, self.callbacks = False, None, None, []
+        with self._pyro_validation():
+            pyro.set_rng_seed(seed)
+            self._collect_parameters()
 
-                    record["test_elbo"] = evaluate(module, test, particles=1, batch_size=max(batch_size, 1000)).elbo
-                    module.train()
-                record["eval_seconds"] = time.perf_counter() - t1
-                history.append(record)
-                bar.set_postfix(_postfix(record), refresh=False)
-                if ckpt_path is not None:
-                    save_checkpoint(
-                        ckpt_path,
-                        {
-                            "model": model_name(module),
-                            "config": getattr(module, "config", None),
-                            "module": module.state_dict(),
-                            "param_store": pyro.get_param_store().get_state(),
-                            "optimizer": opt.state_dict(),
-                            "rng": get_rng_state(),
-                            "epoch": epoch,
-                            "history": history,
-                            "settings": settings,
-                        },
-                    )
-                if callback is not None:
-                    callback(record)
-        finally:
-            bar.close()
-            module.eval()
-    result.train_seconds = sum(r["seconds"] for r in history)
-    return result
+    # ---- state ---------------------------------------------------------------------------
+    def _pyro_validation(self):
+        return pyro.validation_enabled(self.validate) if self.validate is not None else nullcontext()
 
+    def _collect_parameters(self):
+        """Find the parameters (one run of the objective) and build the optimiser and scheduler for them."""
+        self.module.train()
+        first = batching.take(batching.fixed_view(self.train_data), slice(0, min(self.batch_size, self.num_data)))
+        self.params = collect_params(self.module, self.objective, first)
+        spec = self.optimizer_spec
+        self.optimizer = OPTIMIZERS[spec](self.params, lr=self.lr) if isinstance(spec, str) else spec(self.params)
+        self.scheduler = self.scheduler_spec(self.optimizer) if self.scheduler_spec is not None else None
 
-def _postfix(record):
-    out = {"epoch": record["epoch"], "loss": f"{record['train_loss']:.3f}"}
-    if "test_elbo" in record:
-        out["test_elbo"] = f"{record['test_elbo']:.3f}"
-    return out
+    def parameters_state(self):
+        """Copies of the module's and the param store's state (what early stopping keeps of its best epoch)."""
+        return snapshot(self.module)
+
+    def load_parameters_state(self, state):
+        self.module.load_state_dict(state["module"])
+        store = pyro.get_param_store()
+        if state["param_store"]["params"]:
+            # copy values into the tensors the optimiser holds, keeping their identity
+            for name, value in state["param_store"]["params"].items():
+                store[name].unconstrained().data.copy_(value)
+
+    def state_dict(self):
+        """Everything a checkpoint needs to continue this run exactly."""
+        return {
+            "model": model_name(self.module),
+            "config": getattr(self.module, "config", None),
+            "module": self.module.state_dict(),
+            "param_store": pyro.get_param_store().get_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "rng": get_rng_state(),
+            "epoch": self.epoch,
+            "history": self.history,
+            "settings": self.settings,
+            "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks},
+            "stopped": self.should_stop,
+            "best_epoch": self.best_epoch,
+        }
+
+    def load_state_dict(self, state):
+        """Restore a :meth:`state_dict`: parameters, optimiser, scheduler, RNG, history and callbacks' states."""
+        self.module.load_state_dict(state["module"])
+        if state["param_store"]["params"]:
+            # the store's tensors are replaced: find the parameters again, then restore the optimiser
+            pyro.get_param_store().set_state(state["param_store"])
+            with self._pyro_validation():
+                self._collect_parameters()
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.epoch, self.history = state["epoch"], list(state["history"])
+        self.should_stop, self.best_epoch = state.get("stopped", False), state.get("best_epoch")
+        saved = state.get("callbacks", {})
+        for cb in self.callbacks:
+            if type(cb).__name__ in saved:
+                cb.load_state_dict(saved[type(cb).__name__])
+
+    # ---- the step ------------------------------------------------------------------------
+    def loss_of(self, batch):
+        """The step's loss on ``batch`` (the negative objective summed over it): a device tensor, no host read."""
+        return self.loss.differentiable_loss(self.module.model, self.module.guide, batch)
+
+    def update(self, loss, size):
+        """One optimiser step on ``loss / size`` (the per-datapoint objective)."""
+        (loss / size).backward()
+        if self.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None and self.scheduler_interval == "step":
+            self.scheduler.step()
+
+    def step(self, batch):
+        """Loss and update on one batch; returns the detached loss (on the device)."""
+        loss = self.loss_of(batch)
+        self.update(loss, batching.length(batch))
+        return loss.detach()
+
+    # ---- the loop ------------------------------------------------------------------------
+    def run(self, epochs, *, callbacks=(), progress=True):
+        """Train until epoch ``epochs`` (or an early stop); returns a :class:`FitResult`."""
+        _positive("epochs", epochs, int)
+        self.epochs = epochs
+        self.callbacks = sorted([ProgressBar(progress), *map(as_callback, callbacks)], key=lambda cb: cb.order)
+        with self._pyro_validation():
+            for cb in self.callbacks:
+                cb.setup(self)
+            for cb in self.callbacks:
+                cb.on_fit_start(self)
+            try:
+                while self.epoch < epochs and not self.should_stop:
+                    record = self._epoch(self.epoch + 1)
+                    self.epoch = record["epoch"]
+                    self.history.append(record)
+                    for cb in self.callbacks:
+                        cb.on_epoch_end(self, record)
+                for cb in self.callbacks:
+                    cb.on_fit_end(self)
+            finally:
+                self.module.eval()
+                for cb in self.callbacks:
+                    if isinstance(cb, ProgressBar):
+                        cb.on_fit_end(self)
+        return FitResult(
+            history=self.history,
+            checkpoint=self.checkpoint_path,
+            device=self.device,
+            elbo=self.objective,
+            loss=self.loss,
+            train_seconds=sum(r["seconds"] for r in self.history),
+            best_epoch=self.best_epoch,
+            stopped_early=self.should_stop,
+        )
+
+    def _epoch(self, epoch):
+        t0 = time.perf_counter()
+        self.module.train()
+        lr = self.optimizer.param_groups[0]["lr"]
+        train_loss = self._train_epoch(epoch)
+        record = {"epoch": epoch, "train_loss": train_loss, "lr": lr, "seconds": time.perf_counter() - t0}
+        if self.validation is not None:
+            t1 = time.perf_counter()
+            record["val_elbo"] = evaluate(
+                self.module, self.validation, particles=1, batch_size=max(self.batch_size, 1000)
+            ).elbo
+            record["eval_seconds"] = time.perf_counter() - t1
+            self.module.train()
+        if self.scheduler is not None and self.scheduler_interval == "epoch":
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                self.scheduler.step(-record["val_elbo"] if "val_elbo" in record else train_loss)
+            else:
+                self.scheduler.step()
+        return record
+
+    def _train_epoch(self, epoch):
+        """One pass over the training data; the losses are read to the host every ``sync_every`` steps."""
+        data = batching.epoch_view(self.train_data)
+        batches = batching.batch_indices(
+            self.num_data, self.batch_size, shuffle=True, device=self.device, drop_last=self.drop_last
+        )
+        last, window, total, seen = len(batches), [], 0.0, 0
+        for step, idx in enumerate(batches, start=1):
+            batch = batching.take(data, idx)
+            loss = self.loss_of(batch)
+            window.append(loss.detach())
+            if step % self.sync_every == 0 or step == last:
+                # the only host read: the losses of the window, checked before this step's update
+                values = _read(window)
+                window = []
+                self._check_finite(values, epoch, step)
+                total += math.fsum(values)
+                for cb in self.callbacks:
+                    cb.on_steps(self, len(values), total, seen + idx.shape[0])
+            self.update(loss, idx.shape[0])
+            seen += idx.shape[0]
+        return total / seen
+
+    def _check_finite(self, values, epoch, step):
+        for k, value in enumerate(values):
+            if not math.isfinite(value):
+                good = self.checkpoint_path if self.checkpoint_path is not None and self.checkpoint_path.exists() else None
+                kept = f"; the last good checkpoint {good} is kept" if good is not None else ""
+                raise NonFiniteLossError(f"non-finite loss at epoch {epoch}, step {step - len(values) + 1 + k}{kept}")
 
 
 def _read(window):
@@ -253,35 +388,49 @@ def _read(window):
     return torch.stack(window).tolist()
 
 
-def _run_epoch(module, elbo, opt, params, train, epoch, batch_size, dev, drop_last, clip_norm, sync_every, bar, good):
-    data = batching.epoch_view(train)
-    batches = batching.batch_indices(batching.length(train), batch_size, shuffle=True, device=dev, drop_last=drop_last)
-    model, guide, loss_of = module.model, module.guide, elbo.differentiable_loss
-    last = len(batches)
-    window = []  # detached losses of the steps since the last host read
-    total = 0.0  # sum of the losses read so far, accumulated in float64 on the host
-    seen = 0
-    for step, idx in enumerate(batches, start=1):
-        size = idx.shape[0]
-        loss = loss_of(model, guide, batching.take(data, idx))
-        window.append(loss.detach())
-        if step % sync_every == 0 or step == last:
-            # the only host read: the losses of the window, checked before this step's update
-            values = _read(window)
-            window = []
-            for k, value in enumerate(values):
-                if not math.isfinite(value):
-                    kept = f"; the last good checkpoint {good} is kept" if good is not None else ""
-                    bad = step - len(values) + 1 + k
-                    raise NonFiniteLossError(f"non-finite loss at epoch {epoch}, step {bad}{kept}")
-            total += math.fsum(values)
-            bar.update(len(values))
-            if step % (20 * sync_every) == 0 or step == last:
-                bar.set_postfix({"epoch": epoch, "loss": f"{total / (seen + size):.3f}"}, refresh=False)
-        (loss / size).backward()
-        if clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, clip_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        seen += size
-    return {"epoch": epoch, "train_loss": total / seen}
+def fit(
+    module,
+    train,
+    *,
+    epochs,
+    validation=None,
+    patience=None,
+    checkpoint_dir=None,
+    resume=False,
+    tensorboard=None,
+    callbacks=(),
+    progress=True,
+    **trainer_options,
+):
+    """Train ``module`` (anything with ``model(batch)`` and ``guide(batch)``) by SVI; returns a :class:`FitResult`.
+
+    Each step draws a minibatch B, computes the differentiable loss
+    ``-ELBO(B) / |B|`` of the chosen objective and takes a step of a plain torch
+    optimiser over the module's parameters and any ``pyro.param`` it uses. This
+    is ``Trainer(module, train, validation=validation, **trainer_options).run(epochs, callbacks=...)``
+    (see :class:`Trainer` for ``elbo``, ``batch_size``, ``lr``, ``optimizer``,
+    ``scheduler``, ``device``, ``seed``, ``clip_norm``, ``drop_last``,
+    ``validate``, ``jit``, ``sync_every``), with these callbacks
+    (:mod:`inference.callbacks`) switched on by keyword:
+
+    * ``progress``: a progress bar on stderr;
+    * ``patience``: :class:`~inference.callbacks.EarlyStopping` on the validation
+      ELBO (needs ``validation``), restoring the best epoch's parameters;
+    * ``checkpoint_dir`` / ``resume``: :class:`~inference.callbacks.Checkpoint`,
+      an atomic checkpoint after every epoch, and exact resume from it;
+    * ``tensorboard``: :class:`~inference.callbacks.TensorBoard` event files in that folder;
+    * ``callbacks``: more callbacks, or plain functions ``f(record)`` of each epoch's record.
+
+    A non-finite loss raises :class:`~inference.errors.NonFiniteLossError` naming
+    the epoch and step; the checkpoint on disk is then the last good one.
+    """
+    _positive("epochs", epochs, int)
+    trainer = Trainer(module, train, validation=validation, **trainer_options)
+    extra = list(callbacks)
+    if patience is not None:
+        extra.append(EarlyStopping(patience))
+    if tensorboard is not None:
+        extra.append(TensorBoard(tensorboard))
+    if checkpoint_dir is not None:
+        extra.append(Checkpoint(checkpoint_dir, resume=resume))
+    return trainer.run(epochs, callbacks=extra, progress=progress)

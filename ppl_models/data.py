@@ -91,6 +91,11 @@ class DataSplit:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return replace(self, x=move(self.x), y=move(self.y), grey=move(self.grey))
 
+    def rows(self, index):
+        """The datapoints ``index`` (an index tensor) of this split, as a split of the same kind."""
+        pick = lambda t: None if t is None else t[index.to(t.device)]  # noqa: E731
+        return replace(self, x=pick(self.x), y=pick(self.y), grey=pick(self.grey))
+
 
 def binarize(x, mode, *, keep_grey=False):
     """Return (x_eval, grey): x_eval binarised as ``mode`` says; grey kept for dynamic draws."""

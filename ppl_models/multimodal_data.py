@@ -79,6 +79,12 @@ class MultimodalSplit:
         move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
         return replace(self, x=move(self.x), y=self.y.to(device), grey=move(self.grey))
 
+    def rows(self, index):
+        """The tuples ``index`` (an index tensor) of this split, as a split of the same kind."""
+        pick = lambda d: {k: v[index.to(v.device)] for k, v in d.items()}  # noqa: E731
+        sources = None if self.sources is None else {k: v[index.cpu().numpy()] for k, v in self.sources.items()}
+        return replace(self, x=pick(self.x), y=self.y[index.to(self.y.device)], grey=pick(self.grey), sources=sources)
+
 
 def _split(name, images, labels, y, shapes, mode, train, label_classes=10):
     """Build a split from numpy images {name: (N, D) in [0, 1]}; labels=True adds the label modality."""

@@ -173,7 +173,7 @@ def train_run(command, args):
         lr=args.lr,
         device=device,
         seed=args.seed,
-        test=test,
+        validation=test,
         checkpoint_dir=out,
         resume=args.resume,
         progress=not quiet,

@@ -1,6 +1,6 @@
 """The fast training paths compute exactly the loss and gradients of the generic ones.
 
-* :class:`inference.fast_elbo.FastELBO` (eager) against Pyro's own
+* :class:`inference.loss.StepLoss` (eager) against Pyro's own
   ``differentiable_loss`` for the same random draws;
 * the compiled graph (``jit=True``) against the eager loss, on its first call,
   on the checked second call and on later unchecked calls;
@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from inference import NonFiniteLossError, fit, make_elbo
-from inference.fast_elbo import FastELBO
+from inference.loss import StepLoss, make_step_loss
 from ppl_models.vae import VAE
 
 RTOL = 1e-5
@@ -59,9 +59,9 @@ def test_fast_and_compiled_loss_equal_pyro(spec, arch, digits, device):
     module = _vae(device, **arch)
     xs = [digits[0].x[i * 32 : (i + 1) * 32].to(device) for i in range(3)]
     pyro_elbo = make_elbo(spec, max_plate_nesting=1)
-    eager = FastELBO(make_elbo(spec, max_plate_nesting=1))
-    compiled = make_elbo(spec, max_plate_nesting=1, jit=True)
-    assert isinstance(compiled, FastELBO) and compiled.jit
+    eager = StepLoss(make_elbo(spec, max_plate_nesting=1))
+    compiled = make_step_loss(spec, max_plate_nesting=1, jit=True)[1]
+    assert isinstance(compiled, StepLoss) and compiled.jit
     # calls 1 (trace + check), 2 (checked) and 3 (the plain graph) on different batches and seeds
     for call, x in enumerate(xs):
         reference = _loss_and_grads(pyro_elbo, module, x, seed=call)
@@ -91,7 +91,7 @@ def test_score_function_loss_equals_pyro(device):
     model, guide = _discrete_pair()
     x = torch.linspace(-2, 2, 50, device=device)
     out = []
-    for elbo in (make_elbo("trace"), FastELBO(make_elbo("trace"))):
+    for elbo in (make_elbo("trace"), StepLoss(make_elbo("trace"))):
         pyro.set_rng_seed(3)
         loss = elbo.differentiable_loss(model, guide, x)
         (grad,) = torch.autograd.grad(loss, [pyro.param("w").unconstrained()])
@@ -120,7 +120,7 @@ def _param_store_pair():
 def test_compiled_follows_the_param_store(device):
     """Gradients reach pyro.param values through their constraint, and a cleared store is traced again."""
     model, guide = _param_store_pair()
-    compiled, eager = make_elbo("trace", jit=True), FastELBO(make_elbo("trace"))
+    compiled, eager = make_step_loss("trace", jit=True)[1], StepLoss(make_elbo("trace"))
 
     def run(elbo, x, seed):
         pyro.set_rng_seed(seed)
@@ -142,7 +142,7 @@ def test_compiled_sees_changed_module_attributes(digits):
     """Python attributes the trace would freeze (here the beta of a beta-VAE, as in KL annealing) key the graph."""
     module = _vae("cpu", hidden=(16,))
     x = digits[0].x[:32]
-    compiled, eager = make_elbo("trace", max_plate_nesting=1, jit=True), FastELBO(make_elbo("trace", max_plate_nesting=1))
+    compiled, eager = make_step_loss("trace", max_plate_nesting=1, jit=True)[1], StepLoss(make_elbo("trace", max_plate_nesting=1))
     for beta in (1.0, 0.5, 0.5, 2.0):
         module.beta = beta
         _assert_same(_loss_and_grads(eager, module, x, seed=0), _loss_and_grads(compiled, module, x, seed=0))
@@ -161,8 +161,8 @@ def test_compiled_value_dependent_branch_falls_back():
     torch.manual_seed(0)
     module = Branchy(8, latent_dim=2, hidden=(8,))
     low, high = torch.zeros(16, 8), torch.ones(16, 8)
-    compiled = make_elbo("trace", max_plate_nesting=1, jit=True)
-    eager = FastELBO(make_elbo("trace", max_plate_nesting=1))
+    compiled = make_step_loss("trace", max_plate_nesting=1, jit=True)[1]
+    eager = StepLoss(make_elbo("trace", max_plate_nesting=1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _loss_and_grads(compiled, module, low, seed=0)  # traced on the low branch
@@ -173,10 +173,10 @@ def test_compiled_value_dependent_branch_falls_back():
     assert compiled.fallbacks and not compiled.compiled
 
 
-def test_make_elbo_jit_without_compiled_path_warns():
+def test_step_loss_jit_without_compiled_path_warns():
     with pytest.warns(UserWarning, match="no compiled path"):
-        elbo = make_elbo("tracegraph", jit=True)
-    assert not isinstance(elbo, FastELBO)
+        objective, loss = make_step_loss("tracegraph", jit=True)
+    assert loss is objective and not isinstance(loss, StepLoss)
 
 
 @pytest.mark.parametrize("spec", ["trace", "iwae:3"])
@@ -195,7 +195,7 @@ def test_fit_jit_equals_eager(spec, drop_last, digits, device):
         assert math.isclose(a["train_loss"], b["train_loss"], rel_tol=RTOL)
     # after 8 Adam steps, float differences of a few ulps stay tiny relative to the weights' scale
     assert torch.allclose(p_eager, p_compiled, rtol=1e-4, atol=1e-5)
-    assert len(compiled.elbo.compiled) == (1 if drop_last else 2) and not compiled.elbo.fallbacks
+    assert len(compiled.loss.compiled) == (1 if drop_last else 2) and not compiled.loss.fallbacks
 
 
 class _NaNAt(torch.nn.Module):

@@ -28,7 +28,7 @@ def test_training_beats_the_best_model_without_latents(digits):
     train, test = digits
     vae = small_vae(train)
     before = evaluate(vae, test, particles=10).elbo
-    result = fit(vae, train, test=test, epochs=30, batch_size=64, lr=3e-3, seed=0, progress=False)
+    result = fit(vae, train, validation=test, epochs=30, batch_size=64, lr=3e-3, seed=0, progress=False)
     after = evaluate(vae, test, particles=10)
     p = train.grey.mean(0).clamp(1e-4, 1 - 1e-4)
     x = test.data
@@ -177,7 +177,7 @@ def test_fit_on_device(device, digits):
     """Parameters and the checkpoint follow the requested device; the checkpoint reloads on the CPU."""
     train, test = digits
     vae = small_vae(train)
-    result = fit(vae, train, test=test, epochs=1, batch_size=256, lr=1e-3, device=device, progress=False)
+    result = fit(vae, train, validation=test, epochs=1, batch_size=256, lr=1e-3, device=device, progress=False)
     assert result.device.type == device.type
     assert all(p.device.type == device.type for p in vae.parameters())
-    assert math.isfinite(result.history[0]["test_elbo"])
+    assert math.isfinite(result.history[0]["val_elbo"])

@@ -1,6 +1,11 @@
-r"""A training loss without host syncs, optionally compiled by ``torch.jit.trace``.
+r"""The loss a training step runs, built in one place (:func:`make_step_loss`).
 
-:class:`FastELBO` wraps one of Pyro's :class:`~pyro.infer.Trace_ELBO`,
+It is the objective's ``differentiable_loss`` computed without host syncs and,
+optionally, compiled by ``torch.jit.trace``. Use it for training (it is what
+:func:`inference.fit` runs); use the Pyro ELBO objects of :mod:`inference.elbo`
+to report or compare bounds.
+
+:class:`StepLoss` wraps one of Pyro's :class:`~pyro.infer.Trace_ELBO`,
 :class:`~pyro.infer.TraceMeanField_ELBO` or this package's
 :class:`~inference.elbo.DifferentiableRenyiELBO` (IWAE/Renyi) and computes the
 same ``differentiable_loss`` (the negative objective summed over the batch,
@@ -60,7 +65,7 @@ from pyro.infer.trace_elbo import _compute_log_r
 from pyro.infer.util import check_fully_reparametrized, is_validation_enabled
 from pyro.util import warn_if_nan
 
-from .elbo import DifferentiableRenyiELBO
+from .elbo import DifferentiableRenyiELBO, make_elbo
 
 SUPPORTED = (DifferentiableRenyiELBO, TraceMeanField_ELBO, Trace_ELBO)  # most specific first
 
@@ -71,7 +76,7 @@ CHECK_RTOL = 1e-4
 
 
 def supports(elbo):
-    """True when :class:`FastELBO` has a specialised path for this ELBO object.
+    """True when :class:`StepLoss` has a specialised path for this ELBO object.
 
     That is an instance of one of :data:`SUPPORTED` whose class keeps that
     class's loss (a subclass may change how traces are made or checked, e.g.
@@ -210,7 +215,7 @@ def _set_rng_state(state):
             torch.cuda.set_rng_state(value, key)
 
 
-class FastELBO:
+class StepLoss:
     """The loss of a Pyro ELBO without per-step host reads; ``jit=True`` compiles it (see the module docstring).
 
     ``differentiable_loss(model, guide, *args)`` has the signature and meaning
@@ -223,7 +228,7 @@ class FastELBO:
     def __init__(self, elbo, *, jit=False):
         if not supports(elbo):
             names = ", ".join(c.__name__ for c in SUPPORTED)
-            raise TypeError(f"FastELBO supports {names} (and subclasses keeping their loss), not {type(elbo).__name__}")
+            raise TypeError(f"StepLoss supports {names} (and subclasses keeping their loss), not {type(elbo).__name__}")
         self.elbo = elbo
         self.jit = bool(jit)
         self._graphs = {}
@@ -236,7 +241,7 @@ class FastELBO:
         return getattr(self.elbo, name)
 
     def __repr__(self):
-        return f"FastELBO({type(self.elbo).__name__}, jit={self.jit})"
+        return f"StepLoss({type(self.elbo).__name__}, jit={self.jit})"
 
     @property
     def compiled(self):
@@ -304,7 +309,7 @@ class FastELBO:
     def _fallback(self, key, reason, model, guide, args, start):
         self._graphs.pop(key, None)
         self.fallbacks[key] = reason
-        warnings.warn(f"FastELBO(jit=True): using the eager loss for this model/input signature: {reason}", stacklevel=4)
+        warnings.warn(f"StepLoss(jit=True): using the eager loss for this model/input signature: {reason}", stacklevel=4)
         _set_rng_state(start)  # the step then draws what one eager step draws
         return self.eager_loss(model, guide, *args)
 
@@ -424,3 +429,30 @@ def _mismatch(reference, loss, ref_grads, grads):
         if not _close(a, b):
             return f"gradient of parameter {i}"
     return None
+
+
+def make_step_loss(elbo, *, max_plate_nesting=None, jit=False):
+    """The loss a training step runs: the one place where it is built (by :func:`inference.fit` and the CLI).
+
+    :param elbo: an ELBO spec for :func:`inference.elbo.make_elbo` (``"trace"``,
+        ``"iwae:5"``, ...) or a Pyro ELBO object.
+    :param max_plate_nesting: passed to :func:`~inference.elbo.make_elbo` with a spec.
+    :param jit: compile the loss with ``torch.jit.trace`` (see the module docstring).
+    :returns: ``(objective, loss)``: the Pyro ELBO object (to report, compare, or
+        check validity) and an object with its ``differentiable_loss`` signature.
+        For Trace_ELBO, TraceMeanField_ELBO and the IWAE/Renyi bounds the loss is
+        a :class:`StepLoss` (the same value and gradients without per-site host
+        reads; compiled with ``jit=True``); other objectives (enum, tracegraph,
+        a user's own ELBO) are used as they are, and ``jit=True`` warns that they
+        have no compiled path.
+    :raises inference.errors.UsageError: for an unknown or malformed spec.
+    """
+    objective = make_elbo(elbo, max_plate_nesting=max_plate_nesting) if isinstance(elbo, str) else elbo
+    if supports(objective):
+        return objective, StepLoss(objective, jit=jit)
+    if jit:
+        warnings.warn(
+            f"{type(objective).__name__} has no compiled path; jit=True is ignored and the eager loss is used",
+            stacklevel=2,
+        )
+    return objective, objective

@@ -1,0 +1,263 @@
+"""What :func:`inference.fit` does besides stepping: callbacks of the training loop.
+
+A callback is an object with any of these methods (each optional), called by
+:class:`inference.train.Trainer` in this order:
+
+* ``setup(trainer)``: before anything else (``Checkpoint`` resumes here);
+* ``on_fit_start(trainer)``: the loop is about to run epochs ``trainer.epoch + 1 ...``;
+* ``on_steps(trainer, steps, loss_sum, points)``: after each host read of the
+  losses (every ``sync_every`` steps): how many steps were read, the sum of
+  their losses and the number of datapoints seen so far in the epoch;
+* ``on_epoch_end(trainer, record)``: after each epoch, with its history record
+  (``epoch``, ``train_loss``, ``lr``, ``seconds``, and ``val_elbo`` /
+  ``eval_seconds`` when there is validation data); setting
+  ``trainer.should_stop = True`` ends training after this epoch;
+* ``on_fit_end(trainer)``: after the last epoch, also when stopped early;
+* ``state_dict()`` / ``load_state_dict(state)``: what a checkpoint keeps of the
+  callback, so resuming is exact.
+
+Callbacks run in increasing ``order`` (a class attribute, default 0): the
+progress bar first, then the user's callbacks, :class:`EarlyStopping`,
+:class:`TensorBoard` and, last, :class:`Checkpoint`, so that a checkpoint
+holds every other callback's state after the epoch. A plain function
+``f(record)`` is accepted as a callback and called at each epoch's end.
+"""
+
+import copy
+import math
+import sys
+from pathlib import Path
+
+import pyro
+from tqdm.auto import tqdm
+
+from .checkpoint import FILENAME, load_checkpoint, model_name, save_checkpoint
+from .errors import CheckpointError, UsageError
+
+
+class Callback:
+    """Base class with every hook a no-op (see the module docstring)."""
+
+    order = 0
+
+    def setup(self, trainer):
+        pass
+
+    def on_fit_start(self, trainer):
+        pass
+
+    def on_steps(self, trainer, steps, loss_sum, points):
+        pass
+
+    def on_epoch_end(self, trainer, record):
+        pass
+
+    def on_fit_end(self, trainer):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+class LambdaCallback(Callback):
+    """``fn(record)`` called at the end of every epoch (observes; cannot stop training)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def on_epoch_end(self, trainer, record):
+        self.fn(record)
+
+
+def as_callback(obj):
+    """A :class:`Callback` from a callback object or a plain function of the epoch record."""
+    if isinstance(obj, Callback):
+        return obj
+    if callable(obj):
+        return LambdaCallback(obj)
+    raise UsageError(f"a callback is a Callback or a function of the epoch record, got {type(obj).__name__}")
+
+
+class ProgressBar(Callback):
+    """A tqdm bar over the run's steps on stderr, with the epoch and its running loss per datapoint."""
+
+    order = -100
+
+    def __init__(self, enabled=True):
+        self.enabled = enabled
+        self.bar = None
+
+    def on_fit_start(self, trainer):
+        left = max(trainer.epochs - trainer.epoch, 0)
+        self.bar = tqdm(
+            total=left * trainer.steps_per_epoch,
+            disable=not self.enabled,
+            desc=f"fit {model_name(trainer.module)} [{trainer.spec}]",
+            unit="step",
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+
+    def on_steps(self, trainer, steps, loss_sum, points):
+        self.bar.update(steps)
+        self.bar.set_postfix({"epoch": trainer.epoch + 1, "loss": f"{loss_sum / max(points, 1):.3f}"}, refresh=False)
+
+    def on_epoch_end(self, trainer, record):
+        post = {"epoch": record["epoch"], "loss": f"{record['train_loss']:.3f}"}
+        if "val_elbo" in record:
+            post["val_elbo"] = f"{record['val_elbo']:.3f}"
+        self.bar.set_postfix(post, refresh=False)
+
+    def on_fit_end(self, trainer):
+        if self.bar is not None:
+            self.bar.close()
+
+
+class EarlyStopping(Callback):
+    """Stop when the validation ELBO has not improved for ``patience`` epochs; restore the best epoch.
+
+    An epoch improves when its ``val_elbo`` exceeds the best so far by more than
+    ``min_delta`` nats per datapoint. After ``patience`` epochs in a row without
+    improvement training stops; at the end (stopped or not) the module's and the
+    param store's state of the best epoch are restored, and
+    ``trainer.best_epoch`` says which epoch that was. Needs validation data
+    (``fit(validation=...)``).
+
+    :raises inference.errors.UsageError: for a patience that is not a positive integer,
+        or when the run has no validation data.
+    """
+
+    order = 10
+
+    def __init__(self, patience, *, min_delta=0.0, monitor="val_elbo"):
+        if not (isinstance(patience, int) and not isinstance(patience, bool) and patience >= 1):
+            raise UsageError(f"patience must be a positive integer, got {patience!r}")
+        if not (isinstance(min_delta, (int, float)) and min_delta >= 0):
+            raise UsageError(f"min_delta must be a non-negative number, got {min_delta!r}")
+        self.patience, self.min_delta, self.monitor = patience, float(min_delta), monitor
+        self.best, self.best_epoch, self.wait, self.best_state = -math.inf, None, 0, None
+
+    def setup(self, trainer):
+        if trainer.validation is None:
+            raise UsageError("early stopping watches the validation ELBO: give fit(validation=...) a fraction or data")
+
+    def on_epoch_end(self, trainer, record):
+        value = record[self.monitor]
+        if value > self.best + self.min_delta:
+            self.best, self.best_epoch, self.wait = value, record["epoch"], 0
+            self.best_state = trainer.parameters_state()
+        else:
+            self.wait += 1
+            if self.wait >= self.patience:
+                trainer.should_stop = True
+                record["stopped"] = True
+
+    def on_fit_end(self, trainer):
+        if self.best_state is not None:
+            trainer.load_parameters_state(self.best_state)
+            trainer.best_epoch = self.best_epoch
+
+    def state_dict(self):
+        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait, "best_state": self.best_state}
+
+    def load_state_dict(self, state):
+        self.best, self.best_epoch, self.wait = state["best"], state["best_epoch"], state["wait"]
+        self.best_state = state["best_state"]
+
+
+class TensorBoard(Callback):
+    """Write each epoch's scalars (``train/loss``, ``val/elbo``, ``lr``, ``time/epoch_seconds``) to TensorBoard.
+
+    Uses ``torch.utils.tensorboard.SummaryWriter`` (needs the ``tensorboard``
+    package: ``pip install ppl-models[tensorboard]``), one event file under
+    ``log_dir``, the epoch as the global step. View with ``tensorboard --logdir LOG_DIR``.
+    """
+
+    order = 20
+    TAGS = {"train_loss": "train/loss", "val_elbo": "val/elbo", "lr": "lr", "seconds": "time/epoch_seconds"}
+
+    def __init__(self, log_dir):
+        self.log_dir = Path(log_dir)
+        self.writer = None
+
+    def on_fit_start(self, trainer):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UsageError("TensorBoard logging needs the tensorboard package (pip install tensorboard)") from None
+        # a resumed run continues its curves: events past the resumed epoch are dropped
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=trainer.epoch + 1 if trainer.epoch else None)
+
+    def on_epoch_end(self, trainer, record):
+        for key, tag in self.TAGS.items():
+            if key in record:
+                self.writer.add_scalar(tag, record[key], record["epoch"])
+        self.writer.flush()
+
+    def on_fit_end(self, trainer):
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Checkpoint(Callback):
+    """An atomic checkpoint in ``directory`` after every epoch; ``resume=True`` continues from it.
+
+    The checkpoint (:mod:`inference.checkpoint`) holds the module, Pyro's param
+    store, the optimiser and LR scheduler, every RNG state, the history, the
+    other callbacks' states (e.g. early stopping's best epoch) and the run's
+    settings; on CPU with the same seed a resumed run equals an uninterrupted
+    one exactly. Resuming refuses a checkpoint trained with another objective,
+    batch size, seed or validation split. A checkpoint is only written when the
+    epoch's loss was finite (a non-finite loss stops training first), so the one
+    on disk is always the last good one. When early stopping restored the best
+    epoch's parameters, the final checkpoint holds them (and says so), so a
+    finished run is reloaded as it was returned.
+    """
+
+    order = 100
+    MATCH = ("elbo", "batch_size", "seed", "validation")
+
+    def __init__(self, directory, *, resume=False):
+        self.path = Path(directory) / FILENAME
+        self.resume = resume
+
+    def setup(self, trainer):
+        trainer.checkpoint_path = self.path
+        if not (self.resume and self.path.exists()):
+            return
+        state = load_checkpoint(self.path, expect_model=model_name(trainer.module), map_location=trainer.device)
+        for key in self.MATCH:
+            stored, now = state["settings"].get(key), trainer.settings.get(key)
+            if stored != now:
+                raise CheckpointError(f"cannot resume: the checkpoint was trained with {key}={stored!r}, not {now!r}")
+        trainer.load_state_dict(state)
+
+    def on_epoch_end(self, trainer, record):
+        save_checkpoint(self.path, trainer.state_dict())
+
+    def on_fit_end(self, trainer):
+        if trainer.best_epoch is not None and trainer.history and trainer.best_epoch != trainer.history[-1]["epoch"]:
+            save_checkpoint(self.path, trainer.state_dict())
+
+
+def snapshot(module):
+    """Deep copies of ``module``'s state dict and of Pyro's param store state."""
+    return {
+        "module": copy.deepcopy(module.state_dict()),
+        "param_store": copy.deepcopy(pyro.get_param_store().get_state()),
+    }
+
+
+__all__ = [
+    "Callback",
+    "Checkpoint",
+    "EarlyStopping",
+    "LambdaCallback",
+    "ProgressBar",
+    "TensorBoard",
+    "as_callback",
+    "snapshot",
+]
