@@ -25,6 +25,9 @@ setup(
         "matplotlib",
     ],
     # arviz-stats (ArviZ 1.x's PSIS) is tested beside ArviZ 0.x where both install
-    extras_require={"test": ["pytest", "arviz-stats"]},
+    extras_require={
+        "tensorboard": ["tensorboard"],
+        "test": ["pytest", "arviz-stats", "tensorboard"],
+    },
     entry_points={"console_scripts": ["pplm=ppl_models.cli:main"]},
 )
