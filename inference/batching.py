@@ -2,9 +2,10 @@
 
 A *data* object is a tensor whose first dimension indexes datapoints, a mapping
 of names to such tensors (multimodal data: every value shares the first
-dimension), or an object with ``.data`` (a fixed view, used for evaluation) and
-``.epoch()`` (a fresh view per training epoch, e.g. dynamic binarisation) and
-``.rows(index)`` (the same kind of object for a subset of the datapoints), such as
+dimension), a tuple of such tensors (a model's positional arguments), or an
+object with ``.data`` (a fixed view, used for evaluation), ``.epoch()`` (a
+fresh view per training epoch, e.g. dynamic binarisation) and ``.rows(index)``
+(the same kind of object for a subset of the datapoints), such as
 :class:`ppl_models.data.DataSplit`. Batches are formed by indexing device tensors
 with device index tensors, so the hot path makes no host-to-device copies.
 """
@@ -26,21 +27,39 @@ def epoch_view(data):
     return data.epoch() if hasattr(data, "epoch") else data
 
 
-def length(data):
-    data = fixed_view(data)
+def _map(data, fn):
+    """``fn`` applied to every tensor of a tensor, a mapping or a tuple/list of tensors (None kept)."""
     if isinstance(data, Mapping):
-        sizes = {v.shape[0] for v in data.values() if v is not None}
-        if len(sizes) != 1:
-            raise UsageError(f"modalities disagree on the number of datapoints: {sorted(sizes)}")
-        return sizes.pop()
-    return data.shape[0]
+        return {k: (None if v is None else fn(v)) for k, v in data.items()}
+    if isinstance(data, (tuple, list)):
+        return type(data)(None if v is None else fn(v) for v in data)
+    return fn(data)
+
+
+def _items(data, what="data"):
+    """``(name, tensor)`` pairs of a tensor, a mapping or a tuple/list of tensors (None skipped)."""
+    if isinstance(data, Mapping):
+        return [(str(k), v) for k, v in data.items() if v is not None]
+    if isinstance(data, (tuple, list)):
+        return [(f"{what}[{i}]", v) for i, v in enumerate(data) if v is not None]
+    return [(what, data)]
+
+
+def length(data):
+    """The number of datapoints: the common first dimension of every tensor in ``data``."""
+    data = fixed_view(data)
+    if not isinstance(data, (Mapping, tuple, list)):
+        return data.shape[0]
+    sizes = {v.shape[0] if v.dim() else None for _, v in _items(data)}
+    if len(sizes) != 1 or None in sizes:
+        kind = "modalities" if isinstance(data, Mapping) else "the tensors of a batch"
+        raise UsageError(f"{kind} disagree on the number of datapoints: {sorted(s for s in sizes if s is not None)}")
+    return sizes.pop()
 
 
 def take(data, index):
-    """Rows ``index`` (a slice or an index tensor) of a tensor or of every tensor in a mapping."""
-    if isinstance(data, Mapping):
-        return {k: (None if v is None else v[index]) for k, v in data.items()}
-    return data[index]
+    """Rows ``index`` (a slice or an index tensor) of a tensor, or of every tensor in a mapping or tuple."""
+    return _map(data, lambda v: v[index])
 
 
 def subset(data, index):
@@ -58,24 +77,17 @@ def subset(data, index):
 def to_device(data, device):
     if hasattr(data, "to") and hasattr(data, "epoch"):
         return data.to(device)
-    if isinstance(data, Mapping):
-        return {k: (None if v is None else v.to(device)) for k, v in data.items()}
-    return data.to(device)
+    return _map(data, lambda v: v.to(device))
 
 
 def data_device(data):
-    data = fixed_view(data)
-    if isinstance(data, Mapping):
-        return next(v.device for v in data.values() if v is not None)
-    return data.device
+    return _items(fixed_view(data))[0][1].device
 
 
 def check_finite(data, what="data"):
     """Raise :class:`UsageError` if any floating-point value is NaN or infinite."""
-    data = fixed_view(data)
-    items = data.items() if isinstance(data, Mapping) else [(what, data)]
-    for name, value in items:
-        if value is not None and value.is_floating_point() and not torch.isfinite(value).all():
+    for name, value in _items(fixed_view(data), what):
+        if value.is_floating_point() and not torch.isfinite(value).all():
             bad = int((~torch.isfinite(value)).sum())
             raise UsageError(f"{name} holds {bad} NaN or infinite values")
 
