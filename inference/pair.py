@@ -220,20 +220,44 @@ class Pair:
         * When ``info`` (a :class:`PairInfo`) says the pair subsamples its own
           data plate, ``batch`` is the full data and is passed whole; the data
           plate's indices are set to ``index`` (a long tensor of B rows) in model
-          and guide, by conditioning the plate's subsample site.
+          and guide by :class:`SetSubsample`. Pyro checks the number of indices
+          against the plate's ``subsample_size``, so ``index`` must hold
+          exactly ``info.batch_size`` rows (else :class:`UsageError`).
         * Otherwise, with ``index`` given, the pair gets those rows of ``batch``
           (a tensor, a tuple/list of tensors or a dict of tensors, indexed on the
           first dimension); without ``index`` it gets ``batch`` itself.
         """
         model, guide = self.model, self.guide
         if info is not None and info.subsampled and index is not None:
-            data = {info.data_plate: index}
-            model = poutine.condition(model, data=data)
-            guide = poutine.condition(guide, data=data)
+            if len(index) != info.batch_size:
+                raise UsageError(
+                    f"the pair subsamples its plate {info.data_plate!r} with subsample_size={info.batch_size}; "
+                    f"a batch of {len(index)} rows cannot be given to it (use batch_size={info.batch_size})"
+                )
+            model = SetSubsample(info.data_plate, index)(model)
+            guide = SetSubsample(info.data_plate, index)(guide)
         elif index is not None:
             batch = take_rows(batch, index)
         args, kwargs = self.arguments(batch)
         return model, guide, args, kwargs
+
+
+class SetSubsample(Messenger):
+    """Set the indices that ``pyro.plate(name, N, subsample_size=B)`` draws to ``index``.
+
+    A plate draws its indices through a sample site named after the plate
+    (``pyro.poutine.subsample_messenger``); this gives that site its value
+    without marking it observed (``poutine.condition`` would, and Pyro's
+    model/guide check would then miss the model's plate).
+    """
+
+    def __init__(self, name, index):
+        super().__init__()
+        self.name, self.index = name, index
+
+    def _pyro_sample(self, msg):
+        if msg["name"] == self.name and site_is_subsample(msg) and msg["value"] is None:
+            msg["value"] = self.index
 
 
 def _takes_keywords(fn, keys):
