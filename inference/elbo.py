@@ -12,7 +12,8 @@ spec                   objective
                        model's dependency structure (see Pyro's docstring).
 ``enum[:K]``           :class:`~pyro.infer.TraceEnum_ELBO`: discrete sites marked
                        ``infer={"enumerate": "parallel"}`` are summed out exactly.
-``tracegraph[:K]``     :class:`~pyro.infer.TraceGraph_ELBO`: score-function
+``tracegraph[:K]``     :class:`DifferentiableTraceGraphELBO` (Pyro's
+                       :class:`~pyro.infer.TraceGraph_ELBO`): score-function
                        gradients with Rao-Blackwellisation over the plate graph.
 ``iwae:K``             :class:`~pyro.infer.RenyiELBO` with alpha = 0 and K
                        vectorised particles: the importance-weighted bound
@@ -116,6 +117,27 @@ class DifferentiableRenyiELBO(RenyiELBO):
         return loss
 
 
+class DifferentiableTraceGraphELBO(TraceGraph_ELBO):
+    """:class:`~pyro.infer.TraceGraph_ELBO` with a ``differentiable_loss``.
+
+    Pyro's class only offers ``loss_and_grads``. Its surrogate (Schulman et al.
+    2015, "Gradient Estimation Using Stochastic Computation Graphs"; the
+    Rao-Blackwellised downstream costs and optional baselines of Mnih & Gregor
+    2014) is built by ``TraceGraph_ELBO._loss_and_surrogate_loss``; the loss
+    returned here has the *value* of -ELBO and the *gradient* of that surrogate:
+    ``-elbo.detach() + surrogate - surrogate.detach()``. Its gradient is an
+    unbiased estimate of the gradient of -ELBO, as Pyro's ``loss_and_grads``.
+    """
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        elbo, surrogate_loss = self._loss_and_surrogate_loss(model, guide, args, kwargs)
+        elbo, surrogate_loss = torch.as_tensor(elbo), torch.as_tensor(surrogate_loss)
+        loss = -elbo.detach() + (surrogate_loss - surrogate_loss.detach())
+        if is_validation_enabled():
+            warn_if_nan(loss, "loss")
+        return loss
+
+
 class ReportingMeanFieldELBO(TraceMeanField_ELBO):
     """:class:`~pyro.infer.TraceMeanField_ELBO` that says which sites it could not give an analytic KL.
 
@@ -173,7 +195,7 @@ def make_elbo(spec, *, max_plate_nesting=None):
         "trace": Trace_ELBO,
         "meanfield": ReportingMeanFieldELBO,
         "enum": TraceEnum_ELBO,
-        "tracegraph": TraceGraph_ELBO,
+        "tracegraph": DifferentiableTraceGraphELBO,
     }
     if name in simple and len(rest) <= 1:
         k = _int(rest[0], "the number of particles", spec) if rest else 1
