@@ -23,15 +23,13 @@ holds every other callback's state after the epoch. A plain function
 ``f(record)`` is accepted as a callback and called at each epoch's end.
 """
 
-import copy
 import math
 import sys
 from pathlib import Path
 
-import pyro
 from tqdm.auto import tqdm
 
-from .checkpoint import FILENAME, load_checkpoint, model_name, save_checkpoint
+from .checkpoint import FILENAME, load_checkpoint, save_checkpoint
 from .errors import CheckpointError, UsageError
 
 
@@ -95,7 +93,7 @@ class ProgressBar(Callback):
         self.bar = tqdm(
             total=left * trainer.steps_per_epoch,
             disable=not self.enabled,
-            desc=f"fit {model_name(trainer.module)} [{trainer.spec}]",
+            desc=f"fit {trainer.pair.name} [{trainer.spec}]",
             unit="step",
             file=sys.stderr,
             dynamic_ncols=True,
@@ -228,7 +226,7 @@ class Checkpoint(Callback):
         trainer.checkpoint_path = self.path
         if not (self.resume and self.path.exists()):
             return
-        state = load_checkpoint(self.path, expect_model=model_name(trainer.module), map_location=trainer.device)
+        state = load_checkpoint(self.path, expect_model=trainer.pair.name, map_location=trainer.device)
         for key in self.MATCH:
             stored, now = state["settings"].get(key), trainer.settings.get(key)
             if stored != now:
@@ -243,14 +241,6 @@ class Checkpoint(Callback):
             save_checkpoint(self.path, trainer.state_dict())
 
 
-def snapshot(module):
-    """Deep copies of ``module``'s state dict and of Pyro's param store state."""
-    return {
-        "module": copy.deepcopy(module.state_dict()),
-        "param_store": copy.deepcopy(pyro.get_param_store().get_state()),
-    }
-
-
 __all__ = [
     "Callback",
     "Checkpoint",
@@ -259,5 +249,4 @@ __all__ = [
     "ProgressBar",
     "TensorBoard",
     "as_callback",
-    "snapshot",
 ]

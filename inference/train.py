@@ -8,8 +8,10 @@ early stopping, checkpoints and resume, TensorBoard, the user's own hooks) is a
 callback (:mod:`inference.callbacks`). :func:`fit` is the one-call convenience.
 """
 
+import copy
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +21,12 @@ import pyro.poutine as poutine
 import torch
 
 from . import batching
-from .callbacks import Checkpoint, EarlyStopping, ProgressBar, TensorBoard, as_callback, snapshot
-from .checkpoint import get_rng_state, model_name, set_rng_state
+from .callbacks import Checkpoint, EarlyStopping, ProgressBar, TensorBoard, as_callback
+from .checkpoint import get_rng_state, set_rng_state
 from .errors import NonFiniteLossError, UsageError
 from .evaluate import evaluate
 from .loss import make_step_loss
+from .pair import as_pair, check_objective, inspect_pair
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 SCHEDULER_INTERVALS = ("epoch", "step")
@@ -75,22 +78,32 @@ class FitResult:
     stopped_early: bool = False
 
 
-def collect_params(module, objective, batch):
-    """The tensors to optimise: ``module.parameters()`` plus any ``pyro.param`` the pair touches.
+def collect_params(pair, objective, batch, info=None):
+    """The tensors to optimise: the pair's module parameters plus any ``pyro.param`` it touches.
 
-    Parameters kept in Pyro's param store (``pyro.param``) are created lazily, so
-    they are found by running the objective once under a param-only trace.
+    Parameters kept in Pyro's param store (``pyro.param``) and an autoguide's
+    are created lazily, so they are found by running the objective once on
+    ``batch`` under a param-only trace.
     """
+    pair = as_pair(pair)
+    model, guide, args, kwargs = pair.bind(batch, _first_rows(batch, info), info)
     with poutine.trace(param_only=True) as capture:
-        objective.differentiable_loss(module.model, module.guide, batch)
+        objective.differentiable_loss(model, guide, *args, **kwargs)
     params, seen = [], set()
-    for p in list(module.parameters()) + [site["value"].unconstrained() for site in capture.trace.nodes.values()]:
+    for p in pair.parameters() + [site["value"].unconstrained() for site in capture.trace.nodes.values()]:
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
             params.append(p)
     if not params:
-        raise UsageError(f"{model_name(module)} has no parameters to optimise")
+        raise UsageError(f"{pair.name} has no parameters to optimise")
     return params
+
+
+def _first_rows(batch, info):
+    """The rows of a self-subsampling pair's first step (None: the batch is used as it is)."""
+    if info is None or not info.subsampled:
+        return None
+    return torch.arange(info.batch_size, device=batching.data_device(batch))
 
 
 def _is_number(value):
@@ -117,23 +130,31 @@ def _validation_split(train, validation, seed):
 class Trainer:
     """The state of one SVI run and its step; :meth:`run` is the epoch loop.
 
-    Built once per run, it checks everything before any step (positive sizes,
-    the device, non-empty finite data, the model's own ``check_data``, the
-    objective: an unknown spec or an invalid combination raises here), holds a
+    Built once per run, it checks everything before any step: positive sizes,
+    the device, non-empty finite data, the pair's own ``check_data``, and the
+    objective against the pair's one inspection (:func:`inference.pair.inspect_pair`,
+    :func:`inference.pair.check_objective`: an unknown spec or an objective
+    that is invalid for the pair raises here, in one line). It holds a
     validation split out of the training data, moves the data to the device,
-    runs the objective once to find the parameters (``module.parameters()`` and
-    every ``pyro.param``), and builds the optimiser and LR scheduler.
+    runs the objective once to find the parameters (the pair's modules'
+    parameters and every ``pyro.param``), and builds the optimiser and LR scheduler.
 
-    :param module: the pair: an object with ``model(batch)`` and ``guide(batch)``
-        (an ``nn.Module``, whose parameters are optimised), optionally
-        ``max_plate_nesting``, ``num_data`` (set to the number of training
-        points) and ``check_data(batch)``.
-    :param train: a tensor (N, ...), a mapping of such tensors (modalities), or a
-        data object with ``.data`` (a fixed view), ``.epoch()`` (a fresh view per
-        epoch, e.g. dynamic binarisation) and ``.rows(index)``
+    :param pair: what to train: an object with ``model`` and ``guide`` methods
+        (e.g. an ``nn.Module``), a ``(model, guide)`` tuple of callables (the
+        guide may be a Pyro autoguide), or ``model=``/``guide=`` keywords; the
+        contract and its optional hooks (``max_plate_nesting``, ``num_data``,
+        ``check_data``, ...) are :class:`inference.pair.ModelGuidePair`'s.
+    :param train: a tensor (N, ...), a mapping of such tensors (modalities, or
+        the model's keyword arguments), a tuple of them (its positional
+        arguments), or a data object with ``.data`` (a fixed view), ``.epoch()``
+        (a fresh view per epoch, e.g. dynamic binarisation) and ``.rows(index)``
         (:class:`ppl_models.data.DataSplit`).
     :param elbo: an ELBO spec (:func:`inference.make_elbo`) or a Pyro ELBO object.
     :param batch_size: datapoints per step; ``drop_last`` drops the ragged last batch.
+        A pair that subsamples its own data plate
+        (``pyro.plate("data", N, subsample_size=B)``) is given the full data and
+        the step's B indices (:meth:`inference.pair.Pair.bind`); ``batch_size``
+        must then equal B, and the ragged last batch is dropped.
     :param lr: learning rate.
     :param optimizer: ``"adam"``, ``"adamw"``, ``"sgd"``, or ``f(params) -> torch.optim.Optimizer``.
     :param scheduler: None or ``f(optimizer) -> torch.optim.lr_scheduler.LRScheduler``,
@@ -149,14 +170,25 @@ class Trainer:
     :param sync_every: steps between host reads of the losses (default 1 on CPU,
         where a read costs nothing, 50 on CUDA); a non-finite loss is found at
         the next read and stops the run with :class:`NonFiniteLossError`.
-    :raises inference.errors.UsageError: for any bad argument or data.
+
+    Per datapoint: the loss of a step is divided by the number of points it
+    stands for: B for a plain minibatch, the full N when the data plate is
+    scaled to the full data (a subsampled plate, or a ``num_data`` hook that
+    sets the plate's full size), so ``train_loss`` is always the negative
+    objective per datapoint of the training data.
+
+    :raises inference.errors.UsageError: for any bad argument or data, and for
+        global latents trained on unscaled minibatches (each step would treat
+        its batch as the whole data set).
     """
 
     def __init__(
         self,
-        module,
-        train,
+        pair=None,
+        train=None,
         *,
+        model=None,
+        guide=None,
         elbo="trace",
         batch_size,
         lr,
@@ -178,12 +210,12 @@ class Trainer:
             raise UsageError(f"scheduler_interval must be one of {SCHEDULER_INTERVALS}, got {scheduler_interval!r}")
         if not (isinstance(optimizer, str) and optimizer in OPTIMIZERS) and not callable(optimizer):
             raise UsageError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)} or a callable")
-        self.module, self.batch_size, self.lr, self.seed = module, batch_size, lr, seed
+        if train is None:
+            raise UsageError("no training data given")
+        self.pair = as_pair(pair, model=model, guide=guide)
+        self.batch_size, self.lr, self.seed = batch_size, lr, seed
         self.device = resolve_device(device)
         self.spec = elbo if isinstance(elbo, str) else type(elbo).__name__
-        self.objective, self.loss = make_step_loss(
-            elbo, max_plate_nesting=getattr(module, "max_plate_nesting", None), jit=jit
-        )
         if batching.length(train) == 0:
             raise UsageError("the training data is empty")
         fraction = float(validation) if _is_number(validation) else None
@@ -191,25 +223,60 @@ class Trainer:
         for data, what in ((train, "training data"), (validation, "validation data")):
             if data is not None:
                 batching.check_finite(data, what)
-                if hasattr(module, "check_data"):
-                    module.check_data(batching.fixed_view(data))
+                if self.pair.has("check_data"):
+                    self.pair.hook("check_data")(batching.fixed_view(data))
         self.optimizer_spec, self.scheduler_spec, self.scheduler_interval = optimizer, scheduler, scheduler_interval
-        self.clip_norm, self.drop_last = clip_norm, drop_last
-        self.validate = validate
+        self.clip_norm, self.drop_last, self.validate = clip_norm, drop_last, validate
         self.sync_every = sync_every or (1 if self.device.type == "cpu" else 50)
-        module.to(self.device)
+        self.pair.to(self.device)
         self.train_data = batching.to_device(train, self.device)
         self.validation = batching.to_device(validation, self.device) if validation is not None else None
         self.num_data = batching.length(self.train_data)
-        if hasattr(module, "num_data"):
-            module.num_data = self.num_data
-        self.steps_per_epoch = batching.num_batches(self.num_data, batch_size, drop_last=drop_last)
+        if self.pair.has("num_data"):
+            self.pair.owner.num_data = self.num_data
         self.settings = {"elbo": self.spec, "batch_size": batch_size, "seed": seed, "lr": lr, "validation": fraction}
         self.epoch, self.epochs, self.history = 0, 0, []
         self.should_stop, self.best_epoch, self.checkpoint_path, self.callbacks = False, None, None, []
         with self._pyro_validation():
             pyro.set_rng_seed(seed)
+            self.info = inspect_pair(self.pair, batching.fixed_view(self.train_data), rows=batch_size)
+            if jit and self.info.subsampled:
+                warnings.warn("jit=True: a pair that subsamples its own plate runs the eager loss", stacklevel=2)
+            self.objective, self.loss = make_step_loss(
+                elbo, max_plate_nesting=self.info.max_plate_nesting, jit=jit and not self.info.subsampled
+            )
+            check_objective(self.info, self.objective, spec=self.spec)
+            self._check_batching()
+            self.steps_per_epoch = batching.num_batches(self.num_data, self.batch_size, drop_last=self.drop_last)
             self._collect_parameters()
+
+    def _check_batching(self):
+        """Minibatches must stand for the full data: refuse what would silently train another objective."""
+        info = self.info
+        if info.subsampled:
+            if info.num_data != self.num_data:
+                raise UsageError(f"the pair's plate {info.data_plate!r} has size {info.num_data}, but the training "
+                                 f"data hold {self.num_data} points")
+            if self.batch_size != info.batch_size:
+                raise UsageError(f"the pair subsamples its plate {info.data_plate!r} with subsample_size="
+                                 f"{info.batch_size}: use batch_size={info.batch_size}")
+            self.drop_last = True
+        elif info.global_latents and self.batch_size < self.num_data and not self.scaled_to_full_data:
+            raise UsageError(
+                f"site {info.global_latents[0]!r} is a global latent, but minibatches of {self.batch_size} of the "
+                f"{self.num_data} training points are not scaled to the full data, so each step would treat its "
+                f"batch as the whole data set; subsample the plate in the model (pyro.plate({info.data_plate!r}, N, "
+                f"subsample_size={self.batch_size}) with the full data passed in) or use batch_size >= {self.num_data}"
+            )
+
+    @property
+    def scaled_to_full_data(self):
+        """True when the pair's data plate scales each minibatch to the full data (its full size is N, not B)."""
+        return self.info.subsampled or (self.info.num_data is not None and self.info.num_data != self.info.batch_size)
+
+    def points_per_step(self, size):
+        """How many datapoints a step's loss stands for: N when scaled to the full data, else its ``size`` rows."""
+        return self.num_data if self.scaled_to_full_data else size
 
     # ---- state ---------------------------------------------------------------------------
     def _pyro_validation(self):
@@ -217,31 +284,45 @@ class Trainer:
 
     def _collect_parameters(self):
         """Find the parameters (one run of the objective) and build the optimiser and scheduler for them."""
-        self.module.train()
-        first = batching.take(batching.fixed_view(self.train_data), slice(0, min(self.batch_size, self.num_data)))
-        self.params = collect_params(self.module, self.objective, first)
+        self.pair.train()
+        data = batching.fixed_view(self.train_data)
+        first = data if self.info.subsampled else batching.take(data, slice(0, min(self.batch_size, self.num_data)))
+        self.params = collect_params(self.pair, self.objective, first, self.info)
         spec = self.optimizer_spec
         self.optimizer = OPTIMIZERS[spec](self.params, lr=self.lr) if isinstance(spec, str) else spec(self.params)
         self.scheduler = self.scheduler_spec(self.optimizer) if self.scheduler_spec is not None else None
 
+    def _modules_state(self):
+        owner = self.pair.owner
+        if isinstance(owner, torch.nn.Module):
+            return owner.state_dict()
+        return {str(i): m.state_dict() for i, m in enumerate(self.pair.modules())}
+
+    def _load_modules_state(self, state):
+        owner = self.pair.owner
+        if isinstance(owner, torch.nn.Module):
+            owner.load_state_dict(state)
+            return
+        for i, m in enumerate(self.pair.modules()):
+            m.load_state_dict(state[str(i)])
+
     def parameters_state(self):
-        """Copies of the module's and the param store's state (what early stopping keeps of its best epoch)."""
-        return snapshot(self.module)
+        """Copies of the modules' and the param store's state (what early stopping keeps of its best epoch)."""
+        return copy.deepcopy({"module": self._modules_state(), "param_store": pyro.get_param_store().get_state()})
 
     def load_parameters_state(self, state):
-        self.module.load_state_dict(state["module"])
+        """Copy a :meth:`parameters_state` back in place (the optimiser keeps the same tensors)."""
+        self._load_modules_state(state["module"])
         store = pyro.get_param_store()
-        if state["param_store"]["params"]:
-            # copy values into the tensors the optimiser holds, keeping their identity
-            for name, value in state["param_store"]["params"].items():
-                store[name].unconstrained().data.copy_(value)
+        for name, value in state["param_store"]["params"].items():
+            store[name].unconstrained().data.copy_(value)
 
     def state_dict(self):
         """Everything a checkpoint needs to continue this run exactly."""
         return {
-            "model": model_name(self.module),
-            "config": getattr(self.module, "config", None),
-            "module": self.module.state_dict(),
+            "model": self.pair.name,
+            "config": self.pair.hook("config") if self.pair.has("config") else None,
+            "module": self._modules_state(),
             "param_store": pyro.get_param_store().get_state(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
@@ -256,7 +337,7 @@ class Trainer:
 
     def load_state_dict(self, state):
         """Restore a :meth:`state_dict`: parameters, optimiser, scheduler, RNG, history and callbacks' states."""
-        self.module.load_state_dict(state["module"])
+        self._load_modules_state(state["module"])
         if state["param_store"]["params"]:
             # the store's tensors are replaced: find the parameters again, then restore the optimiser
             pyro.get_param_store().set_state(state["param_store"])
@@ -274,13 +355,14 @@ class Trainer:
                 cb.load_state_dict(saved[type(cb).__name__])
 
     # ---- the step ------------------------------------------------------------------------
-    def loss_of(self, batch):
-        """The step's loss on ``batch`` (the negative objective summed over it): a device tensor, no host read."""
-        return self.loss.differentiable_loss(self.module.model, self.module.guide, batch)
+    def loss_of(self, data, index):
+        """The step's loss on rows ``index`` of ``data`` (the negative objective): a device tensor, no host read."""
+        model, guide, args, kwargs = self.pair.bind(data, index, self.info)
+        return self.loss.differentiable_loss(model, guide, *args, **kwargs)
 
-    def update(self, loss, size):
-        """One optimiser step on ``loss / size`` (the per-datapoint objective)."""
-        (loss / size).backward()
+    def update(self, loss, points):
+        """One optimiser step on ``loss / points`` (the per-datapoint objective)."""
+        (loss / points).backward()
         if self.clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
         self.optimizer.step()
@@ -288,10 +370,10 @@ class Trainer:
         if self.scheduler is not None and self.scheduler_interval == "step":
             self.scheduler.step()
 
-    def step(self, batch):
-        """Loss and update on one batch; returns the detached loss (on the device)."""
-        loss = self.loss_of(batch)
-        self.update(loss, batching.length(batch))
+    def step(self, data, index):
+        """Loss and update on rows ``index`` of ``data``; returns the detached loss (on the device)."""
+        loss = self.loss_of(data, index)
+        self.update(loss, self.points_per_step(index.shape[0]))
         return loss.detach()
 
     # ---- the loop ------------------------------------------------------------------------
@@ -315,10 +397,8 @@ class Trainer:
                 for cb in self.callbacks:
                     cb.on_fit_end(self)
             finally:
-                self.module.eval()
-                for cb in self.callbacks:
-                    if isinstance(cb, ProgressBar):
-                        cb.on_fit_end(self)
+                self.pair.eval()
+                self.callbacks[0].on_fit_end(self)  # the progress bar is closed whatever happened
         return FitResult(
             history=self.history,
             checkpoint=self.checkpoint_path,
@@ -332,17 +412,17 @@ class Trainer:
 
     def _epoch(self, epoch):
         t0 = time.perf_counter()
-        self.module.train()
+        self.pair.train()
         lr = self.optimizer.param_groups[0]["lr"]
         train_loss = self._train_epoch(epoch)
         record = {"epoch": epoch, "train_loss": train_loss, "lr": lr, "seconds": time.perf_counter() - t0}
         if self.validation is not None:
             t1 = time.perf_counter()
             record["val_elbo"] = evaluate(
-                self.module, self.validation, particles=1, batch_size=max(self.batch_size, 1000)
+                self.pair.owner, self.validation, particles=1, batch_size=max(self.batch_size, 1000)
             ).elbo
             record["eval_seconds"] = time.perf_counter() - t1
-            self.module.train()
+            self.pair.train()
         if self.scheduler is not None and self.scheduler_interval == "epoch":
             if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 self.scheduler.step(-record["val_elbo"] if "val_elbo" in record else train_loss)
@@ -356,11 +436,11 @@ class Trainer:
         batches = batching.batch_indices(
             self.num_data, self.batch_size, shuffle=True, device=self.device, drop_last=self.drop_last
         )
-        last, window, total, seen = len(batches), [], 0.0, 0
+        last, window, total, points = len(batches), [], 0.0, 0
         for step, idx in enumerate(batches, start=1):
-            batch = batching.take(data, idx)
-            loss = self.loss_of(batch)
+            loss = self.loss_of(data, idx)
             window.append(loss.detach())
+            size = self.points_per_step(idx.shape[0])
             if step % self.sync_every == 0 or step == last:
                 # the only host read: the losses of the window, checked before this step's update
                 values = _read(window)
@@ -368,10 +448,10 @@ class Trainer:
                 self._check_finite(values, epoch, step)
                 total += math.fsum(values)
                 for cb in self.callbacks:
-                    cb.on_steps(self, len(values), total, seen + idx.shape[0])
-            self.update(loss, idx.shape[0])
-            seen += idx.shape[0]
-        return total / seen
+                    cb.on_steps(self, len(values), total, points + size)
+            self.update(loss, size)
+            points += size
+        return total / points
 
     def _check_finite(self, values, epoch, step):
         for k, value in enumerate(values):
@@ -389,8 +469,8 @@ def _read(window):
 
 
 def fit(
-    module,
-    train,
+    pair=None,
+    train=None,
     *,
     epochs,
     validation=None,
@@ -402,12 +482,16 @@ def fit(
     progress=True,
     **trainer_options,
 ):
-    """Train ``module`` (anything with ``model(batch)`` and ``guide(batch)``) by SVI; returns a :class:`FitResult`.
+    """Train a model/guide pair by SVI; returns a :class:`FitResult`.
+
+    ``pair`` is an object with ``model`` and ``guide`` methods (an ``nn.Module``),
+    a ``(model, guide)`` tuple (the guide may be a Pyro autoguide), or give
+    ``model=``/``guide=`` as keywords (see :class:`Trainer`).
 
     Each step draws a minibatch B, computes the differentiable loss
     ``-ELBO(B) / |B|`` of the chosen objective and takes a step of a plain torch
-    optimiser over the module's parameters and any ``pyro.param`` it uses. This
-    is ``Trainer(module, train, validation=validation, **trainer_options).run(epochs, callbacks=...)``
+    optimiser over the pair's parameters and any ``pyro.param`` it uses. This
+    is ``Trainer(pair, train, validation=validation, **trainer_options).run(epochs, callbacks=...)``
     (see :class:`Trainer` for ``elbo``, ``batch_size``, ``lr``, ``optimizer``,
     ``scheduler``, ``device``, ``seed``, ``clip_norm``, ``drop_last``,
     ``validate``, ``jit``, ``sync_every``), with these callbacks
@@ -425,7 +509,7 @@ def fit(
     the epoch and step; the checkpoint on disk is then the last good one.
     """
     _positive("epochs", epochs, int)
-    trainer = Trainer(module, train, validation=validation, **trainer_options)
+    trainer = Trainer(pair, train, validation=validation, **trainer_options)
     extra = list(callbacks)
     if patience is not None:
         extra.append(EarlyStopping(patience))

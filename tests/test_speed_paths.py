@@ -21,7 +21,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from inference import NonFiniteLossError, fit, make_elbo
+from inference import NonFiniteLossError, Trainer, fit, make_elbo
 from inference.loss import StepLoss, make_step_loss
 from ppl_models.vae import VAE
 
@@ -218,7 +218,10 @@ class _NaNAt(torch.nn.Module):
 
 @pytest.mark.parametrize("sync_every", [1, 4])
 def test_nonfinite_loss_names_its_step_within_the_window(sync_every):
-    module = _NaNAt(bad=7)  # collect_params runs the model once, so training step 6 is call 7
+    probe = _NaNAt(bad=0)
+    with pyro.validation_enabled(False):
+        Trainer(probe, torch.zeros(100), batch_size=10, lr=0.1, device="cpu")
+    module = _NaNAt(bad=probe.calls + 6)  # the calls before the first step, then training step 6
     with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 6\b"), pyro.validation_enabled(False):
         fit(module, torch.zeros(100), epochs=1, batch_size=10, lr=0.1, device="cpu", progress=False,
             sync_every=sync_every)

@@ -139,7 +139,8 @@ def test_non_finite_loss_names_epoch_and_step_and_keeps_the_checkpoint(tmp_path)
     with pyro.validation_enabled(False):  # let the NaN through to our own guard
         fit(module, x, epochs=2, batch_size=10, lr=0.1, progress=False, checkpoint_dir=tmp_path)
         good = (tmp_path / "checkpoint.pt").read_bytes()
-        module.boom_at = module.calls + 1 + 3  # one call to find the parameters, then step 3 of epoch 3
+        setup = module.calls - 2 * 4  # calls before the first step (inspection, the objective's trial run)
+        module.boom_at = module.calls + setup + 3  # step 3 of epoch 3
         with pytest.raises(NonFiniteLossError, match=r"epoch 3, step 3; the last good checkpoint .* is kept"):
             fit(module, x, epochs=4, batch_size=10, lr=0.1, progress=False, checkpoint_dir=tmp_path, resume=True)
     assert (tmp_path / "checkpoint.pt").read_bytes() == good
