@@ -19,6 +19,7 @@ from pathlib import Path
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.infer.autoguide import AutoGuide
 
 from . import batching
 from .callbacks import Checkpoint, EarlyStopping, ProgressBar, TensorBoard, as_callback
@@ -97,6 +98,11 @@ def collect_params(pair, objective, batch, info=None):
     if not params:
         raise UsageError(f"{pair.name} has no parameters to optimise")
     return params
+
+
+def _model_site(info, names):
+    """The first of ``names`` that the model samples (an autoguide's auxiliary sites name no model site)."""
+    return next((n for n in names if info.sites[n].in_model), names[0])
 
 
 def _first_rows(batch, info):
@@ -261,13 +267,31 @@ class Trainer:
                 raise UsageError(f"the pair subsamples its plate {info.data_plate!r} with subsample_size="
                                  f"{info.batch_size}: use batch_size={info.batch_size}")
             self.drop_last = True
-        elif info.global_latents and self.batch_size < self.num_data and not self.scaled_to_full_data:
+            return
+        if self.batch_size >= self.num_data:
+            return
+        local_guide = [n for n in info.latents if info.sites[n].in_guide and info.sites[n].local]
+        if isinstance(self.pair.guide, AutoGuide) and local_guide:
             raise UsageError(
-                f"site {info.global_latents[0]!r} is a global latent, but minibatches of {self.batch_size} of the "
+                f"{type(self.pair.guide).__name__} keeps parameters per datapoint for the local site "
+                f"{_model_site(info, local_guide)!r}, but minibatches of {self.batch_size} of the {self.num_data} "
+                "training points never reach its plate; subsample the plate in the model "
+                f"(pyro.plate({info.data_plate!r}, N, subsample_size={self.batch_size}) with the full data passed in "
+                f"and indexed by the plate), or use batch_size >= {self.num_data}"
+            )
+        if info.global_latents and not self.scaled_to_full_data:
+            raise UsageError(
+                f"site {_model_site(info, info.global_latents)!r} is a global latent, but minibatches of {self.batch_size} of the "
                 f"{self.num_data} training points are not scaled to the full data, so each step would treat its "
                 f"batch as the whole data set; subsample the plate in the model (pyro.plate({info.data_plate!r}, N, "
                 f"subsample_size={self.batch_size}) with the full data passed in) or use batch_size >= {self.num_data}"
             )
+
+    @property
+    def shuffle(self):
+        """Minibatches are drawn from a fresh permutation each epoch; one batch of every point keeps their order
+        (a guide with parameters per datapoint, e.g. a local AutoNormal, relies on it)."""
+        return self.info.subsampled or self.batch_size < self.num_data
 
     @property
     def scaled_to_full_data(self):
@@ -434,7 +458,7 @@ class Trainer:
         """One pass over the training data; the losses are read to the host every ``sync_every`` steps."""
         data = batching.epoch_view(self.train_data)
         batches = batching.batch_indices(
-            self.num_data, self.batch_size, shuffle=True, device=self.device, drop_last=self.drop_last
+            self.num_data, self.batch_size, shuffle=self.shuffle, device=self.device, drop_last=self.drop_last
         )
         last, window, total, points = len(batches), [], 0.0, 0
         for step, idx in enumerate(batches, start=1):
