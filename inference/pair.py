@@ -261,6 +261,8 @@ class SetSubsample(Messenger):
 
 
 def _takes_keywords(fn, keys):
+    if isinstance(fn, torch.nn.Module):  # a PyroModule model: its forward's signature, not __call__'s
+        fn = fn.forward
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
@@ -477,8 +479,8 @@ def inspect_pair(pair, batch, *, max_plate_nesting=None, rows=None):
     * ``max_plate_nesting``: overrides the pair's; when neither is known it is
       the deepest vectorised plate of a first plain trace.
 
-    Raises :class:`UsageError` when a site's shape needs more plates than the
-    declared ``max_plate_nesting``.
+    Raises :class:`UsageError` when the pair uses more nested plates than the
+    declared ``max_plate_nesting`` (a site's shape, or enumeration failing for it).
     """
     pair = as_pair(pair)
     state = get_rng_state()
@@ -496,10 +498,27 @@ def inspect_pair(pair, batch, *, max_plate_nesting=None, rows=None):
                     model_trace, guide_trace = _traces(pair, args, kwargs, mpn)
             else:
                 mpn = int(declared)
-                model_trace, guide_trace = _traces(pair, args, kwargs, mpn)
+                try:
+                    model_trace, guide_trace = _traces(pair, args, kwargs, mpn)
+                except Exception as error:
+                    _check_declared_nesting(pair, args, kwargs, mpn, error)
+                    raise
     finally:
         set_rng_state(state)
     return _classify(model_trace, guide_trace, mpn)
+
+
+def _check_declared_nesting(pair, args, kwargs, declared, error):
+    """Turn a failure of the enumerated trace into a UsageError when the declared plate nesting is too small."""
+    try:
+        depth = _guess_plate_nesting(_plain_traces(pair, args, kwargs))
+    except Exception:
+        return
+    if depth > declared:
+        raise UsageError(
+            f"max_plate_nesting={declared} is too small: the pair uses {depth} nested plate(s) "
+            f"(enumeration failed: {' '.join(str(error).split())[:200]})"
+        ) from error
 
 
 def _classify(model_trace, guide_trace, mpn):
