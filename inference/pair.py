@@ -561,7 +561,7 @@ def _classify(model_trace, guide_trace, mpn):
                     check_site_shape(site_with_log_prob_shape(site), mpn)
                 except ValueError as e:
                     raise UsageError(f"site {name!r}: {' '.join(str(e).split())} (max_plate_nesting={mpn})") from None
-        plates = tuple(f.name for f in reversed(own["cond_indep_stack"]))
+        plates = tuple(f.name for f in own["cond_indep_stack"])  # outermost first, as Pyro records them
         sites[name] = Site(
             name=name,
             observed=bool(m is not None and m["is_observed"]),

@@ -500,3 +500,27 @@ def test_a_plain_reparameterised_pair_accepts_every_objective_and_unknown_elbos(
 
     check_objective(info, MyELBO())
     assert isinstance(info, PairInfo)
+
+
+def test_inspect_nested_plates_outermost_first():
+    """Factor analysis with a features plate inside the data plate: plates are listed outermost first."""
+
+    def fa_model(x):
+        w = pyro.sample("w", dist.Normal(torch.zeros(3, 1), 1.0).to_event(2))
+        with pyro.plate("data", x.shape[0], dim=-2):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            with pyro.plate("features", x.shape[1], dim=-1):
+                pyro.sample("x", dist.Normal(z * w.T, 0.5), obs=x)
+
+    def fa_guide(x):
+        pyro.sample("w", dist.Normal(pyro.param("w_loc", torch.zeros(3, 1)), 1.0).to_event(2))
+        with pyro.plate("data", x.shape[0], dim=-2):
+            pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], 1), 1.0))
+
+    info = inspect_pair((fa_model, fa_guide), torch.randn(5, 3))
+    assert info.sites == {
+        "w": site("w", in_guide=True, reparameterized=True),
+        "z": site("z", plates=("data",), in_guide=True, reparameterized=True),
+        "x": site("x", plates=("data", "features"), observed=True),
+    }
+    assert info.max_plate_nesting == 2 and (info.num_data, info.batch_size) == (5, 5)
