@@ -61,7 +61,8 @@ from dataclasses import dataclass
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.infer import RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
+from pyro.infer.autoguide import AutoGuide
 from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
@@ -524,7 +525,7 @@ def _check_declared_nesting(pair, args, kwargs, declared, error):
 def _classify(model_trace, guide_trace, mpn):
     model_sites, guide_sites = _sample_sites(model_trace), _sample_sites(guide_trace)
     data_frame, subsample_fn = None, None
-    for trace in (guide_trace, model_trace):
+    for trace in (model_trace, guide_trace):  # the model's plate decides (an autoguide copies its sizes)
         for name, site in trace.nodes.items():
             if site["type"] != "sample":
                 continue
@@ -602,7 +603,7 @@ def objective_kind(elbo):
         name = elbo.strip().lower().split(":")[0]
         return name if name in OBJECTIVES else None
     inner = getattr(elbo, "elbo", None)  # a wrapper such as inference.fast_elbo.FastELBO
-    if inner is not None and not isinstance(elbo, pyro.infer.ELBO):
+    if inner is not None and not isinstance(elbo, ELBO):
         return objective_kind(inner)
     if isinstance(elbo, TraceEnum_ELBO):
         return "enum"
@@ -684,3 +685,29 @@ def check_objective(info, elbo, *, spec=None):
     valid = [_SPEC_OF[k] for k in valid_objectives(info)]
     tail = f"valid specs for this pair: {', '.join(valid)}" if valid else "no objective trains this pair as written"
     raise UsageError(f"objective {shown!r} refused: {reason}; {tail}")
+
+
+def check_minibatching(pair, info, *, num_data, batch_size):
+    """Raise :class:`UsageError` when minibatches of ``batch_size`` out of ``num_data`` rows cannot train the pair.
+
+    A Pyro autoguide keeps parameters for every latent it saw on its first call;
+    for latents inside the data plate that is one set per datapoint, sized by
+    the plate. Unless the model subsamples its own plate
+    (``pyro.plate("data", len(x), subsample_size=B)``, bound by
+    :meth:`Pair.bind`), minibatches would pair the first batch's parameters with
+    other rows (or fail on a ragged batch). Refused when ``batch_size <
+    num_data``; full-batch training is fine.
+    """
+    if info.subsampled or batch_size >= num_data:
+        return
+    guide = pair.guide
+    if not isinstance(guide, AutoGuide):
+        return
+    local = [name for name, s in info.sites.items() if s.in_model and s.in_guide and s.local and not s.observed]
+    if local:
+        raise UsageError(
+            f"{type(guide).__name__} has per-datapoint parameters for the local latent {local[0]!r}; minibatches of "
+            f"{batch_size} out of {num_data} rows need the model to subsample its own plate "
+            f"(pyro.plate({info.data_plate!r}, len(x), subsample_size={batch_size}) and index the data by its "
+            "indices), or train on the full batch"
+        )

@@ -19,6 +19,7 @@ from inference.pair import (
     PairInfo,
     Site,
     as_pair,
+    check_minibatching,
     check_objective,
     inspect_pair,
     take_rows,
@@ -524,3 +525,30 @@ def test_inspect_nested_plates_outermost_first():
         "x": site("x", plates=("data", "features"), observed=True),
     }
     assert info.max_plate_nesting == 2 and (info.num_data, info.batch_size) == (5, 5)
+
+
+def test_minibatches_with_a_local_autoguide_need_a_self_subsampled_plate():
+    x = torch.randn(40)
+    pair = as_pair((local_model, AutoNormal(local_model)))
+    info = inspect_pair(pair, x)
+    with pytest.raises(UsageError, match="local latent 'z'.*subsample_size=10"):
+        check_minibatching(pair, info, num_data=40, batch_size=10)
+    check_minibatching(pair, info, num_data=40, batch_size=40)  # full batch: fine
+    check_minibatching(as_pair(TinyVAE()), inspect_pair(TinyVAE(), torch.rand(4, 3)), num_data=40, batch_size=10)
+    sub = as_pair((regression, AutoNormal(regression)))
+    check_minibatching(sub, inspect_pair(sub, (x, x)), num_data=40, batch_size=10)
+
+
+def test_a_batch_given_plate_with_subsample_indices_is_not_self_subsampled():
+    """A model that scales its batch by N/B with subsample=arange(B) (as GMM does) is given its batch, with an autoguide too."""
+
+    def scaled_model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", 100, subsample=torch.arange(len(x))):
+            z = pyro.sample("z", dist.Normal(mu, 1.0))
+            pyro.sample("obs", dist.Normal(z, 1.0), obs=x)
+
+    # AutoNormal creates its plate with subsample_size=4 of 100; the model's plate (indices given) decides
+    info = inspect_pair((scaled_model, AutoNormal(scaled_model)), X)
+    assert (info.num_data, info.batch_size, info.subsampled) == (100, 4, False)
+    assert info.scaled == ("z_unconstrained", "z", "obs")
