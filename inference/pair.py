@@ -36,9 +36,10 @@ argument (the multimodal models here take a dict).
 Pairs that subsample their own data plate
 (``pyro.plate("data", len(x), subsample_size=B)`` with the full data passed in)
 are bound by :meth:`Pair.bind`: the full data is passed and the plate's indices
-are set to the engine's minibatch, by conditioning the plate's subsample site
-(Pyro's plate draws its indices through a sample site named after the plate, see
-``pyro.poutine.subsample_messenger``). A local-latent
+are set to the engine's minibatch by giving the plate's subsample site its value
+(:class:`SetSubsample`; Pyro's plate draws its indices through a sample site
+named after the plate, see ``pyro.poutine.subsample_messenger``). The minibatch
+size must equal the plate's ``subsample_size``. A local-latent
 :class:`~pyro.infer.autoguide.AutoNormal` creates its plates with the model's
 full size and the same name, so its per-datapoint parameters (N rows) are
 indexed by the same rows.
@@ -48,7 +49,8 @@ The inspection
 
 :func:`inspect_pair` traces the guide and the model replayed against it, once,
 on a small batch, and returns a :class:`PairInfo` that classifies every sample
-site. :func:`check_objective` decides from that record, up front, whether an
+site. :func:`check_minibatching` refuses minibatches that an autoguide with
+local latents cannot follow. :func:`check_objective` decides from that record, up front, whether an
 objective is valid for the pair, and refuses it in one line naming the site.
 """
 
