@@ -49,9 +49,10 @@ The inspection
 
 :func:`inspect_pair` traces the guide and the model replayed against it, once,
 on a small batch, and returns a :class:`PairInfo` that classifies every sample
-site. :func:`check_minibatching` refuses minibatches that an autoguide with
-local latents cannot follow. :func:`check_objective` decides from that record, up front, whether an
-objective is valid for the pair, and refuses it in one line naming the site.
+site. :func:`check_objective` decides from that record, up front, whether an
+objective is valid for the pair, and refuses it in one line naming the site;
+:func:`check_minibatching` refuses minibatches that an autoguide with local
+latents cannot follow.
 """
 
 import inspect
