@@ -36,9 +36,10 @@ argument (the multimodal models here take a dict).
 Pairs that subsample their own data plate
 (``pyro.plate("data", len(x), subsample_size=B)`` with the full data passed in)
 are bound by :meth:`Pair.bind`: the full data is passed and the plate's indices
-are set to the engine's minibatch, by conditioning the plate's subsample site
-(Pyro's plate draws its indices through a sample site named after the plate, see
-``pyro.poutine.subsample_messenger``). A local-latent
+are set to the engine's minibatch by giving the plate's subsample site its value
+(:class:`SetSubsample`; Pyro's plate draws its indices through a sample site
+named after the plate, see ``pyro.poutine.subsample_messenger``). The minibatch
+size must equal the plate's ``subsample_size``. A local-latent
 :class:`~pyro.infer.autoguide.AutoNormal` creates its plates with the model's
 full size and the same name, so its per-datapoint parameters (N rows) are
 indexed by the same rows.
@@ -49,7 +50,9 @@ The inspection
 :func:`inspect_pair` traces the guide and the model replayed against it, once,
 on a small batch, and returns a :class:`PairInfo` that classifies every sample
 site. :func:`check_objective` decides from that record, up front, whether an
-objective is valid for the pair, and refuses it in one line naming the site.
+objective is valid for the pair, and refuses it in one line naming the site;
+:func:`check_minibatching` refuses minibatches that an autoguide with local
+latents cannot follow.
 """
 
 import inspect
@@ -61,7 +64,8 @@ from dataclasses import dataclass
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.infer import RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
+from pyro.infer.autoguide import AutoGuide
 from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
@@ -261,6 +265,8 @@ class SetSubsample(Messenger):
 
 
 def _takes_keywords(fn, keys):
+    if isinstance(fn, torch.nn.Module):  # a PyroModule model: its forward's signature, not __call__'s
+        fn = fn.forward
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
@@ -477,8 +483,8 @@ def inspect_pair(pair, batch, *, max_plate_nesting=None, rows=None):
     * ``max_plate_nesting``: overrides the pair's; when neither is known it is
       the deepest vectorised plate of a first plain trace.
 
-    Raises :class:`UsageError` when a site's shape needs more plates than the
-    declared ``max_plate_nesting``.
+    Raises :class:`UsageError` when the pair uses more nested plates than the
+    declared ``max_plate_nesting`` (a site's shape, or enumeration failing for it).
     """
     pair = as_pair(pair)
     state = get_rng_state()
@@ -496,16 +502,33 @@ def inspect_pair(pair, batch, *, max_plate_nesting=None, rows=None):
                     model_trace, guide_trace = _traces(pair, args, kwargs, mpn)
             else:
                 mpn = int(declared)
-                model_trace, guide_trace = _traces(pair, args, kwargs, mpn)
+                try:
+                    model_trace, guide_trace = _traces(pair, args, kwargs, mpn)
+                except Exception as error:
+                    _check_declared_nesting(pair, args, kwargs, mpn, error)
+                    raise
     finally:
         set_rng_state(state)
     return _classify(model_trace, guide_trace, mpn)
 
 
+def _check_declared_nesting(pair, args, kwargs, declared, error):
+    """Turn a failure of the enumerated trace into a UsageError when the declared plate nesting is too small."""
+    try:
+        depth = _guess_plate_nesting(_plain_traces(pair, args, kwargs))
+    except Exception:
+        return
+    if depth > declared:
+        raise UsageError(
+            f"max_plate_nesting={declared} is too small: the pair uses {depth} nested plate(s) "
+            f"(enumeration failed: {' '.join(str(error).split())[:200]})"
+        ) from error
+
+
 def _classify(model_trace, guide_trace, mpn):
     model_sites, guide_sites = _sample_sites(model_trace), _sample_sites(guide_trace)
     data_frame, subsample_fn = None, None
-    for trace in (guide_trace, model_trace):
+    for trace in (model_trace, guide_trace):  # the model's plate decides (an autoguide copies its sizes)
         for name, site in trace.nodes.items():
             if site["type"] != "sample":
                 continue
@@ -542,7 +565,7 @@ def _classify(model_trace, guide_trace, mpn):
                     check_site_shape(site_with_log_prob_shape(site), mpn)
                 except ValueError as e:
                     raise UsageError(f"site {name!r}: {' '.join(str(e).split())} (max_plate_nesting={mpn})") from None
-        plates = tuple(f.name for f in reversed(own["cond_indep_stack"]))
+        plates = tuple(f.name for f in own["cond_indep_stack"])  # outermost first, as Pyro records them
         sites[name] = Site(
             name=name,
             observed=bool(m is not None and m["is_observed"]),
@@ -583,7 +606,7 @@ def objective_kind(elbo):
         name = elbo.strip().lower().split(":")[0]
         return name if name in OBJECTIVES else None
     inner = getattr(elbo, "elbo", None)  # a wrapper such as inference.fast_elbo.FastELBO
-    if inner is not None and not isinstance(elbo, pyro.infer.ELBO):
+    if inner is not None and not isinstance(elbo, ELBO):
         return objective_kind(inner)
     if isinstance(elbo, TraceEnum_ELBO):
         return "enum"
@@ -665,3 +688,29 @@ def check_objective(info, elbo, *, spec=None):
     valid = [_SPEC_OF[k] for k in valid_objectives(info)]
     tail = f"valid specs for this pair: {', '.join(valid)}" if valid else "no objective trains this pair as written"
     raise UsageError(f"objective {shown!r} refused: {reason}; {tail}")
+
+
+def check_minibatching(pair, info, *, num_data, batch_size):
+    """Raise :class:`UsageError` when minibatches of ``batch_size`` out of ``num_data`` rows cannot train the pair.
+
+    A Pyro autoguide keeps parameters for every latent it saw on its first call;
+    for latents inside the data plate that is one set per datapoint, sized by
+    the plate. Unless the model subsamples its own plate
+    (``pyro.plate("data", len(x), subsample_size=B)``, bound by
+    :meth:`Pair.bind`), minibatches would pair the first batch's parameters with
+    other rows (or fail on a ragged batch). Refused when ``batch_size <
+    num_data``; full-batch training is fine.
+    """
+    if info.subsampled or batch_size >= num_data:
+        return
+    guide = pair.guide
+    if not isinstance(guide, AutoGuide):
+        return
+    local = [name for name, s in info.sites.items() if s.in_model and s.in_guide and s.local and not s.observed]
+    if local:
+        raise UsageError(
+            f"{type(guide).__name__} has per-datapoint parameters for the local latent {local[0]!r}; minibatches of "
+            f"{batch_size} out of {num_data} rows need the model to subsample its own plate "
+            f"(pyro.plate({info.data_plate!r}, len(x), subsample_size={batch_size}) and index the data by its "
+            "indices), or train on the full batch"
+        )
