@@ -19,7 +19,6 @@ from pathlib import Path
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.infer.autoguide import AutoGuide
 
 from . import batching
 from .callbacks import Checkpoint, EarlyStopping, ProgressBar, TensorBoard, as_callback
@@ -27,7 +26,7 @@ from .checkpoint import get_rng_state, set_rng_state
 from .errors import NonFiniteLossError, UsageError
 from .evaluate import evaluate
 from .loss import make_step_loss
-from .pair import as_pair, check_objective, inspect_pair
+from .pair import as_pair, check_minibatching, check_objective, inspect_pair
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 SCHEDULER_INTERVALS = ("epoch", "step")
@@ -270,15 +269,7 @@ class Trainer:
             return
         if self.batch_size >= self.num_data:
             return
-        local_guide = [n for n in info.latents if info.sites[n].in_guide and info.sites[n].local]
-        if isinstance(self.pair.guide, AutoGuide) and local_guide:
-            raise UsageError(
-                f"{type(self.pair.guide).__name__} keeps parameters per datapoint for the local site "
-                f"{_model_site(info, local_guide)!r}, but minibatches of {self.batch_size} of the {self.num_data} "
-                "training points never reach its plate; subsample the plate in the model "
-                f"(pyro.plate({info.data_plate!r}, N, subsample_size={self.batch_size}) with the full data passed in "
-                f"and indexed by the plate), or use batch_size >= {self.num_data}"
-            )
+        check_minibatching(self.pair, info, num_data=self.num_data, batch_size=self.batch_size)
         if info.global_latents and not self.scaled_to_full_data:
             raise UsageError(
                 f"site {_model_site(info, info.global_latents)!r} is a global latent, but minibatches of {self.batch_size} of the "

@@ -140,7 +140,7 @@ def test_local_autonormal_trains_on_minibatches(batch_size):
 def test_local_autonormal_on_unsubsampled_minibatches_is_refused():
     """Slicing the data would hand row i of the guide another datapoint: refused, with the remedy."""
     model = local_normal_model(None)
-    with pytest.raises(UsageError, match=r"AutoNormal keeps parameters per datapoint for the local site 'z'"):
+    with pytest.raises(UsageError, match=r"AutoNormal has per-datapoint parameters for the local latent 'z'.*subsample_size=50"):
         fit((model, AutoNormal(model)), torch.randn(200), epochs=1, batch_size=50, lr=0.05, progress=False)
 
 
