@@ -117,7 +117,8 @@ def clustering_scores(y_true, y_pred):
 #   classifiers all give the same class.
 # * Linear probe: accuracy of a logistic regression from a representation
 #   (latent means, canonical variates) to the class, fitted on train, scored on test.
-# * CCA (Hotelling 1936; seed 003's "coordinated representation"): project two
+# * CCA (Hotelling 1936; a "coordinated representation" in the taxonomy of
+#   Baltrusaitis, Ahuja & Morency 2019): project two
 #   views onto their top canonical directions; probe the variates.
 
 

@@ -46,6 +46,8 @@ from pyro.ops.indexing import Vindex
 
 from inference.errors import UsageError
 
+from .nets import softplus_inverse
+
 COVARIANCES = ("diag", "full")
 
 
@@ -258,13 +260,13 @@ class GMM(nn.Module):
         self.weight_logits = nn.Parameter(torch.zeros(k))
         self.means = nn.Parameter(means.clone())
         # the "raw" scale: softplus(raw) + min_scale is a standard deviation (diag) / Cholesky diagonal (full)
-        self.scale_raw = nn.Parameter(torch.full((k, d), _softplus_inv(1.0 - min_scale)))
+        self.scale_raw = nn.Parameter(torch.full((k, d), softplus_inverse(1.0 - min_scale)))
         if covariance == "full":
             self.tril_raw = nn.Parameter(torch.zeros(k, d, d))
         if mean_prior_scale is not None:
-            self.means_scale_raw = nn.Parameter(torch.full((k, d), _softplus_inv(0.1)))
+            self.means_scale_raw = nn.Parameter(torch.full((k, d), softplus_inverse(0.1)))
         if weight_concentration is not None:
-            self.weight_conc_raw = nn.Parameter(torch.full((k,), _softplus_inv(10.0)))
+            self.weight_conc_raw = nn.Parameter(torch.full((k,), softplus_inverse(10.0)))
         # how log_weights draws the assignment: "exact" sums it out; "prior" samples c_k ~ pi
         # (importance sampling with the prior as proposal, a deliberately weak guide for bound studies)
         self.proposal = "exact"
@@ -335,11 +337,11 @@ class GMM(nn.Module):
         covs = torch.as_tensor(covariances, dtype=torch.float64)
         if self.covariance == "diag":
             scales = covs.sqrt()
-            self.scale_raw.copy_(_softplus_inv((scales - self.min_scale).clamp_min(1e-6)))
+            self.scale_raw.copy_(softplus_inverse((scales - self.min_scale).clamp_min(1e-6)))
         else:
             tril = torch.linalg.cholesky(covs)
             diag = torch.diagonal(tril, dim1=-2, dim2=-1)
-            self.scale_raw.copy_(_softplus_inv((diag - self.min_scale).clamp_min(1e-6)))
+            self.scale_raw.copy_(softplus_inverse((diag - self.min_scale).clamp_min(1e-6)))
             self.tril_raw.copy_(torch.tril(tril, -1))
 
     def point_estimates(self):
@@ -427,8 +429,3 @@ class GMM(nn.Module):
         _check_x(x, "data")
         if x.shape[1] != self.x_dim:
             raise UsageError(f"data have {x.shape[1]} values per point, the model expects {self.x_dim}")
-
-
-def _softplus_inv(y):
-    y = torch.as_tensor(y, dtype=torch.float32)
-    return y + torch.log(-torch.expm1(-y))

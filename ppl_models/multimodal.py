@@ -1,4 +1,4 @@
-r"""Multimodal VAEs with one shared latent and a choice of fusion rule (seed 003).
+r"""Multimodal VAEs with one shared latent and a choice of fusion rule.
 
 Generative process, for each datapoint (all inside ``pyro.plate("data")``), with
 M modalities x_1..x_M conditionally independent given the shared z::
@@ -20,7 +20,8 @@ Objectives (``objective=``):
   a lower bound on log p(X_P).
 * ``"subset"`` (default): the weighted sum over the 2^|P| - 1 non-empty subsets S
   of P of ELBO_S, in which q(z | X_S) reconstructs *every* present modality
-  (seed 003 eq. 7: minimising sum_S KL[q(z | X_S) || p(z | X)]). Each ELBO_S is
+  (Mancisidor et al. 2024; log p(X_P) - ELBO_S = KL[q(z | X_S) || p(z | X_P)],
+  so the objective pulls every subset's posterior towards p(z | X_P)). Each ELBO_S is
   a lower bound on log p(X_P), and so is any convex combination of them. The
   weights are uniform (1/(2^|P| - 1), the plain sum divided by a constant), or,
   with ``subset_weights="learned"``, softmax of a free vector over the subsets
@@ -43,7 +44,7 @@ Mixture posteriors (``moe``, ``mopoe``) are sampled by drawing a component and
 reparameterising it; see :mod:`ppl_models.experts` for why that single-sample
 estimator is unbiased for the ELBO and its gradient.
 
-Generation (seed 003, Algorithm 1): :meth:`generate` draws z ~ q(z | X_S) from
+Cross-modal generation (Shi et al. 2019): :meth:`generate` draws z ~ q(z | X_S) from
 the posterior of any given subset and decodes the targets (private latents of a
 target not given come from their prior); :meth:`sample` draws z from the prior.
 """
@@ -152,9 +153,7 @@ class MultimodalVAE(nn.Module):
                 self.decoders[name] = nets.conv_decoder(latent_dim + self.private[name], m["image_shape"],
                                                         activation=activation)
             elif arch in ("mlp", "conv"):
-                body = nets.mlp([m["dim"], *hidden], activation)
-                self.encoders[name] = nn.Sequential(body, nets.ACTIVATIONS[activation]()) if hidden else body
-                feat = hidden[-1] if hidden else m["dim"]
+                self.encoders[name], feat = nets.mlp_encoder_body(m["dim"], hidden, activation)
                 sizes = [latent_dim + self.private[name], *reversed(hidden), lik.out_features]
                 self.decoders[name] = nets.mlp(sizes, activation)
             else:

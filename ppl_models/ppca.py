@@ -42,13 +42,9 @@ import torch.nn.functional as F
 
 from inference.errors import UsageError
 
+from .nets import softplus_inverse
+
 GUIDES = ("diag", "full")
-
-
-def _softplus_inv(y):
-    y = torch.as_tensor(y)
-    y = y if y.is_floating_point() else y.to(torch.get_default_dtype())
-    return y + torch.log(-torch.expm1(-y))
 
 
 class PPCA(nn.Module):
@@ -76,11 +72,11 @@ class PPCA(nn.Module):
         self.W = nn.Parameter(0.1 * torch.randn(x_dim, latent_dim))
         self.mu = nn.Parameter(torch.zeros(x_dim))
         if sigma is None:
-            self.sigma_raw = nn.Parameter(_softplus_inv(1.0))
+            self.sigma_raw = nn.Parameter(softplus_inverse(1.0))
         else:
             self.register_buffer("sigma_fixed", torch.tensor(float(sigma)))
         self.encoder = nn.Linear(x_dim, latent_dim)  # the guide's mean V x + b
-        self.q_scale_raw = nn.Parameter(torch.full((latent_dim,), float(_softplus_inv(0.5))))
+        self.q_scale_raw = nn.Parameter(torch.full((latent_dim,), float(softplus_inverse(0.5))))
         if guide == "full":
             self.q_tril_raw = nn.Parameter(torch.zeros(latent_dim, latent_dim))
 
@@ -160,7 +156,7 @@ class PPCA(nn.Module):
             )
         self.encoder.weight.copy_(gain)
         self.encoder.bias.copy_(-(gain @ self.mu))
-        self.q_scale_raw.copy_(_softplus_inv((tril.diagonal() - self.min_sigma).clamp_min(1e-12)))
+        self.q_scale_raw.copy_(softplus_inverse((tril.diagonal() - self.min_sigma).clamp_min(1e-12)))
         if self.guide_type == "full":
             self.q_tril_raw.copy_(off)
 
@@ -187,5 +183,5 @@ class PPCA(nn.Module):
         W = evecs[:, :L] * (evals[:L] - s2).clamp_min(0).sqrt()
         self.mu.copy_(mean)
         self.W.copy_(W)
-        self.sigma_raw.copy_(_softplus_inv(s2.sqrt() - self.min_sigma))
+        self.sigma_raw.copy_(softplus_inverse(s2.sqrt() - self.min_sigma))
         return self

@@ -37,6 +37,8 @@ import pyro.poutine as poutine
 import torch
 import torch.nn as nn
 
+from inference.errors import UsageError
+
 from . import nets
 from .likelihoods import make_likelihood
 
@@ -67,7 +69,7 @@ class VAE(nn.Module):
     ):
         super().__init__()
         if not beta > 0:
-            raise ValueError(f"beta must be positive, got {beta}")
+            raise UsageError(f"beta must be positive, got {beta}")
         self.config = dict(
             x_dim=x_dim,
             latent_dim=latent_dim,
@@ -82,17 +84,16 @@ class VAE(nn.Module):
         self.beta = float(beta)
         self.likelihood = make_likelihood(likelihood, x_dim)
         if arch == "mlp":
-            body = nets.mlp([x_dim, *hidden], activation)
-            body_out = hidden[-1] if hidden else x_dim
-            self.encoder_body = nn.Sequential(body, nets.ACTIVATIONS[activation]()) if hidden else body
+            self.encoder_body, body_out = nets.mlp_encoder_body(x_dim, hidden, activation)
             self.decoder = nets.mlp([latent_dim, *reversed(hidden), self.likelihood.out_features], activation)
         elif arch == "conv":
-            if image_shape is None or nets.num_features(image_shape) != x_dim:
-                raise ValueError(f"the conv VAE needs image_shape with prod == x_dim, got {image_shape}")
+            if image_shape is None or len(image_shape) != 3 or nets.num_features(image_shape) != x_dim:
+                raise UsageError(f"the conv VAE needs images: image_shape (C, H, W) with C*H*W = {x_dim}, "
+                                 f"got {None if image_shape is None else tuple(image_shape)}")
             self.encoder_body, body_out = nets.conv_encoder_body(image_shape, activation=activation)
             self.decoder = nets.conv_decoder(latent_dim, image_shape, activation=activation)
         else:
-            raise ValueError(f"unknown arch {arch!r}; use 'mlp' or 'conv'")
+            raise UsageError(f"unknown arch {arch!r}; use 'mlp' or 'conv'")
         self.encoder_head = nets.GaussianHead(body_out, latent_dim)
 
     @classmethod
