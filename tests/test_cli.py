@@ -133,8 +133,9 @@ def bad_cases(tmp, run_dir):
                             "train-images-idx3-ubyte", out),
         "nan data": (["train", "vae", "--dataset", _npz(tmp / "nan.npz", nan), "--binarize", "none",
                       "--likelihood", "normal", "--out", out], "NaN", out),
-        "conv on flat data": (["train", "vae", "--arch", "conv", "--dataset", _npz(tmp / "flat.npz", (grey > 0.5).astype(np.float32)),
-                               "--out", out], "image_shape (C, H, W)", out),
+        "conv on flat data": (["train", "vae", "--arch", "conv", "--out", out,
+                               "--dataset", _npz(tmp / "flat.npz", (grey > 0.5).astype(np.float32))],
+                              "image_shape (C, H, W)", out),
         "outside support": (["train", "vae", "--dataset", _npz(tmp / "grey.npz", grey), "--binarize", "none",
                              "--out", out], "binary data", out),
         "cuda absent": (["train", "vae", "--device", "cuda", "--out", out], "CUDA", out)
