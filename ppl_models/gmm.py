@@ -46,6 +46,7 @@ from pyro.ops.indexing import Vindex
 
 from inference.errors import UsageError
 
+from .base import Configurable, ModelConfig
 from .nets import softplus_inverse
 
 COVARIANCES = ("diag", "full")
@@ -210,7 +211,19 @@ def em(x, n_components, *, covariance="diag", restarts=5, max_iter=200, tol=1e-6
     return best
 
 
-class GMM(nn.Module):
+@dataclass
+class GMMConfig(ModelConfig):
+    """The stored arguments of :class:`GMM` (defaults: its signature; ``init_means`` is not stored)."""
+
+    x_dim: int
+    n_components: int
+    covariance: str
+    min_scale: float
+    mean_prior_scale: float | None
+    weight_concentration: float | None
+
+
+class GMM(Configurable, nn.Module):
     """A Gaussian mixture as a Pyro model/guide pair with the assignments enumerated.
 
     :param x_dim: D, values per datapoint.
@@ -237,20 +250,13 @@ class GMM(nn.Module):
         init_means=None,
     ):
         super().__init__()
+        self.cfg = GMMConfig.from_arguments(locals())
         _check_covariance(covariance)
         if not isinstance(n_components, int) or n_components < 1:
             raise UsageError(f"n_components must be a positive integer, got {n_components!r}")
         for name, v in (("mean_prior_scale", mean_prior_scale), ("weight_concentration", weight_concentration)):
             if v is not None and not (v > 0 and math.isfinite(v)):
                 raise UsageError(f"{name} must be a positive number, got {v!r}")
-        self.config = dict(
-            x_dim=x_dim,
-            n_components=n_components,
-            covariance=covariance,
-            min_scale=min_scale,
-            mean_prior_scale=mean_prior_scale,
-            weight_concentration=weight_concentration,
-        )
         self.x_dim, self.n_components, self.covariance = x_dim, n_components, covariance
         self.min_scale = min_scale
         self.mean_prior_scale, self.weight_concentration = mean_prior_scale, weight_concentration
@@ -270,10 +276,6 @@ class GMM(nn.Module):
         # how log_weights draws the assignment: "exact" sums it out; "prior" samples c_k ~ pi
         # (importance sampling with the prior as proposal, a deliberately weak guide for bound studies)
         self.proposal = "exact"
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
 
     @classmethod
     def from_em(cls, result, *, min_scale=None):

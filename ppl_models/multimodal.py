@@ -49,7 +49,9 @@ the posterior of any given subset and decodes the targets (private latents of a
 target not given come from their prior); :meth:`sample` draws z from the prior.
 """
 
+from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import pyro
 import pyro.distributions as dist
@@ -61,6 +63,7 @@ import torch.nn.functional as F
 from inference.errors import UsageError
 
 from . import experts, nets
+from .base import Configurable, ModelConfig
 from .likelihoods import Categorical, make_likelihood
 
 OBJECTIVES = ("joint", "subset")
@@ -73,7 +76,31 @@ def modality(name, dim, likelihood="bernoulli", image_shape=None):
             "image_shape": None if image_shape is None else list(image_shape)}
 
 
-class MultimodalVAE(nn.Module):
+@dataclass
+class MultimodalVAEConfig(ModelConfig):
+    """The arguments of :class:`MultimodalVAE` (defaults: its signature); modalities as :func:`modality` specs."""
+
+    modalities: list
+    latent_dim: int
+    hidden: Sequence[int]
+    rule: str
+    rho: float
+    prior_expert: bool
+    objective: str
+    subset_weights: str
+    subset_entropy: float
+    beta: float
+    private_dim: int
+    arch: str
+    activation: str
+
+    def __post_init__(self):
+        self.modalities = [modality(**m) if isinstance(m, dict) else m for m in self.modalities]
+        if isinstance(self.rho, (int, float)):
+            self.rho = float(self.rho)
+
+
+class MultimodalVAE(Configurable, nn.Module):
     """A multimodal VAE with a shared latent z fused from per-modality experts.
 
     :param modalities: list of :func:`modality` specs (dicts with name, dim, likelihood, image_shape).
@@ -113,7 +140,8 @@ class MultimodalVAE(nn.Module):
         activation="relu",
     ):
         super().__init__()
-        specs = [modality(**m) if isinstance(m, dict) else m for m in modalities]
+        self.cfg = MultimodalVAEConfig.from_arguments(locals())
+        specs = self.cfg.modalities
         names = [m["name"] for m in specs]
         if not names or len(set(names)) != len(names):
             raise UsageError(f"modalities need distinct names, got {names}")
@@ -131,11 +159,6 @@ class MultimodalVAE(nn.Module):
             experts._check_rho(float(rho), len(names))
         elif rho != 0:
             raise UsageError(f"rho is CoDE's parameter; rule {rule!r} takes none")
-        self.config = dict(
-            modalities=specs, latent_dim=latent_dim, hidden=list(hidden), rule=rule, rho=float(rho),
-            prior_expert=prior_expert, objective=objective, subset_weights=subset_weights,
-            subset_entropy=subset_entropy, beta=beta, private_dim=private_dim, arch=arch, activation=activation,
-        )
         self.names = names
         self.specs = {m["name"]: m for m in specs}
         self.latent_dim, self.rule, self.rho, self.prior_expert = latent_dim, rule, float(rho), prior_expert
@@ -164,10 +187,6 @@ class MultimodalVAE(nn.Module):
         self.all_subsets = [tuple(names[i] for i in s) for s in experts.subsets(len(names))]
         if subset_weights == "learned":
             self.subset_logits = nn.Parameter(torch.zeros(len(self.all_subsets)))
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
 
     # ---- pieces ------------------------------------------------------------------------
     def present(self, batch):

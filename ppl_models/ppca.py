@@ -33,6 +33,7 @@ parameters (Tipping & Bishop 1999, eq. 7-8).
 """
 
 import math
+from dataclasses import dataclass
 
 import pyro
 import pyro.distributions as dist
@@ -42,12 +43,24 @@ import torch.nn.functional as F
 
 from inference.errors import UsageError
 
+from .base import Configurable, ModelConfig
 from .nets import softplus_inverse
 
 GUIDES = ("diag", "full")
 
 
-class PPCA(nn.Module):
+@dataclass
+class PPCAConfig(ModelConfig):
+    """The arguments of :class:`PPCA` (defaults: its signature)."""
+
+    x_dim: int
+    latent_dim: int
+    guide: str
+    sigma: float | None
+    min_sigma: float
+
+
+class PPCA(Configurable, nn.Module):
     """Probabilistic PCA with an amortised linear Gaussian guide.
 
     :param x_dim: D.
@@ -61,13 +74,13 @@ class PPCA(nn.Module):
 
     def __init__(self, x_dim, latent_dim, *, guide="diag", sigma=None, min_sigma=1e-3):
         super().__init__()
+        self.cfg = PPCAConfig.from_arguments(locals())
         if guide not in GUIDES:
             raise UsageError(f"unknown guide {guide!r}; valid: {', '.join(GUIDES)}")
         if not (isinstance(latent_dim, int) and 1 <= latent_dim <= x_dim):
             raise UsageError(f"latent_dim must be an integer in 1..x_dim={x_dim}, got {latent_dim!r}")
         if sigma is not None and not (sigma > 0 and math.isfinite(sigma)):
             raise UsageError(f"sigma must be a positive number or None (learned), got {sigma!r}")
-        self.config = dict(x_dim=x_dim, latent_dim=latent_dim, guide=guide, sigma=sigma, min_sigma=min_sigma)
         self.x_dim, self.latent_dim, self.guide_type, self.min_sigma = x_dim, latent_dim, guide, min_sigma
         self.W = nn.Parameter(0.1 * torch.randn(x_dim, latent_dim))
         self.mu = nn.Parameter(torch.zeros(x_dim))
@@ -79,10 +92,6 @@ class PPCA(nn.Module):
         self.q_scale_raw = nn.Parameter(torch.full((latent_dim,), float(softplus_inverse(0.5))))
         if guide == "full":
             self.q_tril_raw = nn.Parameter(torch.zeros(latent_dim, latent_dim))
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
 
     # ---- parameters -----------------------------------------------------------------
     @property

@@ -83,6 +83,8 @@ ICPR 2020. L. van der Maaten, G. Hinton, "Visualizing Data using t-SNE", JMLR 20
 
 import math
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pyro
@@ -93,6 +95,7 @@ import torch.nn.functional as F
 
 from inference.errors import UsageError
 
+from .base import ModelConfig
 from .nets import softplus_inverse
 from .vae import VAE
 
@@ -151,6 +154,21 @@ def tsne_map(points, *, perplexity=30.0, seed=0):
     return tsne.fit_transform(points)
 
 
+@dataclass
+class VaDEConfig(ModelConfig):
+    """The arguments of :class:`VaDE` (defaults: its signature)."""
+
+    x_dim: int
+    n_clusters: int
+    latent_dim: int
+    hidden: Sequence[int]
+    likelihood: str
+    arch: str
+    image_shape: Sequence[int] | None
+    activation: str
+    min_scale: float
+
+
 class VaDE(VAE):
     """VaDE: a VAE with a learned K-component diagonal Gaussian-mixture prior (see the module docstring).
 
@@ -189,8 +207,7 @@ class VaDE(VAE):
             image_shape=image_shape,
             activation=activation,
         )
-        self.config.pop("beta")
-        self.config.update(n_clusters=n_clusters, min_scale=min_scale)
+        self.cfg = VaDEConfig.from_arguments(locals())  # replaces the VAE's config (VaDE has no beta)
         self.n_clusters = n_clusters
         self.min_scale = float(min_scale)
         # until init_mixture: equal weights, unit scales, means spread by a fixed generator

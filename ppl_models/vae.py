@@ -29,7 +29,9 @@ The networks are plain ``torch.nn`` modules; :func:`inference.fit` optimises
 ``pyro.module`` call.
 """
 
+from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import pyro
 import pyro.distributions as dist
@@ -40,10 +42,25 @@ import torch.nn as nn
 from inference.errors import UsageError
 
 from . import nets
+from .base import Configurable, ModelConfig
 from .likelihoods import make_likelihood
 
 
-class VAE(nn.Module):
+@dataclass
+class VAEConfig(ModelConfig):
+    """The arguments of :class:`VAE` (defaults: its signature)."""
+
+    x_dim: int
+    latent_dim: int
+    hidden: Sequence[int]
+    likelihood: str
+    beta: float
+    arch: str
+    image_shape: Sequence[int] | None
+    activation: str
+
+
+class VAE(Configurable, nn.Module):
     """A VAE with an MLP or convolutional encoder/decoder.
 
     :param x_dim: values per datapoint (flattened).
@@ -68,18 +85,9 @@ class VAE(nn.Module):
         activation="relu",
     ):
         super().__init__()
+        self.cfg = VAEConfig.from_arguments(locals())
         if not beta > 0:
             raise UsageError(f"beta must be positive, got {beta}")
-        self.config = dict(
-            x_dim=x_dim,
-            latent_dim=latent_dim,
-            hidden=list(hidden),
-            likelihood=likelihood,
-            beta=beta,
-            arch=arch,
-            image_shape=None if image_shape is None else list(image_shape),
-            activation=activation,
-        )
         self.latent_dim = latent_dim
         self.beta = float(beta)
         self.likelihood = make_likelihood(likelihood, x_dim)
@@ -95,10 +103,6 @@ class VAE(nn.Module):
         else:
             raise UsageError(f"unknown arch {arch!r}; use 'mlp' or 'conv'")
         self.encoder_head = nets.GaussianHead(body_out, latent_dim)
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
 
     def _kl_scale(self):
         return poutine.scale(scale=self.beta) if self.beta != 1.0 else nullcontext()
