@@ -233,6 +233,11 @@ class MultimodalVAE(Configurable, nn.Module):
         h = z if w is None else torch.cat([z, w], -1)
         return self.likelihoods[name](self.decoders[name](h))
 
+    @property
+    def image_shapes(self):
+        """{modality: its image shape [C, H, W], or None when it is not an image (e.g. a label)}."""
+        return {n: self.specs[n]["image_shape"] for n in self.names}
+
     def subset_weights(self, names):
         """Weights of the subsets of ``names`` (a tensor, in :meth:`subsets` order) and their entropy."""
         subs = self.subsets(names)
@@ -369,85 +374,3 @@ class MultimodalVAE(Configurable, nn.Module):
         ref = next(self.parameters())
         z = torch.randn(n, self.latent_dim, device=ref.device, dtype=ref.dtype)
         return {m: self._emit(m, z, None, mean) for m in self.names}
-
-
-# ---- metrics and figures shared by the benchmark and the CLI ----------------------------
-def multimodal_metrics(module, train, test, classifiers, *, particles=100, joint_samples=1000, seed=0):
-    """Coherence (per given subset and by size), joint coherence, probes and log-likelihoods of a trained model.
-
-    ``train``/``test`` are :class:`ppl_models.multimodal_data.MultimodalSplit`;
-    ``classifiers`` come from :func:`inference.metrics.modality_classifiers`.
-    Log-likelihoods: the joint log p(X) by importance sampling with ``particles``
-    draws from q(z | X), and log p(x_t | X_rest) for every target t (see
-    :func:`inference.metrics.conditional_log_likelihood`).
-    """
-    from inference import evaluate
-    from inference import metrics as M
-
-    pyro.set_rng_seed(seed)
-    dev = next(module.parameters()).device
-    was = module.training
-    module.eval()
-    try:
-        test_x = {k: v.to(dev) for k, v in test.data.items()}
-        records = M.coherence(module, test_x, test.y, classifiers)
-        ev = evaluate(module, test_x, particles=particles)
-        out = {
-            "coherence": records,
-            "coherence_by_size": M.coherence_by_size(records),
-            "joint_coherence": M.joint_coherence(module, classifiers, joint_samples),
-            "test_elbo": ev.elbo,
-            "test_log_likelihood": ev.log_likelihood,
-            "test_log_likelihood_se": ev.log_likelihood_se,
-            "particles": particles,
-        }
-        cond = {}
-        for t in module.names:
-            rest = [m for m in module.names if m != t]
-            if rest:
-                cond[t] = M.conditional_log_likelihood(module, test_x, rest, t, particles=particles)[0]
-        out["conditional_log_likelihood"] = cond
-        probes = {"all": M.linear_probe(M.embeddings(module, train.data), train.y,
-                                        M.embeddings(module, test.data), test.y)}
-        for m in module.names:
-            probes[m] = M.linear_probe(M.embeddings(module, train.subset([m])), train.y,
-                                       M.embeddings(module, test.subset([m])), test.y)
-        out["probe_accuracy"] = probes
-    finally:
-        module.train(was)
-    return out
-
-
-def generation_grid(module, data, given, targets, path, *, n=10, title=None, seed=0):
-    """A PNG grid: the first ``n`` tuples' given image modalities, then each image target generated from them.
-
-    One row per modality (given rows first); label targets are written as the
-    predicted class in the row label. Returns the path.
-    """
-    from inference.plots import save_image_grid
-
-    specs = module.specs
-    given = [given] if isinstance(given, str) else list(given)
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    shapes = {m: specs[m]["image_shape"] for m in [*given, *targets] if specs[m]["image_shape"]}
-    if not shapes:
-        raise UsageError("a generation grid needs at least one image modality among the given and targets")
-    pyro.set_rng_seed(seed)
-    dev = next(module.parameters()).device
-    batch = {m: data[m][:n].to(dev) for m in given}
-    out = module.generate(batch, targets)
-    shape = next(iter(shapes.values()))
-    dim = int(torch.tensor(shape).prod())
-    rows, row_labels, text = [], [], []
-    for m, x, kind in [*((m, batch[m], "given") for m in given), *((t, out[t], "generated") for t in targets)]:
-        if specs[m]["image_shape"] is None:  # a label: written in the title
-            classes = x if x.dim() == 1 else x.argmax(-1)
-            text.append(f"{kind} {m}: " + " ".join(str(int(c)) for c in classes))
-        elif x.shape[-1] != dim:
-            raise UsageError(f"modality {m!r} has another image shape than the first image modality; grid them separately")
-        else:
-            rows.append(x.float().cpu())
-            row_labels.append(f"{kind} {m}")
-    full_title = "\n".join(filter(None, [title, *text]))
-    return save_image_grid(torch.cat(rows), shape, path, nrow=rows[0].shape[0], title=full_title or None,
-                           row_labels=row_labels)
