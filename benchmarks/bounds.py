@@ -32,6 +32,7 @@ pPCA) and ``<name>-curves.png`` (training curves per objective) into ``--out``.
 import argparse
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pyro
@@ -96,8 +97,6 @@ def parse_args(argv=None):
 
 def _head(split, n):
     """The first n points of a DataSplit (every per-point tensor cut alike)."""
-    from dataclasses import replace
-
     cut = lambda t: None if t is None else t[:n]  # noqa: E731
     return replace(split, x=cut(split.x), y=cut(split.y), grey=cut(split.grey))
 

@@ -8,6 +8,8 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy
+import pyro
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -15,9 +17,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def environment(device):
     """Device, machine and library versions, for the JSON record of a benchmark."""
-    import numpy
-    import pyro
-
     device = torch.device(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     return {

@@ -30,8 +30,9 @@ import torch
 from benchmarks.common import RESULTS, environment, machine_tag, markdown_table, write_results
 from inference import fit
 from inference import metrics as M
+from inference.plots import generation_grid
 from inference.train import resolve_device
-from ppl_models.multimodal import MultimodalVAE, generation_grid, multimodal_metrics
+from ppl_models.multimodal import MultimodalVAE
 from ppl_models.multimodal_data import MULTIMODAL_DATASETS, load_multimodal
 
 DEFAULT_RULES = ("poe", "moe", "mopoe", "code:0", "code:0.2", "code:0.4", "code:0.6")
@@ -104,7 +105,8 @@ def main(argv=None):
         fr = fit(module, train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=device,
                  seed=args.seed, progress=False, validate=False)
         t1 = time.perf_counter()
-        mm = multimodal_metrics(module, train, test, classifiers, particles=args.particles, seed=args.seed)
+        mm = M.multimodal_metrics(module, train.data, train.y, test.data, test.y, classifiers, particles=args.particles,
+                                  log_likelihood=True, seed=args.seed)
         eval_seconds = time.perf_counter() - t1
         for r in mm["coherence"]:
             results.append({"rule": rule, "rho": rho, **r})
@@ -134,7 +136,7 @@ def main(argv=None):
         given = images[0] if images else specs[0]["name"]
         generation_grid(module, test.data, given, [m["name"] for m in specs if m["name"] != given],
                         os.path.join(args.out, f"{tag}-generation-{label.replace('(', '').replace(')', '')}.png"),
-                        title=f"{label}: generated from {given}")
+                        image_shapes=module.image_shapes, title=f"{label}: generated from {given}")
 
     size_cols = sorted({k for s in summaries for k in s["coherence_by_size"]})
     columns = ["rule", *[f"coh|{k}" for k in size_cols], "joint", "probe", "probe_1", "log_px", "s_per_epoch"]

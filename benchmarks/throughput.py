@@ -65,9 +65,10 @@ from typing import Callable
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.infer import SVI
 from torch.distributions import Bernoulli, Categorical, Normal, kl_divergence
 
-from inference import batching, fit
+from inference import batching, fit, make_elbo
 from ppl_models.data import load_dataset
 from ppl_models.multimodal import MultimodalVAE
 from ppl_models.multimodal_data import load_multimodal
@@ -258,10 +259,6 @@ def run_fit(bench, split, x, batch_size, spec, dev, seed, options):
 
 def run_svi(bench, split, x, batch_size, spec, dev, seed):
     """Plain Pyro: ``SVI(model, guide, pyro.optim.Adam, elbo).step(batch)``, the networks registered with pyro.module."""
-    from pyro.infer import SVI
-
-    from inference import make_elbo
-
     torch.manual_seed(0)
     module = bench.build(split).to(dev)
     pyro.clear_param_store()

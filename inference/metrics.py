@@ -1,13 +1,21 @@
 """Metrics computed from model outputs and labels.
 
-Sections are independent; each keeps its own imports inside its functions where
-they are heavy.
+Sections are independent. The optional heavy libraries (scipy, scikit-learn)
+are imported inside the functions that need them.
 """
 
-import numpy as np
-import torch
+import itertools
 
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn as nn
+
+from .checkpoint import get_rng_state, set_rng_state
 from .errors import UsageError
+from .evaluate import evaluate
+from .train import fit
 
 
 # =====================================================================================
@@ -117,7 +125,8 @@ def clustering_scores(y_true, y_pred):
 #   classifiers all give the same class.
 # * Linear probe: accuracy of a logistic regression from a representation
 #   (latent means, canonical variates) to the class, fitted on train, scored on test.
-# * CCA (Hotelling 1936; seed 003's "coordinated representation"): project two
+# * CCA (Hotelling 1936; a "coordinated representation" in the taxonomy of
+#   Baltrusaitis, Ahuja & Morency 2019): project two
 #   views onto their top canonical directions; probe the variates.
 
 
@@ -135,36 +144,58 @@ class LabelReader:
         return x.argmax(-1) if x.ndim == 2 else x.astype(np.int64)
 
 
-class CNNClassifier:
-    """A small convolutional classifier of square one-channel images (N, S*S), trained with Adam.
+class CategoricalRegression(nn.Module):
+    """A classifier as a Pyro model/guide pair, so :func:`inference.fit` trains it.
 
-    Two 3x3 convolutions (32, 64 channels) with 2x2 max-pooling, then a linear
-    layer; trained ``epochs`` passes with batch 128 on the CPU from ``seed``.
+    Model, for a batch ``{"x": (B, ...), "y": (B,)}``: y_n ~ Categorical(logits = net(x_n))
+    inside ``pyro.plate("data")``. There is no latent variable, so the guide is
+    empty and the ELBO is the log-likelihood sum_n log p(y_n | x_n): fit's loss
+    per datapoint is the mean cross-entropy.
     """
 
-    def __init__(self, x, y, *, epochs=4, seed=0):
-        import torch.nn as nn
+    max_plate_nesting = 1
 
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def model(self, batch):
+        with pyro.plate("data", batch["y"].shape[0]):
+            pyro.sample("y", dist.Categorical(logits=self.net(batch["x"])), obs=batch["y"])
+
+    def guide(self, batch):
+        pass
+
+
+class CNNClassifier:
+    """A small convolutional classifier of square one-channel images (N, S*S), trained with Adam by :func:`fit`.
+
+    Two 3x3 convolutions (32, 64 channels) with 2x2 max-pooling, then a linear
+    layer; trained ``epochs`` passes with batch 128 on the CPU from ``seed``, as
+    a :class:`CategoricalRegression` pair (so fit's non-finite-loss guard and
+    progress bar apply). The caller's random number generators are left as they were.
+
+    :raises UsageError: the images are not square with a side divisible by 4.
+    """
+
+    def __init__(self, x, y, *, epochs=4, seed=0, progress=False):
         side = int(round(x.shape[1] ** 0.5))
         if side * side != x.shape[1] or side % 4:
             raise UsageError(f"the cnn classifier needs square images with side divisible by 4, got {x.shape[1]} values")
         self.side = side
-        gen = torch.Generator().manual_seed(seed)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
+        data = {"x": torch.as_tensor(x, dtype=torch.float32), "y": torch.as_tensor(y).long()}
+        state = get_rng_state()
+        try:
+            pyro.set_rng_seed(seed)
             self.net = nn.Sequential(
                 nn.Unflatten(1, (1, side, side)), nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                 nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                nn.Linear(64 * (side // 4) ** 2, int(y.max()) + 1),
+                nn.Linear(64 * (side // 4) ** 2, int(data["y"].max()) + 1),
             )
-        xt, yt = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y).long()
-        opt = torch.optim.Adam(self.net.parameters(), lr=1e-3)
-        for _ in range(epochs):
-            for idx in torch.randperm(len(xt), generator=gen).split(128):
-                loss = torch.nn.functional.cross_entropy(self.net(xt[idx]), yt[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+            self.history = fit(CategoricalRegression(self.net), data, epochs=epochs, batch_size=128, lr=1e-3,
+                               device="cpu", seed=seed, progress=progress).history
+        finally:
+            set_rng_state(state)
         self.net.eval()
 
     @torch.no_grad()
@@ -223,8 +254,6 @@ def coherence(module, data, y, classifiers, *, given_sizes=None, batch_size=500)
     Returns a list of ``{"given": "a+b", "size": |S|, "target": t, "coherence": acc}``;
     ``given_sizes`` limits |S| (default 1..M-1).
     """
-    import itertools
-
     names = list(data)
     y = _numpy(y)
     sizes = given_sizes or range(1, len(names))
@@ -311,8 +340,6 @@ def conditional_log_likelihood(module, data, given, target, *, particles=1000, b
     stochastic lower bound, so their difference is consistent as particles grow
     but is not a bound. Returns (mean, standard error, per-point tensor).
     """
-    from .evaluate import evaluate
-
     given = [given] if isinstance(given, str) else list(given)
     if target in given:
         raise UsageError(f"the target {target!r} is among the given modalities")
@@ -320,3 +347,56 @@ def conditional_log_likelihood(module, data, given, target, *, particles=1000, b
     marginal = evaluate(module, {m: data[m] for m in given}, particles=particles, batch_size=batch_size)
     per = joint.log_likelihood_per_point - marginal.log_likelihood_per_point
     return float(per.mean()), float(per.std() / per.numel() ** 0.5), per
+
+
+def multimodal_metrics(module, train, y_train, test, y_test, classifiers, *, particles=100, joint_samples=1000,
+                       log_likelihood=False, seed=0):
+    """The multimodal scores of a trained model: coherence, joint coherence, probes, conditional log-likelihoods.
+
+    ``train``/``test``: dicts {modality: tensor} with labels ``y_train``/``y_test``;
+    ``classifiers`` from :func:`modality_classifiers`; ``module`` a multimodal
+    model with ``generate``, ``sample`` and ``embed`` (see this section's
+    comment) that :func:`inference.evaluate` can score on any subset of the
+    modalities. Returns a dict: ``coherence`` (:func:`coherence` records),
+    ``coherence_by_size``, ``joint_coherence`` (``joint_samples`` prior draws),
+    ``particles``, ``conditional_log_likelihood`` {t: mean log p(x_t | X_rest)}
+    (:func:`conditional_log_likelihood` with ``particles`` draws) and
+    ``probe_accuracy`` (linear probes of the posterior mean given all modalities,
+    ``"all"``, and given each one alone). With ``log_likelihood=True`` it adds the
+    joint ``test_elbo``, ``test_log_likelihood`` and ``test_log_likelihood_se``
+    (:func:`inference.evaluate`, ``particles`` draws) -- leave it off where the
+    caller scores the test set already. Seeded by ``seed``; the module's
+    training mode is restored.
+    """
+    pyro.set_rng_seed(seed)
+    dev = _module_device(module)
+    was = module.training
+    module.eval()
+    try:
+        test_x = {k: v.to(dev) for k, v in test.items()}
+        records = coherence(module, test_x, y_test, classifiers)
+        if log_likelihood:
+            ev = evaluate(module, test_x, particles=particles)
+        out = {
+            "coherence": records,
+            "coherence_by_size": coherence_by_size(records),
+            "joint_coherence": joint_coherence(module, classifiers, joint_samples),
+        }
+        if log_likelihood:
+            out.update(test_elbo=ev.elbo, test_log_likelihood=ev.log_likelihood,
+                       test_log_likelihood_se=ev.log_likelihood_se)
+        out["particles"] = particles
+        names = list(test)
+        cond = {}
+        for t in names:
+            rest = [m for m in names if m != t]
+            if rest:
+                cond[t] = conditional_log_likelihood(module, test_x, rest, t, particles=particles)[0]
+        out["conditional_log_likelihood"] = cond
+        probes = {"all": linear_probe(embeddings(module, train), y_train, embeddings(module, test), y_test)}
+        for m in names:
+            probes[m] = linear_probe(embeddings(module, {m: train[m]}), y_train, embeddings(module, {m: test[m]}), y_test)
+        out["probe_accuracy"] = probes
+    finally:
+        module.train(was)
+    return out

@@ -9,9 +9,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import pyro  # noqa: E402
 import torch  # noqa: E402
 
 from .checkpoint import atomic_write  # noqa: E402
+from .errors import UsageError  # noqa: E402
 
 
 def _save(fig, path):
@@ -63,3 +65,41 @@ def save_image_grid(images, image_shape, path, nrow=10, title=None, row_labels=N
     if title:
         ax.set_title(title)
     return _save(fig, path)
+
+
+def generation_grid(module, data, given, targets, path, *, image_shapes, n=10, title=None, seed=0):
+    """A PNG grid: the first ``n`` tuples' given image modalities, then each image target generated from them.
+
+    ``module.generate(batch, targets) -> {target: tensor}`` does the cross-modal
+    generation (a multimodal model, see :mod:`inference.metrics`); ``data`` is a
+    dict {modality: tensor}; ``image_shapes`` maps each modality to its image
+    shape (C, H, W), or None for a label. One row per image modality (given rows
+    first); label modalities are written as their (predicted) classes in the
+    title. Seeded by ``seed``. Returns the path.
+
+    :raises UsageError: no image modality, or image modalities of different shapes.
+    """
+    given = [given] if isinstance(given, str) else list(given)
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    shapes = {m: image_shapes[m] for m in [*given, *targets] if image_shapes[m]}
+    if not shapes:
+        raise UsageError("a generation grid needs at least one image modality among the given and targets")
+    pyro.set_rng_seed(seed)
+    dev = next(module.parameters()).device
+    batch = {m: data[m][:n].to(dev) for m in given}
+    out = module.generate(batch, targets)
+    shape = next(iter(shapes.values()))
+    dim = int(torch.tensor(shape).prod())
+    rows, row_labels, text = [], [], []
+    for m, x, kind in [*((m, batch[m], "given") for m in given), *((t, out[t], "generated") for t in targets)]:
+        if image_shapes[m] is None:  # a label: written in the title
+            classes = x if x.dim() == 1 else x.argmax(-1)
+            text.append(f"{kind} {m}: " + " ".join(str(int(c)) for c in classes))
+        elif x.shape[-1] != dim:
+            raise UsageError(f"modality {m!r} has another image shape than the first image modality; grid them separately")
+        else:
+            rows.append(x.float().cpu())
+            row_labels.append(f"{kind} {m}")
+    full_title = "\n".join(filter(None, [title, *text]))
+    return save_image_grid(torch.cat(rows), shape, path, nrow=rows[0].shape[0], title=full_title or None,
+                           row_labels=row_labels)

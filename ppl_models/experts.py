@@ -14,12 +14,12 @@ and returns a ``torch.distributions.Distribution`` (a Pyro one) over z with even
 =========  =====================================================================
 rule       q(z | X_S), S the present experts, n = |S|
 =========  =====================================================================
-``poe``    product of experts (Wu & Goodman 2018; seed 003 eq. 8):
+``poe``    product of experts (Wu & Goodman 2018):
            precision T = sum_S 1/s_m^2 (+1 with the prior expert N(0, I)),
            mean = (sum_S mu_m / s_m^2) / T, variance = 1/T.
-``moe``    uniform mixture (1/n) sum_S N(mu_m, s_m^2) (Shi et al. 2019; seed 003
-           eq. 9): mean = mean of the means, variance = mean of the variances
-           plus the variance of the means (law of total variance).
+``moe``    uniform mixture (1/n) sum_S N(mu_m, s_m^2) (Shi et al. 2019):
+           mean = mean of the means, variance = mean of the variances plus the
+           variance of the means (law of total variance).
 ``mopoe``  uniform mixture over the 2^n - 1 non-empty subsets of S of each
            subset's PoE (Sutter, Daunhawer & Vogt 2021).
 ``code``   consensus of dependent experts (Mancisidor et al. 2024, Lemma 2): see

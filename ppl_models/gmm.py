@@ -46,6 +46,9 @@ from pyro.ops.indexing import Vindex
 
 from inference.errors import UsageError
 
+from .base import Configurable, ModelConfig
+from .nets import softplus_inverse
+
 COVARIANCES = ("diag", "full")
 
 
@@ -208,7 +211,19 @@ def em(x, n_components, *, covariance="diag", restarts=5, max_iter=200, tol=1e-6
     return best
 
 
-class GMM(nn.Module):
+@dataclass
+class GMMConfig(ModelConfig):
+    """The stored arguments of :class:`GMM` (defaults: its signature; ``init_means`` is not stored)."""
+
+    x_dim: int
+    n_components: int
+    covariance: str
+    min_scale: float
+    mean_prior_scale: float | None
+    weight_concentration: float | None
+
+
+class GMM(Configurable, nn.Module):
     """A Gaussian mixture as a Pyro model/guide pair with the assignments enumerated.
 
     :param x_dim: D, values per datapoint.
@@ -235,20 +250,13 @@ class GMM(nn.Module):
         init_means=None,
     ):
         super().__init__()
+        self.cfg = GMMConfig.from_arguments(locals())
         _check_covariance(covariance)
         if not isinstance(n_components, int) or n_components < 1:
             raise UsageError(f"n_components must be a positive integer, got {n_components!r}")
         for name, v in (("mean_prior_scale", mean_prior_scale), ("weight_concentration", weight_concentration)):
             if v is not None and not (v > 0 and math.isfinite(v)):
                 raise UsageError(f"{name} must be a positive number, got {v!r}")
-        self.config = dict(
-            x_dim=x_dim,
-            n_components=n_components,
-            covariance=covariance,
-            min_scale=min_scale,
-            mean_prior_scale=mean_prior_scale,
-            weight_concentration=weight_concentration,
-        )
         self.x_dim, self.n_components, self.covariance = x_dim, n_components, covariance
         self.min_scale = min_scale
         self.mean_prior_scale, self.weight_concentration = mean_prior_scale, weight_concentration
@@ -258,20 +266,16 @@ class GMM(nn.Module):
         self.weight_logits = nn.Parameter(torch.zeros(k))
         self.means = nn.Parameter(means.clone())
         # the "raw" scale: softplus(raw) + min_scale is a standard deviation (diag) / Cholesky diagonal (full)
-        self.scale_raw = nn.Parameter(torch.full((k, d), _softplus_inv(1.0 - min_scale)))
+        self.scale_raw = nn.Parameter(torch.full((k, d), softplus_inverse(1.0 - min_scale)))
         if covariance == "full":
             self.tril_raw = nn.Parameter(torch.zeros(k, d, d))
         if mean_prior_scale is not None:
-            self.means_scale_raw = nn.Parameter(torch.full((k, d), _softplus_inv(0.1)))
+            self.means_scale_raw = nn.Parameter(torch.full((k, d), softplus_inverse(0.1)))
         if weight_concentration is not None:
-            self.weight_conc_raw = nn.Parameter(torch.full((k,), _softplus_inv(10.0)))
+            self.weight_conc_raw = nn.Parameter(torch.full((k,), softplus_inverse(10.0)))
         # how log_weights draws the assignment: "exact" sums it out; "prior" samples c_k ~ pi
         # (importance sampling with the prior as proposal, a deliberately weak guide for bound studies)
         self.proposal = "exact"
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
 
     @classmethod
     def from_em(cls, result, *, min_scale=None):
@@ -335,11 +339,11 @@ class GMM(nn.Module):
         covs = torch.as_tensor(covariances, dtype=torch.float64)
         if self.covariance == "diag":
             scales = covs.sqrt()
-            self.scale_raw.copy_(_softplus_inv((scales - self.min_scale).clamp_min(1e-6)))
+            self.scale_raw.copy_(softplus_inverse((scales - self.min_scale).clamp_min(1e-6)))
         else:
             tril = torch.linalg.cholesky(covs)
             diag = torch.diagonal(tril, dim1=-2, dim2=-1)
-            self.scale_raw.copy_(_softplus_inv((diag - self.min_scale).clamp_min(1e-6)))
+            self.scale_raw.copy_(softplus_inverse((diag - self.min_scale).clamp_min(1e-6)))
             self.tril_raw.copy_(torch.tril(tril, -1))
 
     def point_estimates(self):
@@ -427,8 +431,3 @@ class GMM(nn.Module):
         _check_x(x, "data")
         if x.shape[1] != self.x_dim:
             raise UsageError(f"data have {x.shape[1]} values per point, the model expects {self.x_dim}")
-
-
-def _softplus_inv(y):
-    y = torch.as_tensor(y, dtype=torch.float32)
-    return y + torch.log(-torch.expm1(-y))

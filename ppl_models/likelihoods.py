@@ -28,6 +28,8 @@ import pyro.distributions as dist
 
 from inference.errors import UsageError
 
+from .nets import softplus_inverse
+
 LIKELIHOODS = ("bernoulli", "cbernoulli", "normal[:S]", "laplace[:S]", "categorical")
 
 
@@ -87,8 +89,8 @@ class _LocationScale(Likelihood):
         super().__init__(dim)
         self.min_scale = min_scale
         if scale is None:
-            # softplus(0.5413) = 1: start at unit scale
-            self.raw_scale = nn.Parameter(torch.full((dim,), 0.5413))
+            # softplus(raw) = 1: start at unit scale (plus the floor)
+            self.raw_scale = nn.Parameter(torch.full((dim,), float(softplus_inverse(1.0))))
         else:
             if not scale > 0:
                 raise UsageError(f"a fixed observation scale must be positive, got {scale}")

@@ -1,4 +1,4 @@
-r"""Multimodal VAEs with one shared latent and a choice of fusion rule (seed 003).
+r"""Multimodal VAEs with one shared latent and a choice of fusion rule.
 
 Generative process, for each datapoint (all inside ``pyro.plate("data")``), with
 M modalities x_1..x_M conditionally independent given the shared z::
@@ -20,7 +20,8 @@ Objectives (``objective=``):
   a lower bound on log p(X_P).
 * ``"subset"`` (default): the weighted sum over the 2^|P| - 1 non-empty subsets S
   of P of ELBO_S, in which q(z | X_S) reconstructs *every* present modality
-  (seed 003 eq. 7: minimising sum_S KL[q(z | X_S) || p(z | X)]). Each ELBO_S is
+  (Mancisidor et al. 2024; log p(X_P) - ELBO_S = KL[q(z | X_S) || p(z | X_P)],
+  so the objective pulls every subset's posterior towards p(z | X_P)). Each ELBO_S is
   a lower bound on log p(X_P), and so is any convex combination of them. The
   weights are uniform (1/(2^|P| - 1), the plain sum divided by a constant), or,
   with ``subset_weights="learned"``, softmax of a free vector over the subsets
@@ -43,12 +44,14 @@ Mixture posteriors (``moe``, ``mopoe``) are sampled by drawing a component and
 reparameterising it; see :mod:`ppl_models.experts` for why that single-sample
 estimator is unbiased for the ELBO and its gradient.
 
-Generation (seed 003, Algorithm 1): :meth:`generate` draws z ~ q(z | X_S) from
+Cross-modal generation (Shi et al. 2019): :meth:`generate` draws z ~ q(z | X_S) from
 the posterior of any given subset and decodes the targets (private latents of a
 target not given come from their prior); :meth:`sample` draws z from the prior.
 """
 
+from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import pyro
 import pyro.distributions as dist
@@ -60,6 +63,7 @@ import torch.nn.functional as F
 from inference.errors import UsageError
 
 from . import experts, nets
+from .base import Configurable, ModelConfig
 from .likelihoods import Categorical, make_likelihood
 
 OBJECTIVES = ("joint", "subset")
@@ -72,7 +76,31 @@ def modality(name, dim, likelihood="bernoulli", image_shape=None):
             "image_shape": None if image_shape is None else list(image_shape)}
 
 
-class MultimodalVAE(nn.Module):
+@dataclass
+class MultimodalVAEConfig(ModelConfig):
+    """The arguments of :class:`MultimodalVAE` (defaults: its signature); modalities as :func:`modality` specs."""
+
+    modalities: list
+    latent_dim: int
+    hidden: Sequence[int]
+    rule: str
+    rho: float
+    prior_expert: bool
+    objective: str
+    subset_weights: str
+    subset_entropy: float
+    beta: float
+    private_dim: int
+    arch: str
+    activation: str
+
+    def __post_init__(self):
+        self.modalities = [modality(**m) if isinstance(m, dict) else m for m in self.modalities]
+        if isinstance(self.rho, (int, float)):
+            self.rho = float(self.rho)
+
+
+class MultimodalVAE(Configurable, nn.Module):
     """A multimodal VAE with a shared latent z fused from per-modality experts.
 
     :param modalities: list of :func:`modality` specs (dicts with name, dim, likelihood, image_shape).
@@ -112,7 +140,8 @@ class MultimodalVAE(nn.Module):
         activation="relu",
     ):
         super().__init__()
-        specs = [modality(**m) if isinstance(m, dict) else m for m in modalities]
+        self.cfg = MultimodalVAEConfig.from_arguments(locals())
+        specs = self.cfg.modalities
         names = [m["name"] for m in specs]
         if not names or len(set(names)) != len(names):
             raise UsageError(f"modalities need distinct names, got {names}")
@@ -130,11 +159,6 @@ class MultimodalVAE(nn.Module):
             experts._check_rho(float(rho), len(names))
         elif rho != 0:
             raise UsageError(f"rho is CoDE's parameter; rule {rule!r} takes none")
-        self.config = dict(
-            modalities=specs, latent_dim=latent_dim, hidden=list(hidden), rule=rule, rho=float(rho),
-            prior_expert=prior_expert, objective=objective, subset_weights=subset_weights,
-            subset_entropy=subset_entropy, beta=beta, private_dim=private_dim, arch=arch, activation=activation,
-        )
         self.names = names
         self.specs = {m["name"]: m for m in specs}
         self.latent_dim, self.rule, self.rho, self.prior_expert = latent_dim, rule, float(rho), prior_expert
@@ -152,9 +176,7 @@ class MultimodalVAE(nn.Module):
                 self.decoders[name] = nets.conv_decoder(latent_dim + self.private[name], m["image_shape"],
                                                         activation=activation)
             elif arch in ("mlp", "conv"):
-                body = nets.mlp([m["dim"], *hidden], activation)
-                self.encoders[name] = nn.Sequential(body, nets.ACTIVATIONS[activation]()) if hidden else body
-                feat = hidden[-1] if hidden else m["dim"]
+                self.encoders[name], feat = nets.mlp_encoder_body(m["dim"], hidden, activation)
                 sizes = [latent_dim + self.private[name], *reversed(hidden), lik.out_features]
                 self.decoders[name] = nets.mlp(sizes, activation)
             else:
@@ -165,10 +187,6 @@ class MultimodalVAE(nn.Module):
         self.all_subsets = [tuple(names[i] for i in s) for s in experts.subsets(len(names))]
         if subset_weights == "learned":
             self.subset_logits = nn.Parameter(torch.zeros(len(self.all_subsets)))
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
 
     # ---- pieces ------------------------------------------------------------------------
     def present(self, batch):
@@ -214,6 +232,11 @@ class MultimodalVAE(nn.Module):
         """p(x_name | z, w) as a distribution over one datapoint."""
         h = z if w is None else torch.cat([z, w], -1)
         return self.likelihoods[name](self.decoders[name](h))
+
+    @property
+    def image_shapes(self):
+        """{modality: its image shape [C, H, W], or None when it is not an image (e.g. a label)}."""
+        return {n: self.specs[n]["image_shape"] for n in self.names}
 
     def subset_weights(self, names):
         """Weights of the subsets of ``names`` (a tensor, in :meth:`subsets` order) and their entropy."""
@@ -351,85 +374,3 @@ class MultimodalVAE(nn.Module):
         ref = next(self.parameters())
         z = torch.randn(n, self.latent_dim, device=ref.device, dtype=ref.dtype)
         return {m: self._emit(m, z, None, mean) for m in self.names}
-
-
-# ---- metrics and figures shared by the benchmark and the CLI ----------------------------
-def multimodal_metrics(module, train, test, classifiers, *, particles=100, joint_samples=1000, seed=0):
-    """Coherence (per given subset and by size), joint coherence, probes and log-likelihoods of a trained model.
-
-    ``train``/``test`` are :class:`ppl_models.multimodal_data.MultimodalSplit`;
-    ``classifiers`` come from :func:`inference.metrics.modality_classifiers`.
-    Log-likelihoods: the joint log p(X) by importance sampling with ``particles``
-    draws from q(z | X), and log p(x_t | X_rest) for every target t (see
-    :func:`inference.metrics.conditional_log_likelihood`).
-    """
-    from inference import evaluate
-    from inference import metrics as M
-
-    pyro.set_rng_seed(seed)
-    dev = next(module.parameters()).device
-    was = module.training
-    module.eval()
-    try:
-        test_x = {k: v.to(dev) for k, v in test.data.items()}
-        records = M.coherence(module, test_x, test.y, classifiers)
-        ev = evaluate(module, test_x, particles=particles)
-        out = {
-            "coherence": records,
-            "coherence_by_size": M.coherence_by_size(records),
-            "joint_coherence": M.joint_coherence(module, classifiers, joint_samples),
-            "test_elbo": ev.elbo,
-            "test_log_likelihood": ev.log_likelihood,
-            "test_log_likelihood_se": ev.log_likelihood_se,
-            "particles": particles,
-        }
-        cond = {}
-        for t in module.names:
-            rest = [m for m in module.names if m != t]
-            if rest:
-                cond[t] = M.conditional_log_likelihood(module, test_x, rest, t, particles=particles)[0]
-        out["conditional_log_likelihood"] = cond
-        probes = {"all": M.linear_probe(M.embeddings(module, train.data), train.y,
-                                        M.embeddings(module, test.data), test.y)}
-        for m in module.names:
-            probes[m] = M.linear_probe(M.embeddings(module, train.subset([m])), train.y,
-                                       M.embeddings(module, test.subset([m])), test.y)
-        out["probe_accuracy"] = probes
-    finally:
-        module.train(was)
-    return out
-
-
-def generation_grid(module, data, given, targets, path, *, n=10, title=None, seed=0):
-    """A PNG grid: the first ``n`` tuples' given image modalities, then each image target generated from them.
-
-    One row per modality (given rows first); label targets are written as the
-    predicted class in the row label. Returns the path.
-    """
-    from inference.plots import save_image_grid
-
-    specs = module.specs
-    given = [given] if isinstance(given, str) else list(given)
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    shapes = {m: specs[m]["image_shape"] for m in [*given, *targets] if specs[m]["image_shape"]}
-    if not shapes:
-        raise UsageError("a generation grid needs at least one image modality among the given and targets")
-    pyro.set_rng_seed(seed)
-    dev = next(module.parameters()).device
-    batch = {m: data[m][:n].to(dev) for m in given}
-    out = module.generate(batch, targets)
-    shape = next(iter(shapes.values()))
-    dim = int(torch.tensor(shape).prod())
-    rows, row_labels, text = [], [], []
-    for m, x, kind in [*((m, batch[m], "given") for m in given), *((t, out[t], "generated") for t in targets)]:
-        if specs[m]["image_shape"] is None:  # a label: written in the title
-            classes = x if x.dim() == 1 else x.argmax(-1)
-            text.append(f"{kind} {m}: " + " ".join(str(int(c)) for c in classes))
-        elif x.shape[-1] != dim:
-            raise UsageError(f"modality {m!r} has another image shape than the first image modality; grid them separately")
-        else:
-            rows.append(x.float().cpu())
-            row_labels.append(f"{kind} {m}")
-    full_title = "\n".join(filter(None, [title, *text]))
-    return save_image_grid(torch.cat(rows), shape, path, nrow=rows[0].shape[0], title=full_title or None,
-                           row_labels=row_labels)

@@ -1,26 +1,62 @@
-"""Networks shared by the models: MLPs, Gaussian encoders, convolutional bodies.
+"""Networks shared by the models: MLPs, Gaussian encoders, convolutional bodies; the softplus inverse.
 
 Every network accepts arbitrary leading batch dimensions (vectorised particles
-put a particle dimension in front of the data dimension).
+put a particle dimension in front of the data dimension). Bad shapes raise
+:class:`inference.errors.UsageError`.
 """
 
 import math
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from inference.errors import UsageError
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "gelu": nn.GELU, "softplus": nn.Softplus}
 
 
+def activation_class(name):
+    """The ``torch.nn`` class of an activation named in :data:`ACTIVATIONS`."""
+    if name not in ACTIVATIONS:
+        raise UsageError(f"unknown activation {name!r}; valid: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
 def mlp(sizes, activation="relu"):
     """Linear layers through ``sizes`` with ``activation`` between them (none after the last)."""
-    act = ACTIVATIONS[activation]
+    act = activation_class(activation)
     layers = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             layers.append(act())
     return nn.Sequential(*layers)
+
+
+def softplus_inverse(y):
+    """softplus^{-1}(y) = log(exp(y) - 1) = y + log(-expm1(-y)) for y > 0, stable for small and large y.
+
+    The raw value of a positive parameter stored as softplus(raw) (+ a floor).
+    ``y``: a number or a tensor; returns a tensor of ``y``'s shape (a Python
+    number or an integer tensor gives the default floating dtype).
+    """
+    y = torch.as_tensor(y)
+    if not y.is_floating_point():
+        y = y.to(torch.get_default_dtype())
+    return y + torch.log(-torch.expm1(-y))
+
+
+def mlp_encoder_body(in_features, hidden=(256,), activation="relu"):
+    """(.., in_features) -> (.., features): the MLP through ``hidden`` with ``activation`` after every layer.
+
+    Returns ``(net, features)`` like :func:`conv_encoder_body`; with no hidden
+    layer the body is the identity and ``features = in_features``.
+    """
+    body = mlp([in_features, *hidden], activation)
+    if not hidden:
+        return body, in_features
+    return nn.Sequential(body, activation_class(activation)()), hidden[-1]
 
 
 class GaussianHead(nn.Module):
@@ -50,13 +86,21 @@ class Flat(nn.Module):
         return y.reshape(lead + y.shape[1:]) if y.dim() == 2 else y.reshape(lead + (-1,))
 
 
+def _chw(image_shape, factor):
+    """(C, H, W) of ``image_shape``, checked: three positive sizes, H and W divisible by ``factor``."""
+    if image_shape is None or len(image_shape) != 3 or min(image_shape) < 1:
+        raise UsageError(f"conv nets need an image shape (C, H, W), got {image_shape}")
+    c, h, w = image_shape
+    if h % factor or w % factor:
+        raise UsageError(f"conv nets need H and W divisible by {factor}, got {tuple(image_shape)}")
+    return c, h, w
+
+
 def conv_encoder_body(image_shape, channels=(32, 64), activation="relu"):
     """(.., C*H*W) -> (.., features): stride-2 4x4 convolutions, each halving H and W."""
-    c, h, w = image_shape
     factor = 2 ** len(channels)
-    if h % factor or w % factor:
-        raise ValueError(f"conv nets need H and W divisible by {factor}, got {image_shape}")
-    act = ACTIVATIONS[activation]
+    c, h, w = _chw(image_shape, factor)
+    act = activation_class(activation)
     layers, prev = [], c
     for ch in channels:
         layers += [nn.Conv2d(prev, ch, 4, stride=2, padding=1), act()]
@@ -68,11 +112,9 @@ def conv_encoder_body(image_shape, channels=(32, 64), activation="relu"):
 
 def conv_decoder(in_features, image_shape, channels=(64, 32), activation="relu", out_per_pixel=1):
     """(.., in_features) -> (.., out_per_pixel*C*H*W): a linear layer then transposed convolutions."""
-    c, h, w = image_shape
     factor = 2 ** len(channels)
-    if h % factor or w % factor:
-        raise ValueError(f"conv nets need H and W divisible by {factor}, got {image_shape}")
-    act = ACTIVATIONS[activation]
+    c, h, w = _chw(image_shape, factor)
+    act = activation_class(activation)
     h0, w0 = h // factor, w // factor
     layers = [nn.Linear(in_features, channels[0] * h0 * w0), act(), nn.Unflatten(1, (channels[0], h0, w0))]
     for a, b in zip(channels, channels[1:]):

@@ -33,6 +33,7 @@ parameters (Tipping & Bishop 1999, eq. 7-8).
 """
 
 import math
+from dataclasses import dataclass
 
 import pyro
 import pyro.distributions as dist
@@ -42,16 +43,24 @@ import torch.nn.functional as F
 
 from inference.errors import UsageError
 
+from .base import Configurable, ModelConfig
+from .nets import softplus_inverse
+
 GUIDES = ("diag", "full")
 
 
-def _softplus_inv(y):
-    y = torch.as_tensor(y)
-    y = y if y.is_floating_point() else y.to(torch.get_default_dtype())
-    return y + torch.log(-torch.expm1(-y))
+@dataclass
+class PPCAConfig(ModelConfig):
+    """The arguments of :class:`PPCA` (defaults: its signature)."""
+
+    x_dim: int
+    latent_dim: int
+    guide: str
+    sigma: float | None
+    min_sigma: float
 
 
-class PPCA(nn.Module):
+class PPCA(Configurable, nn.Module):
     """Probabilistic PCA with an amortised linear Gaussian guide.
 
     :param x_dim: D.
@@ -65,28 +74,24 @@ class PPCA(nn.Module):
 
     def __init__(self, x_dim, latent_dim, *, guide="diag", sigma=None, min_sigma=1e-3):
         super().__init__()
+        self.cfg = PPCAConfig.from_arguments(locals())
         if guide not in GUIDES:
             raise UsageError(f"unknown guide {guide!r}; valid: {', '.join(GUIDES)}")
         if not (isinstance(latent_dim, int) and 1 <= latent_dim <= x_dim):
             raise UsageError(f"latent_dim must be an integer in 1..x_dim={x_dim}, got {latent_dim!r}")
         if sigma is not None and not (sigma > 0 and math.isfinite(sigma)):
             raise UsageError(f"sigma must be a positive number or None (learned), got {sigma!r}")
-        self.config = dict(x_dim=x_dim, latent_dim=latent_dim, guide=guide, sigma=sigma, min_sigma=min_sigma)
         self.x_dim, self.latent_dim, self.guide_type, self.min_sigma = x_dim, latent_dim, guide, min_sigma
         self.W = nn.Parameter(0.1 * torch.randn(x_dim, latent_dim))
         self.mu = nn.Parameter(torch.zeros(x_dim))
         if sigma is None:
-            self.sigma_raw = nn.Parameter(_softplus_inv(1.0))
+            self.sigma_raw = nn.Parameter(softplus_inverse(1.0))
         else:
             self.register_buffer("sigma_fixed", torch.tensor(float(sigma)))
         self.encoder = nn.Linear(x_dim, latent_dim)  # the guide's mean V x + b
-        self.q_scale_raw = nn.Parameter(torch.full((latent_dim,), float(_softplus_inv(0.5))))
+        self.q_scale_raw = nn.Parameter(torch.full((latent_dim,), float(softplus_inverse(0.5))))
         if guide == "full":
             self.q_tril_raw = nn.Parameter(torch.zeros(latent_dim, latent_dim))
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
 
     # ---- parameters -----------------------------------------------------------------
     @property
@@ -160,7 +165,7 @@ class PPCA(nn.Module):
             )
         self.encoder.weight.copy_(gain)
         self.encoder.bias.copy_(-(gain @ self.mu))
-        self.q_scale_raw.copy_(_softplus_inv((tril.diagonal() - self.min_sigma).clamp_min(1e-12)))
+        self.q_scale_raw.copy_(softplus_inverse((tril.diagonal() - self.min_sigma).clamp_min(1e-12)))
         if self.guide_type == "full":
             self.q_tril_raw.copy_(off)
 
@@ -187,5 +192,5 @@ class PPCA(nn.Module):
         W = evecs[:, :L] * (evals[:L] - s2).clamp_min(0).sqrt()
         self.mu.copy_(mean)
         self.W.copy_(W)
-        self.sigma_raw.copy_(_softplus_inv(s2.sqrt() - self.min_sigma))
+        self.sigma_raw.copy_(softplus_inverse(s2.sqrt() - self.min_sigma))
         return self

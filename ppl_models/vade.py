@@ -83,6 +83,8 @@ ICPR 2020. L. van der Maaten, G. Hinton, "Visualizing Data using t-SNE", JMLR 20
 
 import math
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pyro
@@ -93,11 +95,9 @@ import torch.nn.functional as F
 
 from inference.errors import UsageError
 
+from .base import ModelConfig
+from .nets import softplus_inverse
 from .vae import VAE
-
-
-def _softplus_inverse(y):
-    return y + math.log(-math.expm1(-y))
 
 
 def fit_diag_gmm(z, n_components, *, restarts=5, seed=0, max_iter=500, reg=1e-6):
@@ -154,6 +154,21 @@ def tsne_map(points, *, perplexity=30.0, seed=0):
     return tsne.fit_transform(points)
 
 
+@dataclass
+class VaDEConfig(ModelConfig):
+    """The arguments of :class:`VaDE` (defaults: its signature)."""
+
+    x_dim: int
+    n_clusters: int
+    latent_dim: int
+    hidden: Sequence[int]
+    likelihood: str
+    arch: str
+    image_shape: Sequence[int] | None
+    activation: str
+    min_scale: float
+
+
 class VaDE(VAE):
     """VaDE: a VAE with a learned K-component diagonal Gaussian-mixture prior (see the module docstring).
 
@@ -192,15 +207,14 @@ class VaDE(VAE):
             image_shape=image_shape,
             activation=activation,
         )
-        self.config.pop("beta")
-        self.config.update(n_clusters=n_clusters, min_scale=min_scale)
+        self.cfg = VaDEConfig.from_arguments(locals())  # replaces the VAE's config (VaDE has no beta)
         self.n_clusters = n_clusters
         self.min_scale = float(min_scale)
         # until init_mixture: equal weights, unit scales, means spread by a fixed generator
         gen = torch.Generator().manual_seed(0)
         self.mixture_logits = nn.Parameter(torch.zeros(n_clusters))
         self.mixture_locs = nn.Parameter(torch.randn(n_clusters, latent_dim, generator=gen))
-        self.mixture_raw_scales = nn.Parameter(torch.full((n_clusters, latent_dim), _softplus_inverse(1.0)))
+        self.mixture_raw_scales = nn.Parameter(torch.full((n_clusters, latent_dim), softplus_inverse(1.0)))
 
     # ---- the mixture prior -------------------------------------------------------------
     @property
@@ -355,7 +369,7 @@ class VaDE(VAE):
         scales = variances.sqrt().clamp_min(self.min_scale * 1.01).to(ref)
         self.mixture_logits.copy_(log_weights.to(ref))
         self.mixture_locs.copy_(locs.to(ref))
-        self.mixture_raw_scales.copy_(_softplus_inverse_tensor(scales - self.min_scale))
+        self.mixture_raw_scales.copy_(softplus_inverse(scales - self.min_scale))
 
     @torch.no_grad()
     def init_mixture(self, x, *, restarts=5, seed=0, method="gmm", embed="codes", embed_points=10000, perplexity=30.0):
@@ -572,8 +586,3 @@ def _epochs(epochs, progress, desc):
     from tqdm.auto import tqdm
 
     return tqdm(range(epochs), desc=desc, unit="epoch")
-
-
-def _softplus_inverse_tensor(y):
-    """softplus^{-1}(y) = y + log(1 - exp(-y)) for y > 0, stable for small and large y."""
-    return y + torch.log(-torch.expm1(-y))

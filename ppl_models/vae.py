@@ -29,7 +29,9 @@ The networks are plain ``torch.nn`` modules; :func:`inference.fit` optimises
 ``pyro.module`` call.
 """
 
+from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import pyro
 import pyro.distributions as dist
@@ -37,11 +39,28 @@ import pyro.poutine as poutine
 import torch
 import torch.nn as nn
 
+from inference.errors import UsageError
+
 from . import nets
+from .base import Configurable, ModelConfig
 from .likelihoods import make_likelihood
 
 
-class VAE(nn.Module):
+@dataclass
+class VAEConfig(ModelConfig):
+    """The arguments of :class:`VAE` (defaults: its signature)."""
+
+    x_dim: int
+    latent_dim: int
+    hidden: Sequence[int]
+    likelihood: str
+    beta: float
+    arch: str
+    image_shape: Sequence[int] | None
+    activation: str
+
+
+class VAE(Configurable, nn.Module):
     """A VAE with an MLP or convolutional encoder/decoder.
 
     :param x_dim: values per datapoint (flattened).
@@ -66,38 +85,24 @@ class VAE(nn.Module):
         activation="relu",
     ):
         super().__init__()
+        self.cfg = VAEConfig.from_arguments(locals())
         if not beta > 0:
-            raise ValueError(f"beta must be positive, got {beta}")
-        self.config = dict(
-            x_dim=x_dim,
-            latent_dim=latent_dim,
-            hidden=list(hidden),
-            likelihood=likelihood,
-            beta=beta,
-            arch=arch,
-            image_shape=None if image_shape is None else list(image_shape),
-            activation=activation,
-        )
+            raise UsageError(f"beta must be positive, got {beta}")
         self.latent_dim = latent_dim
         self.beta = float(beta)
         self.likelihood = make_likelihood(likelihood, x_dim)
         if arch == "mlp":
-            body = nets.mlp([x_dim, *hidden], activation)
-            body_out = hidden[-1] if hidden else x_dim
-            self.encoder_body = nn.Sequential(body, nets.ACTIVATIONS[activation]()) if hidden else body
+            self.encoder_body, body_out = nets.mlp_encoder_body(x_dim, hidden, activation)
             self.decoder = nets.mlp([latent_dim, *reversed(hidden), self.likelihood.out_features], activation)
         elif arch == "conv":
-            if image_shape is None or nets.num_features(image_shape) != x_dim:
-                raise ValueError(f"the conv VAE needs image_shape with prod == x_dim, got {image_shape}")
+            if image_shape is None or len(image_shape) != 3 or nets.num_features(image_shape) != x_dim:
+                raise UsageError(f"the conv VAE needs images: image_shape (C, H, W) with C*H*W = {x_dim}, "
+                                 f"got {None if image_shape is None else tuple(image_shape)}")
             self.encoder_body, body_out = nets.conv_encoder_body(image_shape, activation=activation)
             self.decoder = nets.conv_decoder(latent_dim, image_shape, activation=activation)
         else:
-            raise ValueError(f"unknown arch {arch!r}; use 'mlp' or 'conv'")
+            raise UsageError(f"unknown arch {arch!r}; use 'mlp' or 'conv'")
         self.encoder_head = nets.GaussianHead(body_out, latent_dim)
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
 
     def _kl_scale(self):
         return poutine.scale(scale=self.beta) if self.beta != 1.0 else nullcontext()

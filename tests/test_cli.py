@@ -133,6 +133,9 @@ def bad_cases(tmp, run_dir):
                             "train-images-idx3-ubyte", out),
         "nan data": (["train", "vae", "--dataset", _npz(tmp / "nan.npz", nan), "--binarize", "none",
                       "--likelihood", "normal", "--out", out], "NaN", out),
+        "conv on flat data": (["train", "vae", "--arch", "conv", "--out", out,
+                               "--dataset", _npz(tmp / "flat.npz", (grey > 0.5).astype(np.float32))],
+                              "image_shape (C, H, W)", out),
         "outside support": (["train", "vae", "--dataset", _npz(tmp / "grey.npz", grey), "--binarize", "none",
                              "--out", out], "binary data", out),
         "cuda absent": (["train", "vae", "--device", "cuda", "--out", out], "CUDA", out)
@@ -156,7 +159,7 @@ def bad_cases(tmp, run_dir):
 
 CASES = [
     "unknown model", "unknown dataset", "unknown elbo", "unknown likelihood", "missing data root", "empty data root",
-    "nan data", "outside support", "cuda absent", "beta with iwae", "zero epochs", "negative batch", "zero lr",
+    "nan data", "conv on flat data", "outside support", "cuda absent", "beta with iwae", "zero epochs", "negative batch", "zero lr",
     "existing run", "both flags", "checkpoint of another model", "corrupt checkpoint", "run of another model",
     "evaluate corrupt", "evaluate nothing", "sample zero",
 ]

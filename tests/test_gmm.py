@@ -7,7 +7,8 @@ from scipy.optimize import linear_sum_assignment
 from scipy.stats import multivariate_normal
 
 from inference import UsageError, evaluate, fit, make_elbo
-from ppl_models.gmm import GMM, _softplus_inv, em, kmeans_pp
+from ppl_models.gmm import GMM, em, kmeans_pp
+from ppl_models.nets import softplus_inverse
 
 TRUE_MEANS = torch.tensor([[-3.0, 0.0], [3.0, 0.0], [0.0, 4.0]])
 TRUE_SD = 0.5
@@ -130,7 +131,7 @@ def test_priors_give_the_global_elbo_with_minibatch_scaling():
     gmm.set_parameters(r.weights, r.means, r.covariances)
     with torch.no_grad():
         gmm.means_scale_raw.fill_(-20.0)  # softplus(-20) + 1e-4 ~ 1e-4
-        gmm.weight_conc_raw.copy_(_softplus_inv(1e5 * r.weights.float()))  # Dirichlet at r.weights, sd ~1.5e-3
+        gmm.weight_conc_raw.copy_(softplus_inverse(1e5 * r.weights.float()))  # Dirichlet at r.weights, sd ~1.5e-3
     gmm.num_data = 2 * N  # the batch is half of the data set: likelihood scaled by 2
     elbo = make_elbo("enum:1000", max_plate_nesting=1)
     loss = elbo.loss(gmm.model, gmm.guide, x)

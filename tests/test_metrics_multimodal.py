@@ -112,9 +112,48 @@ def test_cnn_classifier_learns_digits():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small convolutions: extra threads only contend on the shared CPU
     try:
+        before = torch.get_rng_state()
         clf = M.fit_classifier(train.x["image"], train.y, kind="cnn")
+        assert torch.equal(torch.get_rng_state(), before)  # the caller's random stream is left as it was
     finally:
         torch.set_num_threads(threads)
     assert float((clf.predict(test.x["image"]) == test.y.numpy()).mean()) > 0.85
+    assert [r["epoch"] for r in clf.history] == [1, 2, 3, 4]  # trained by inference.fit
     with pytest.raises(UsageError, match="square images"):
         M.fit_classifier(np.zeros((4, 10), dtype=np.float32), np.array([0, 1, 0, 1]), kind="cnn")
+
+
+class GaussianOracle(IndependentGaussians):
+    """Oracle generation on exactly scored independent N(0, 1) modalities; embeds by concatenation."""
+
+    def __init__(self, data):
+        super().__init__()
+        self.data = data
+
+    generate, sample = Oracle.generate, Oracle.sample
+
+    def embed(self, batch):
+        return torch.cat([v for v in batch.values()], -1)
+
+
+def test_multimodal_metrics_scores_the_test_set_only_when_asked():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (500,), generator=g)
+    onehot = torch.nn.functional.one_hot(y, 3).float()
+    data = {m: onehot @ torch.randn(3, d, generator=g) + torch.randn(500, d, generator=g) for m, d in (("a", 4), ("b", 2))}
+    train, test = {m: v[:300] for m, v in data.items()}, {m: v[300:] for m, v in data.items()}
+    classifiers, _ = M.modality_classifiers(train, y[:300], test, y[300:])
+    module = GaussianOracle(test)
+    plain = M.multimodal_metrics(module, train, y[:300], test, y[300:], classifiers, particles=3, joint_samples=200)
+    assert list(plain) == ["coherence", "coherence_by_size", "joint_coherence", "particles",
+                           "conditional_log_likelihood", "probe_accuracy"]
+    assert set(plain["probe_accuracy"]) == {"all", "a", "b"}
+    full = M.multimodal_metrics(module, train, y[:300], test, y[300:], classifiers, particles=3, joint_samples=200,
+                                log_likelihood=True)
+    assert {k: v for k, v in full.items() if not k.startswith("test_")} == plain  # a deterministic oracle
+    exact = torch.distributions.Normal(0.0, 1.0)
+    log_px = sum(exact.log_prob(v).sum(-1) for v in test.values()).double().mean()
+    assert full["test_log_likelihood"] == pytest.approx(float(log_px), abs=1e-4)  # exact weights: no bound gap
+    assert full["test_elbo"] == pytest.approx(float(log_px), abs=1e-4)
+    assert plain["conditional_log_likelihood"]["b"] == pytest.approx(float(exact.log_prob(test["b"]).sum(-1).mean()),
+                                                                      abs=1e-4)  # independent: log p(b | a) = log p(b)

@@ -10,7 +10,8 @@ import torch.distributions as td
 from inference import evaluate, fit, make_elbo
 from inference.errors import NonFiniteLossError, UsageError
 from inference.metrics import cluster_accuracy
-from ppl_models.vade import VaDE, _softplus_inverse_tensor
+from ppl_models.nets import softplus_inverse
+from ppl_models.vade import VaDE
 from ppl_models.vae import VAE
 
 
@@ -18,7 +19,7 @@ def _set_mixture(m, weights, locs, scales):
     with torch.no_grad():
         m.mixture_logits.copy_(weights.log())
         m.mixture_locs.copy_(locs)
-        m.mixture_raw_scales.copy_(_softplus_inverse_tensor(scales - m.min_scale))
+        m.mixture_raw_scales.copy_(softplus_inverse(scales - m.min_scale))
 
 
 def test_responsibilities_are_bayes_rule(device):

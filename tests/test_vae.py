@@ -11,6 +11,7 @@ from pyro.infer import TraceMeanField_ELBO
 from inference.elbo import make_elbo
 from inference.errors import UsageError
 from ppl_models.likelihoods import make_likelihood
+from ppl_models.nets import softplus_inverse
 from ppl_models.vae import VAE
 
 LIKELIHOODS = ["bernoulli", "cbernoulli", "normal", "normal:0.3", "laplace"]
@@ -98,3 +99,24 @@ def test_learned_scale_is_bounded_below():
 def test_unknown_likelihood_lists_the_valid_ones():
     with pytest.raises(UsageError, match="bernoulli, cbernoulli, normal"):
         make_likelihood("poisson", 3)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(beta=0.0), "beta must be positive"),
+    (dict(arch="rnn"), "unknown arch"),
+    (dict(arch="conv"), r"image_shape \(C, H, W\)"),
+    (dict(arch="conv", image_shape=(64,)), r"image_shape \(C, H, W\)"),  # flat data: prod matches, no H and W
+    (dict(arch="conv", image_shape=(1, 2, 32)), "divisible by 4"),
+    (dict(activation="swish"), "unknown activation"),
+])
+def test_bad_arguments_raise_usage_error(kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        VAE(64, **kwargs)
+
+
+def test_softplus_inverse_inverts_softplus_in_both_tails():
+    y = torch.tensor([1e-6, 0.1, 1.0, 10.0, 50.0], dtype=torch.float64)
+    x = softplus_inverse(y)
+    assert torch.allclose(torch.nn.functional.softplus(x), y, rtol=1e-12, atol=0)
+    assert softplus_inverse(1).dtype == torch.get_default_dtype()
+    assert float(softplus_inverse(1.0)) == pytest.approx(math.log(math.e - 1), rel=1e-7)

@@ -6,11 +6,12 @@ import pyro
 import torch
 
 from inference.errors import UsageError
-from inference.plots import save_image_grid
+from inference.metrics import modality_classifiers, multimodal_metrics
+from inference.plots import generation_grid, save_image_grid
 
 from ..data import BINARIZE
 from ..experts import RULES
-from ..multimodal import OBJECTIVES, SUBSET_WEIGHTS, MultimodalVAE, generation_grid, multimodal_metrics
+from ..multimodal import OBJECTIVES, SUBSET_WEIGHTS, MultimodalVAE
 from ..multimodal_data import MULTIMODAL_DATASETS, load_multimodal
 from .base import ModelCommand, positive_float, positive_int, register
 
@@ -86,12 +87,11 @@ class MVAECommand(ModelCommand):
         return MultimodalVAE.from_config(config["module"])
 
     def metrics(self, module, train, test, args):
-        from inference.metrics import modality_classifiers
-
         classifiers, accuracy = modality_classifiers(train.data, train.y, test.data, test.y, kind=args.classifier)
-        out = multimodal_metrics(module, train, test, classifiers, particles=min(args.particles, 100), seed=args.seed)
+        # the test ELBO and log-likelihood are runs.py's: not scored twice
+        out = multimodal_metrics(module, train.data, train.y, test.data, test.y, classifiers,
+                                 particles=min(args.particles, 100), seed=args.seed)
         out["classifier_accuracy"] = accuracy
-        out.pop("test_elbo"), out.pop("test_log_likelihood"), out.pop("test_log_likelihood_se")  # runs.py has them
         out["coherence_particles"] = out.pop("particles")
         return out
 
@@ -101,7 +101,7 @@ class MVAECommand(ModelCommand):
         if images:
             given = images[0]
             generation_grid(module, test.data, given, [n for n in module.names if n != given],
-                            run_dir / "generation.png", title=f"generated from {given}")
+                            run_dir / "generation.png", image_shapes=module.image_shapes, title=f"generated from {given}")
             pyro.set_rng_seed(args.seed)
             self.save_samples(module, 10, run_dir / "samples.png")
             written = ["generation.png", "samples.png"]
@@ -134,5 +134,5 @@ def generate_run(run_dir, given, target, out_file, *, n=10, device="auto", seed=
     if unknown or not given or not targets:
         raise UsageError(f"--given and --target take modality names among {module.names}, got {given} / {targets}")
     _, test = command.load_data(args)
-    return generation_grid(module, test.data, given, targets, out_file, n=n, seed=seed,
-                           title=f"{config['module']['rule']}: {'+'.join(given)} -> {'+'.join(targets)}")
+    return generation_grid(module, test.data, given, targets, out_file, image_shapes=module.image_shapes, n=n,
+                           seed=seed, title=f"{config['module']['rule']}: {'+'.join(given)} -> {'+'.join(targets)}")
