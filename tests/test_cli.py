@@ -1,5 +1,6 @@
 """The pplm command line: the main job, evaluate/sample, and every refusal leaving the disk untouched."""
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -10,6 +11,10 @@ import torch
 
 from inference.checkpoint import save_checkpoint
 from ppl_models.cli import build_parser, main
+from ppl_models.cli.options import run_config
+from ppl_models.cli.recipe import RunConfig
+from ppl_models.cli.recipes import RECIPES
+from ppl_models.cli.runs import read_config, read_run_config
 
 FAST = ["--epochs", "2", "--particles", "20", "--quiet", "--hidden", "32", "--latent-dim", "4"]
 
@@ -80,6 +85,63 @@ def test_conv_vae_run_rebuilds_from_its_config(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["test_elbo"] == pytest.approx(before["test_elbo"], abs=1e-9)
 
 
+# config.json "args" of `pplm train vae --out DIR --seed 1 *FAST` as written by format ppl-models/run/1
+FORMAT_1_ARGS = {
+    "model": "vae", "dataset": "digits", "data_root": None, "download": False, "binarize": "dynamic",
+    "likelihood": "bernoulli", "latent_dim": 4, "hidden": [32], "arch": "mlp", "beta": 1.0, "elbo": "trace",
+    "epochs": 2, "batch_size": 64, "lr": 0.001, "device": "auto", "seed": 1, "particles": 20, "no_validate": False,
+    "jit": False, "quiet": True,
+}
+
+
+def test_the_stored_configuration_is_the_command_lines(run_dir):
+    """config.json gives back the RunConfig the command line built (all but the folder flags)."""
+    recipe = RECIPES["vae"]
+    ns = build_parser().parse_args(["train", "vae", "--out", str(run_dir), "--seed", "1", *FAST])
+    assert read_run_config(read_config(run_dir), recipe, out=str(run_dir)) == run_config(ns, recipe)
+
+
+def test_a_run_folder_of_format_1_still_loads(run_dir, tmp_path):
+    """A folder written before the typed configuration (format run/1, argparse's namespace as "args")
+    evaluates to the same numbers and resumes; the resumed run is rewritten in the current format."""
+    import shutil
+
+    copy = tmp_path / "v1"
+    shutil.copytree(run_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    old = {"format": "ppl-models/run/1", "model": "vae", "args": FORMAT_1_ARGS, "module": config["module"],
+           "versions": config["versions"], "outputs": config["outputs"]}
+    assert read_run_config(old, RECIPES["vae"]) == read_run_config(config, RECIPES["vae"])
+    assert main(["evaluate", str(copy), "--quiet"]) == 0  # the reference, from the current format
+    before = json.loads((copy / "metrics.json").read_text())
+    (copy / "config.json").write_text(json.dumps(old))
+    assert main(["evaluate", str(copy), "--quiet"]) == 0
+    after = json.loads((copy / "metrics.json").read_text())
+    assert after["particles"] == 20 and after["test_log_likelihood"] == pytest.approx(before["test_log_likelihood"], abs=1e-9)
+    assert main(["train", "vae", "--out", str(copy), "--resume", "--epochs", "3", "--quiet"]) == 0
+    assert len((copy / "history.csv").read_text().splitlines()) == 1 + 3
+    resumed = json.loads((copy / "config.json").read_text())
+    assert resumed["format"] == "ppl-models/run/2" and resumed["options"]["hidden"] == [32]
+    assert resumed["run"]["epochs"] == 3 and resumed["run"]["seed"] == 1
+
+
+def test_each_models_options_are_its_recipes_fields():
+    """Every option of ``pplm train MODEL`` lands in RunConfig or the recipe's Options, and the parser's
+    defaults are the dataclasses' own (a run built in code means what the same command line means)."""
+    for name, recipe in RECIPES.items():
+        ns = build_parser().parse_args(["train", name, "--out", "x"])
+        shared = {f.name for f in dataclasses.fields(RunConfig)} - {"options", "validate"}
+        fields = {f.name for f in dataclasses.fields(recipe.Options)}
+        assert set(vars(ns)) == shared | fields | {"no_validate", "command", "model", "func"}, name
+        assert not shared & fields, name
+        run = run_config(ns, recipe)
+        assert run.options == recipe.Options(), name
+        defaults = RunConfig(out="x", options=recipe.Options(), elbo=recipe.default_elbo, epochs=recipe.default_epochs,
+                             batch_size=recipe.default_batch_size, lr=recipe.default_lr, binarize=ns.binarize,
+                             dataset=ns.dataset)
+        assert run == defaults, name
+
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
@@ -117,6 +179,10 @@ def bad_cases(tmp, run_dir):
     corrupt.mkdir()
     (corrupt / "config.json").write_text((run_dir / "config.json").read_text())
     (corrupt / "checkpoint.pt").write_bytes(b"\x00garbage")
+    future = tmp / "future"
+    future.mkdir()
+    (future / "config.json").write_text(json.dumps({**json.loads((run_dir / "config.json").read_text()),
+                                                    "format": "ppl-models/run/99"}))
     wrong_model = tmp / "wrongmodel"
     wrong_model.mkdir()
     cfg = json.loads((run_dir / "config.json").read_text())
@@ -149,6 +215,7 @@ def bad_cases(tmp, run_dir):
         "run of another model": (["train", "vae", "--out", str(wrong_model), "--resume"], "holds a 'gmm-or-other' run",
                                  str(wrong_model)),
         "evaluate corrupt": (["evaluate", str(corrupt)], "corrupt", str(corrupt)),
+        "evaluate future format": (["evaluate", str(future)], "format 'ppl-models/run/99'", str(future)),
         "evaluate nothing": (["evaluate", str(tmp / "nothing")], "holds no run", str(tmp / "nothing")),
         "sample zero": (["sample", str(run_dir), "-n", "0", "--out", str(tmp / "s.png")], "positive integer", str(run_dir)),
     }
@@ -158,7 +225,7 @@ CASES = [
     "unknown model", "unknown dataset", "unknown elbo", "unknown likelihood", "missing data root", "empty data root",
     "nan data", "outside support", "cuda absent", "beta with iwae", "zero epochs", "negative batch", "zero lr",
     "existing run", "both flags", "checkpoint of another model", "corrupt checkpoint", "run of another model",
-    "evaluate corrupt", "evaluate nothing", "sample zero",
+    "evaluate corrupt", "evaluate future format", "evaluate nothing", "sample zero",
 ]
 
 
