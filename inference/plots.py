@@ -1,4 +1,4 @@
-"""Figures a person would rather look at than read: training curves and image grids.
+"""Figures a person would rather look at than read: training curves, image grids, latent projections.
 
 Matplotlib runs on the Agg backend, so nothing needs a display.
 """
@@ -9,11 +9,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pyro  # noqa: E402
 import torch  # noqa: E402
 
 from .checkpoint import atomic_write  # noqa: E402
 from .errors import UsageError  # noqa: E402
+from .metrics import cluster_accuracy  # noqa: E402
 
 
 def _save(fig, path):
@@ -103,3 +105,32 @@ def generation_grid(module, data, given, targets, path, *, image_shapes, n=10, t
     full_title = "\n".join(filter(None, [title, *text]))
     return save_image_grid(torch.cat(rows), shape, path, nrow=rows[0].shape[0], title=full_title or None,
                            row_labels=row_labels)
+
+
+def save_latent_projection(z, clusters, path, labels=None, title=None):
+    """Scatter the first two principal components of the codes ``z`` (N, L), coloured by ``clusters`` (N,).
+
+    Codes with L <= 2 are drawn as they are (padded with zeros to 2-D). With
+    ``labels`` (N,) the title also gives the clustering accuracy against them
+    (:func:`inference.metrics.cluster_accuracy`, Hungarian matching). Returns the path.
+    """
+    from sklearn.decomposition import PCA
+
+    z = z.detach().cpu().double().numpy()
+    clusters = np.asarray(clusters.detach().cpu() if hasattr(clusters, "detach") else clusters)
+    xy = PCA(n_components=2).fit_transform(z) if z.shape[1] > 2 else np.pad(z, ((0, 0), (0, 2 - z.shape[1])))
+    fig, ax = plt.subplots(figsize=(6, 5))
+    k = int(clusters.max()) + 1
+    cmap = plt.get_cmap("tab10" if k <= 10 else "tab20")
+    for c in range(k):
+        sel = clusters == c
+        if sel.any():
+            ax.scatter(xy[sel, 0], xy[sel, 1], s=4, color=cmap(c % cmap.N), label=str(c), alpha=0.7, linewidths=0)
+    ax.set_xlabel("PC 1 of the latent means")
+    ax.set_ylabel("PC 2")
+    ax.legend(title="cluster", markerscale=3, fontsize=7, loc="best", ncol=2 if k > 10 else 1)
+    if labels is not None:
+        title = (title or "") + f" (ACC {cluster_accuracy(labels, clusters):.3f})"
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)

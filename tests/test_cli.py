@@ -1,5 +1,7 @@
 """The pplm command line: the main job, evaluate/sample, and every refusal leaving the disk untouched."""
 
+import csv
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -10,6 +12,10 @@ import torch
 
 from inference.checkpoint import save_checkpoint
 from ppl_models.cli import build_parser, main
+from ppl_models.cli.options import run_config
+from ppl_models.cli.recipe import RunConfig
+from ppl_models.cli.recipes import RECIPES
+from ppl_models.cli.runs import read_config, read_run_config
 
 FAST = ["--epochs", "2", "--particles", "20", "--quiet", "--hidden", "32", "--latent-dim", "4"]
 
@@ -80,6 +86,62 @@ def test_conv_vae_run_rebuilds_from_its_config(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["test_elbo"] == pytest.approx(before["test_elbo"], abs=1e-9)
 
 
+# config.json "args" of `pplm train vae --out DIR --seed 1 *FAST` as written by format ppl-models/run/1
+FORMAT_1_ARGS = {
+    "model": "vae", "dataset": "digits", "data_root": None, "download": False, "binarize": "dynamic",
+    "likelihood": "bernoulli", "latent_dim": 4, "hidden": [32], "arch": "mlp", "beta": 1.0, "elbo": "trace",
+    "epochs": 2, "batch_size": 64, "lr": 0.001, "device": "auto", "seed": 1, "particles": 20, "no_validate": False,
+    "jit": False, "quiet": True,
+}
+
+
+def test_the_stored_configuration_is_the_command_lines(run_dir):
+    """config.json gives back the RunConfig the command line built (all but the folder flags)."""
+    recipe = RECIPES["vae"]
+    ns = build_parser().parse_args(["train", "vae", "--out", str(run_dir), "--seed", "1", *FAST])
+    assert read_run_config(read_config(run_dir), recipe, out=str(run_dir)) == run_config(ns, recipe)
+
+
+def test_a_run_folder_of_format_1_still_loads(tmp_path):
+    """A folder written before the typed configuration (format run/1, argparse's namespace as "args")
+    evaluates to the same numbers and resumes; the resumed run is rewritten in the current format."""
+    copy = tmp_path / "v1"
+    # format run/1 had no validation split: the same run now is --validation 0
+    assert main(["train", "vae", "--out", str(copy), "--seed", "1", "--validation", "0", *FAST]) == 0
+    config = json.loads((copy / "config.json").read_text())
+    old = {"format": "ppl-models/run/1", "model": "vae", "args": FORMAT_1_ARGS, "module": config["module"],
+           "versions": config["versions"], "outputs": config["outputs"]}
+    assert read_run_config(old, RECIPES["vae"]) == read_run_config(config, RECIPES["vae"])
+    assert main(["evaluate", str(copy), "--quiet"]) == 0  # the reference, from the current format
+    before = json.loads((copy / "metrics.json").read_text())
+    (copy / "config.json").write_text(json.dumps(old))
+    assert main(["evaluate", str(copy), "--quiet"]) == 0
+    after = json.loads((copy / "metrics.json").read_text())
+    assert after["particles"] == 20 and after["test_log_likelihood"] == pytest.approx(before["test_log_likelihood"], abs=1e-9)
+    assert main(["train", "vae", "--out", str(copy), "--resume", "--epochs", "3", "--quiet"]) == 0
+    assert len((copy / "history.csv").read_text().splitlines()) == 1 + 3
+    resumed = json.loads((copy / "config.json").read_text())
+    assert resumed["format"] == "ppl-models/run/2" and resumed["options"]["hidden"] == [32]
+    assert resumed["run"]["epochs"] == 3 and resumed["run"]["seed"] == 1
+
+
+def test_each_models_options_are_its_recipes_fields():
+    """Every option of ``pplm train MODEL`` lands in RunConfig or the recipe's Options, and the parser's
+    defaults are the dataclasses' own (a run built in code means what the same command line means)."""
+    for name, recipe in RECIPES.items():
+        ns = build_parser().parse_args(["train", name, "--out", "x"])
+        shared = {f.name for f in dataclasses.fields(RunConfig)} - {"options", "validate"}
+        fields = {f.name for f in dataclasses.fields(recipe.Options)}
+        assert set(vars(ns)) == shared | fields | {"no_validate", "command", "model", "func"}, name
+        assert not shared & fields, name
+        run = run_config(ns, recipe)
+        assert run.options == recipe.Options(), name
+        defaults = RunConfig(out="x", options=recipe.Options(), elbo=recipe.default_elbo, epochs=recipe.default_epochs,
+                             batch_size=recipe.default_batch_size, lr=recipe.default_lr, binarize=ns.binarize,
+                             dataset=ns.dataset)
+        assert run == defaults, name
+
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
@@ -117,6 +179,10 @@ def bad_cases(tmp, run_dir):
     corrupt.mkdir()
     (corrupt / "config.json").write_text((run_dir / "config.json").read_text())
     (corrupt / "checkpoint.pt").write_bytes(b"\x00garbage")
+    future = tmp / "future"
+    future.mkdir()
+    (future / "config.json").write_text(json.dumps({**json.loads((run_dir / "config.json").read_text()),
+                                                    "format": "ppl-models/run/99"}))
     wrong_model = tmp / "wrongmodel"
     wrong_model.mkdir()
     cfg = json.loads((run_dir / "config.json").read_text())
@@ -140,8 +206,10 @@ def bad_cases(tmp, run_dir):
                              "--out", out], "binary data", out),
         "cuda absent": (["train", "vae", "--device", "cuda", "--out", out], "CUDA", out)
         if not torch.cuda.is_available() else None,
-        "beta with iwae": (["train", "vae", "--beta", "2", "--elbo", "iwae:5", "--out", out], "log-sum-exp", out),
+        "beta with iwae": (["train", "vae", "--beta", "2", "--elbo", "iwae:5", "--out", out], "site 'z' is scaled", out),
         "zero epochs": (["train", "vae", "--epochs", "0", "--out", out], "positive integer", out),
+        "bad schedule": (["train", "vae", "--lr-schedule", "step:0:0.5", "--out", out], "learning-rate schedule", out),
+        "validation fraction": (["train", "vae", "--validation", "1", "--out", out], "fraction in [0, 1)", out),
         "negative batch": (["train", "vae", "--batch-size", "-3", "--out", out], "positive integer", out),
         "zero lr": (["train", "vae", "--lr", "0", "--out", out], "positive number", out),
         "existing run": (["train", "vae", "--out", str(run_dir)], "already holds a run", str(run_dir)),
@@ -152,6 +220,7 @@ def bad_cases(tmp, run_dir):
         "run of another model": (["train", "vae", "--out", str(wrong_model), "--resume"], "holds a 'gmm-or-other' run",
                                  str(wrong_model)),
         "evaluate corrupt": (["evaluate", str(corrupt)], "corrupt", str(corrupt)),
+        "evaluate future format": (["evaluate", str(future)], "format 'ppl-models/run/99'", str(future)),
         "evaluate nothing": (["evaluate", str(tmp / "nothing")], "holds no run", str(tmp / "nothing")),
         "sample zero": (["sample", str(run_dir), "-n", "0", "--out", str(tmp / "s.png")], "positive integer", str(run_dir)),
     }
@@ -161,7 +230,7 @@ CASES = [
     "unknown model", "unknown dataset", "unknown elbo", "unknown likelihood", "missing data root", "empty data root",
     "nan data", "conv on flat data", "outside support", "cuda absent", "beta with iwae", "zero epochs", "negative batch", "zero lr",
     "existing run", "both flags", "checkpoint of another model", "corrupt checkpoint", "run of another model",
-    "evaluate corrupt", "evaluate nothing", "sample zero",
+    "evaluate corrupt", "evaluate future format", "evaluate nothing", "sample zero",
 ]
 
 
@@ -201,3 +270,31 @@ def test_every_option_is_exercised_by_some_test():
     walk(parser)
     missing = sorted(o for o in options if f'"{o}"' not in tests_text)
     assert not missing, f"options no test passes: {missing}"
+
+
+def test_validation_early_stopping_schedule_and_tensorboard_from_the_command_line(tmp_path):
+    """--validation holds 20% of the 1,437 digits out and records their ELBO; --lr-schedule step:1:0.5 halves
+    the learning rate every epoch; --patience stops at the patience bound and the run keeps the best epoch;
+    --tensorboard writes the epochs' scalars."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, tb = tmp_path / "run", tmp_path / "tb"
+    argv = ["train", "vae", "--out", str(out), "--validation", "0.2", "--lr-schedule", "step:1:0.5", "--patience", "1",
+            "--tensorboard", str(tb), "--lr", "0.02", *FAST[:1], "6", *FAST[2:]]
+    assert main(argv) == 0
+    with open(out / "history.csv") as f:
+        history = list(csv.DictReader(f))
+    lrs = [float(r["lr"]) for r in history]
+    assert lrs == pytest.approx([0.02 * 0.5**k for k in range(len(history))], rel=1e-12)
+    val = [float(r["val_elbo"]) for r in history]
+    metrics = json.loads((out / "metrics.json").read_text())
+    best = max(range(len(val)), key=val.__getitem__) + 1
+    assert metrics["best_epoch"] == best and metrics["validation"] == 0.2
+    if metrics["stopped_early"]:  # patience 1: stopped right after the first epoch that did not improve
+        assert len(history) == best + 1 < 6
+    else:
+        assert len(history) == 6
+    events = EventAccumulator(str(tb))
+    events.Reload()
+    assert [e.value for e in events.Scalars("val/elbo")] == pytest.approx(val, rel=1e-6)

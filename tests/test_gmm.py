@@ -173,13 +173,12 @@ def test_pplm_train_gmm(tmp_path):
 
 
 def test_cli_options_and_refusals():
-    from ppl_models.cli.base import get_command
+    from ppl_models.cli.recipe import RunConfig
+    from ppl_models.cli.recipes import get_recipe
 
-    cmd = get_command("gmm")
-    import argparse
-
+    recipe = get_recipe("gmm")
     with pytest.raises(UsageError, match="enum"):
-        cmd.check_args(argparse.Namespace(elbo="trace"))
+        recipe.check(RunConfig(elbo="trace", options=recipe.Options()))
     with pytest.raises(UsageError):
         em(torch.zeros(5, 2), 6)
     with pytest.raises(UsageError):

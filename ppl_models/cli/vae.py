@@ -1,49 +1,66 @@
-"""``pplm train vae``."""
+"""``pplm train vae``: the VAE's options and its run recipe (figures: prior samples, test reconstructions)."""
+
+from dataclasses import dataclass
+
+import torch
 
 from inference.plots import save_image_grid
 
 from ..vae import VAE
-from .base import ModelCommand, positive_float, positive_int, register
+from .options import add_data_options, positive_float, positive_int
+from .recipe import Recipe, default_list
 
 
-@register
-class VAECommand(ModelCommand):
+@dataclass
+class VAEOptions:
+    likelihood: str = "bernoulli"
+    latent_dim: int = 16
+    hidden: list = default_list([256])
+    arch: str = "mlp"
+    beta: float = 1.0
+
+
+def add_options(p):
+    d = VAEOptions()
+    add_data_options(p, binarize=VAERecipe.default_binarize)
+    p.add_argument("--likelihood", default=d.likelihood, help="bernoulli, cbernoulli, normal[:S|:learned], laplace[:S]")
+    p.add_argument("--latent-dim", type=positive_int, default=d.latent_dim)
+    p.add_argument("--hidden", type=positive_int, nargs="+", default=d.hidden, help="MLP hidden widths")
+    p.add_argument("--arch", choices=("mlp", "conv"), default=d.arch)
+    p.add_argument("--beta", type=positive_float, default=d.beta, help="KL weight (beta != 1 is not a bound on log p(x))")
+
+
+class VAERecipe(Recipe):
     name = "vae"
     help = "variational autoencoder (Bernoulli, continuous-Bernoulli, Normal or Laplace likelihood; beta weight)"
+    model_class = VAE
+    Options = VAEOptions
     default_binarize = "dynamic"
     default_epochs = 200
     default_batch_size = 64
 
-    def add_arguments(self, p):
-        p.add_argument("--likelihood", default="bernoulli", help="bernoulli, cbernoulli, normal[:S|:learned], laplace[:S]")
-        p.add_argument("--latent-dim", type=positive_int, default=16)
-        p.add_argument("--hidden", type=positive_int, nargs="+", default=[256], help="MLP hidden widths")
-        p.add_argument("--arch", choices=("mlp", "conv"), default="mlp")
-        p.add_argument("--beta", type=positive_float, default=1.0, help="KL weight (beta != 1 is not a bound on log p(x))")
-
-    def build(self, args, train):
+    def build(self, run, train):
+        o = run.options
         return VAE(
             train.dim,
-            latent_dim=args.latent_dim,
-            hidden=args.hidden,
-            likelihood=args.likelihood,
-            beta=args.beta,
-            arch=args.arch,
+            latent_dim=o.latent_dim,
+            hidden=o.hidden,
+            likelihood=o.likelihood,
+            beta=o.beta,
+            arch=o.arch,
             image_shape=train.image_shape,
         )
 
-    def rebuild(self, config):
-        return VAE.from_config(config["module"])
-
-    def figures(self, run_dir, module, train, test, args):
+    def figures(self, run_dir, module, train, test, run):
         shape = train.image_shape
         samples = module.sample(100)
         save_image_grid(samples, shape, run_dir / "samples.png", nrow=10, title="samples from the prior (E[x|z])")
         x = test.data[:50].to(samples.device)
         recon = module.reconstruct(x)
         rows = [t for i in range(0, 50, 10) for t in (x[i : i + 10], recon[i : i + 10])]
-        import torch
-
         save_image_grid(torch.cat(rows), shape, run_dir / "reconstructions.png", nrow=10,
                         title="test images (odd rows) and reconstructions (even rows)")
         return ["samples.png", "reconstructions.png"]
+
+
+RECIPE = VAERecipe()

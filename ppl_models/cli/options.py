@@ -1,0 +1,117 @@
+"""argparse wiring shared by every model: value parsers, the shared options, and the one conversion
+from argparse's ``Namespace`` to a typed :class:`~ppl_models.cli.recipe.RunConfig`.
+
+A model's own options are added by the ``add_options(parser)`` function in its
+recipe's file; their ``dest`` names are the fields of its recipe's ``Options``.
+"""
+
+import argparse
+import dataclasses
+
+from inference.elbo import ELBO_SPECS
+from inference.errors import UsageError
+
+from ..data import BINARIZE, DATASETS
+from .recipe import LR_SCHEDULES, RunConfig, lr_scheduler
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line: ``pplm: error: ...``."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(minimum, word):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a {word} integer, got {text!r}")
+        return value
+
+    parse.__name__ = f"{word.replace('-', '_')}_int"
+    return parse
+
+
+positive_int = _int_at_least(1, "positive")
+non_negative_int = _int_at_least(0, "non-negative")
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def number(text):
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def fraction(text):
+    """A number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
+
+
+def lr_schedule(text):
+    """argparse type of ``--lr-schedule``: the spec, checked by :func:`~ppl_models.cli.recipe.lr_scheduler`."""
+    try:
+        lr_scheduler(text, 1)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def add_data_options(p, binarize="none"):
+    """``--dataset`` (digits, MNIST, Fashion-MNIST or a .npz file), ``--data-root``, ``--download``, ``--binarize``."""
+    p.add_argument("--dataset", default="digits", help=f"{' | '.join(DATASETS)} or a .npz file (default digits)")
+    p.add_argument("--data-root", default=None, help="folder holding MNIST/raw or FashionMNIST/raw")
+    p.add_argument("--download", action="store_true", help="allow torchvision to download missing files")
+    p.add_argument("--binarize", choices=BINARIZE, default=binarize)
+
+
+def add_training_options(p, recipe):
+    """The options every ``pplm train MODEL`` takes, with ``recipe``'s defaults."""
+    p.add_argument("--elbo", default=recipe.default_elbo, help=f"objective spec: {', '.join(ELBO_SPECS)}")
+    p.add_argument("--epochs", type=positive_int, default=recipe.default_epochs)
+    p.add_argument("--batch-size", type=positive_int, default=recipe.default_batch_size)
+    p.add_argument("--lr", type=positive_float, default=recipe.default_lr)
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--particles", type=positive_int, default=1000, help="importance samples for the test log-likelihood")
+    p.add_argument("--no-validate", action="store_true", help="switch Pyro's validation off (faster)")
+    p.add_argument("--jit", action="store_true",
+                   help="compile the loss with torch.jit.trace (checked against the eager loss; fastest)")
+    p.add_argument("--validation", type=fraction, default=0.1,
+                   help="fraction of the training data held out to monitor the ELBO each epoch (0: none)")
+    p.add_argument("--patience", type=positive_int, default=None,
+                   help="stop when the validation ELBO has not improved for this many epochs; keep the best epoch")
+    p.add_argument("--lr-schedule", type=lr_schedule, default="none", help=f"learning-rate schedule: {LR_SCHEDULES}")
+    p.add_argument("--tensorboard", default=None, metavar="DIR", help="write TensorBoard event files to DIR")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--out", required=True, help="run folder")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+
+
+def run_config(ns, recipe):
+    """The typed configuration of ``pplm train`` from argparse's namespace ``ns`` (the CLI boundary)."""
+    shared = {f.name: getattr(ns, f.name) for f in dataclasses.fields(RunConfig) if f.name not in ("options", "validate")}
+    options = recipe.Options(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(recipe.Options)})
+    return RunConfig(**shared, options=options, validate=not ns.no_validate)

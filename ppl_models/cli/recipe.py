@@ -1,0 +1,181 @@
+"""A run's typed configuration and the base class of the per-model recipes.
+
+:class:`RunConfig` is what one ``pplm train`` run is asked to do: the options
+every model shares (folder, data, objective, optimiser, device, seed, ...) and
+the model's own options (``options``: a dataclass the model's recipe defines).
+It is built once from the command line (:func:`ppl_models.cli.options.run_config`)
+or from a run folder's ``config.json`` (:func:`ppl_models.cli.runs.read_run_config`).
+
+A :class:`Recipe` is what differs between models in a run: how to load the
+data, build the module (and rebuild it from ``config.json``), initialise it
+before SVI, which metrics and figures a run writes and how to draw samples. It
+knows nothing of argparse: each model's file pairs its recipe with an
+``add_options(parser)`` function that declares the same fields as ``Options``.
+"""
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from inference.errors import UsageError
+from inference.plots import save_image_grid
+
+from ..data import load_dataset
+
+
+@dataclass
+class RunConfig:
+    """What one run is asked to do.
+
+    ``out`` is the run folder; ``resume`` (continue the run in ``out``) and
+    ``overwrite`` (replace it) exclude each other. ``validate=False`` switches
+    Pyro's validation off. ``validation`` is the fraction of the training data
+    held out to monitor the ELBO after every epoch (0: none); ``patience`` stops
+    training when that ELBO has not improved for so many epochs (restoring the
+    best epoch); ``lr_schedule`` is a spec for
+    :func:`ppl_models.cli.options.lr_scheduler`; ``tensorboard`` a folder for
+    TensorBoard event files. ``particles`` is the number of importance samples of
+    the test log-likelihood. ``options`` is the model's own options (the
+    dataclass ``recipe.Options``).
+    """
+
+    out: str | None = None
+    options: Any = None
+    dataset: str = "digits"
+    data_root: str | None = None
+    download: bool = False
+    binarize: str = "none"
+    elbo: str = "trace"
+    epochs: int = 100
+    batch_size: int = 64
+    lr: float = 1e-3
+    device: str = "auto"
+    seed: int = 0
+    particles: int = 1000
+    quiet: bool = False
+    validate: bool = True
+    jit: bool = False
+    validation: float = 0.1
+    patience: int | None = None
+    lr_schedule: str = "none"
+    tensorboard: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+
+    # what a finished run stores in config.json ("run"); the rest say how to run this command
+    STORED = ("dataset", "data_root", "download", "binarize", "elbo", "epochs", "batch_size", "lr", "device", "seed",
+              "particles", "quiet", "validate", "jit", "validation", "patience", "lr_schedule")
+    # what a resumed run takes from the command line rather than from config.json
+    RESUME_OVERRIDES = ("epochs", "device", "particles", "quiet", "validate", "jit", "tensorboard")
+
+    def stored(self):
+        """The JSON-able record of this run for ``config.json``: ``{"run": {...}, "options": {...}}``."""
+        options = dataclasses.asdict(self.options) if dataclasses.is_dataclass(self.options) else {}
+        return {"run": {k: getattr(self, k) for k in self.STORED}, "options": options}
+
+
+LR_SCHEDULES = "none, cosine, exponential:GAMMA, step:EPOCHS:GAMMA, plateau:PATIENCE:FACTOR"
+
+
+def lr_scheduler(spec, epochs):
+    """``None`` or ``f(optimizer) -> scheduler`` for a ``--lr-schedule`` spec (stepped once per epoch).
+
+    * ``none``: a constant learning rate;
+    * ``cosine``: ``torch.optim.lr_scheduler.CosineAnnealingLR`` over ``epochs`` (Loshchilov & Hutter 2017);
+    * ``exponential:GAMMA``: lr * GAMMA^epoch, 0 < GAMMA <= 1;
+    * ``step:EPOCHS:GAMMA``: lr * GAMMA every EPOCHS epochs;
+    * ``plateau:PATIENCE:FACTOR``: ``ReduceLROnPlateau`` on the validation ELBO (the training loss without one).
+
+    :raises inference.errors.UsageError: for a malformed spec.
+    """
+    name, *rest = spec.split(":")
+    sched = torch.optim.lr_scheduler
+    try:
+        if name == "none" and not rest:
+            return None
+        if name == "cosine" and not rest:
+            return lambda opt: sched.CosineAnnealingLR(opt, T_max=epochs)
+        if name == "exponential" and len(rest) == 1 and 0 < float(rest[0]) <= 1:
+            return lambda opt: sched.ExponentialLR(opt, gamma=float(rest[0]))
+        if name == "step" and len(rest) == 2 and int(rest[0]) >= 1 and 0 < float(rest[1]) <= 1:
+            return lambda opt: sched.StepLR(opt, step_size=int(rest[0]), gamma=float(rest[1]))
+        if name == "plateau" and len(rest) == 2 and int(rest[0]) >= 0 and 0 < float(rest[1]) < 1:
+            return lambda opt: sched.ReduceLROnPlateau(opt, patience=int(rest[0]), factor=float(rest[1]))
+    except ValueError:
+        pass
+    raise UsageError(f"unknown learning-rate schedule {spec!r}; valid: {LR_SCHEDULES}")
+
+
+class Recipe:
+    """Base class: the pieces of a run that differ between models.
+
+    Subclasses set ``name``, ``help``, ``model_class`` (with ``from_config``)
+    and ``Options`` (a dataclass of the model's options, every field with a
+    default), and override :meth:`build` (and whichever hooks they need).
+    ``default_*`` are the defaults of the shared options for this model.
+    """
+
+    name = None
+    help = ""
+    model_class = None
+    default_elbo = "trace"
+    default_epochs = 100
+    default_batch_size = 64
+    default_lr = 1e-3
+    default_binarize = "none"
+
+    @dataclass
+    class Options:
+        """No model options."""
+
+    def options_from_dict(self, stored):
+        """``Options`` from a stored dict; keys it does not know are ignored, missing ones take their defaults."""
+        names = {f.name for f in dataclasses.fields(self.Options)}
+        return self.Options(**{k: v for k, v in stored.items() if k in names})
+
+    # ---- what a run does -------------------------------------------------------------
+    def check(self, run):
+        """Raise UsageError for option combinations that make no sense (before anything is loaded)."""
+
+    def load_data(self, run):
+        """(train, test) on the CPU."""
+        return load_dataset(run.dataset, data_root=run.data_root, binarize=run.binarize, download=run.download)
+
+    def build(self, run, train):
+        """A fresh module for this run and this training data."""
+        raise NotImplementedError
+
+    def rebuild(self, module_config):
+        """The module of a finished run, from its ``config.json``'s ``"module"`` entry."""
+        return self.model_class.from_config(module_config)
+
+    def before_fit(self, module, train, run, device):
+        """Optional initialisation before SVI (e.g. VaDE's pretraining). Returns a dict for metrics.json."""
+        return {}
+
+    def metrics(self, module, train, test, run):
+        """Extra entries for metrics.json (e.g. clustering accuracy)."""
+        return {}
+
+    def figures(self, run_dir, module, train, test, run):
+        """Write the model's PNG figures into ``run_dir`` (loss.png is written for every model); returns their names."""
+        return []
+
+    def save_samples(self, module, n, path, module_config=None):
+        """``pplm sample``: a grid of ``n`` draws from the model (``module.sample(n)``) saved to ``path``."""
+        shape = (module_config or {}).get("image_shape")
+        if not hasattr(module, "sample") or not shape:
+            raise UsageError(f"the {self.name} model of this run cannot draw image samples")
+        return save_image_grid(module.sample(n), shape, path, nrow=max(1, math.ceil(n**0.5)))
+
+    # ``pplm generate``: a recipe whose model generates one modality from others sets this to a method
+    # ``generate(module, run, given, target, path, *, n, seed)`` (see the mvae recipe).
+    generate = None
+
+
+def default_list(values):
+    """A dataclass field whose default is the list ``values`` (a fresh copy per instance)."""
+    return field(default_factory=lambda: list(values))
