@@ -1,8 +1,11 @@
 """``pplm train vade --clusters K``: VaDE, a VAE with a Gaussian-mixture prior, for clustering."""
 
+from inference import batching
 from inference.errors import UsageError
+from inference.metrics import cluster_accuracy
 
 from ..vade import VaDE
+from ..vade_init import initialise
 from .base import ModelCommand, non_negative_int, positive_float, positive_int, register
 
 
@@ -107,10 +110,9 @@ class VaDECommand(ModelCommand):
 
     def before_fit(self, module, train, args, device):
         """Pretrain the autoencoder and set the mixture (``--init``: from a t-SNE map or a GMM on the codes)."""
-        from inference import batching
-
         module.to(device)
-        info = module.initialise(
+        info = initialise(
+            module,
             batching.to_device(train, device),
             pretrain_epochs=args.pretrain_epochs,
             batch_size=args.batch_size,
@@ -130,8 +132,6 @@ class VaDECommand(ModelCommand):
             progress=not getattr(args, "quiet", False),
         )
         if train.y is not None:
-            from inference.metrics import cluster_accuracy
-
             x = batching.fixed_view(train).to(device)
             info["init_train_acc"] = cluster_accuracy(train.y, module.cluster(x))
         return info
