@@ -131,7 +131,8 @@ def test_bad_arguments():
     before = {k: v.clone() for k, v in m.state_dict().items()}
     x = torch.randn(50, 4)
     for kw, match in [(dict(init="kmeans"), "initialisation"), (dict(init="tsne", embed="pixels"), "embed"),
-                      (dict(init="tsne", embed_points=2), "embed_points"), (dict(init="tsne", perplexity=0), "perplexity")]:
+                      (dict(init="tsne", embed_points=2), "embed_points"), (dict(init="tsne", perplexity=0), "perplexity"),
+                      (dict(dropout=1.0), "dropout")]:
         with pytest.raises(UsageError, match=match):
             initialise(m, x, pretrain_epochs=1, **kw)
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
@@ -227,6 +228,56 @@ def test_align_pulls_the_codes_to_the_target_clusters():
     assert before < 0.7 and cluster_accuracy(y, m.cluster(x)) == 1.0
     with pytest.raises(UsageError, match="responsibilities"):
         align(m, x, r[:10], epochs=1)
+
+
+def _pair_setup():
+    torch.manual_seed(0)
+    m = VaDE(6, n_clusters=3, latent_dim=2, hidden=(8,), likelihood="normal:0.5")
+    m.set_mixture(torch.tensor([0.2, 0.3, 0.5]), torch.randn(3, 2), 0.5 + torch.rand(3, 2))
+    x = torch.randn(40, 6)
+    with torch.no_grad():
+        loc, _ = m.encoder_head(m.encoder_body(x))  # mu_phi(x)
+        rec = -m.decode(loc).log_prob(x)  # -log p(x_n | z = mu_phi(x_n)), (40,)
+    return m, x, loc, rec
+
+
+def test_pretraining_pair_loss_is_the_autoencoder_loss():
+    m, x, _, rec = _pair_setup()
+    pair = AutoencoderPair(m, dropout=0.0)
+    # the pair holds the networks only: the mixture is not optimised
+    assert not any("mixture" in name for name, _ in pair.named_parameters())
+    mixture = [t.detach().clone() for t in (m.mixture_logits, m.mixture_locs, m.mixture_raw_scales)]
+    # Pyro's own Trace_ELBO on the pair: no latent site and an empty guide, so the estimate is exact
+    pyro_loss = pyro.infer.Trace_ELBO().loss(pair.model, pair.guide, x)
+    # a sum of 40 float32 terms against Pyro's float conversion of the same sum: rounding only
+    assert pyro_loss == pytest.approx(float(rec.double().sum()), rel=1e-5)
+    # fit: one batch of every point, so the epoch's loss is the loss at the starting weights (read before the step)
+    result = fit(pair, x, epochs=1, batch_size=40, lr=1e-2, device="cpu", progress=False)
+    assert result.history[0]["train_loss"] == pytest.approx(float(rec.double().mean()), rel=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(mixture, (m.mixture_logits, m.mixture_locs, m.mixture_raw_scales)))
+    with pytest.raises(UsageError, match="dropout"):
+        AutoencoderPair(m, dropout=1.0)
+
+
+def test_alignment_pair_loss_is_reconstruction_plus_weighted_cross_entropy():
+    m, x, loc, rec = _pair_setup()
+    r = torch.rand(40, 3, generator=torch.Generator().manual_seed(1)).softmax(-1)
+    weight = 7.0
+    with torch.no_grad():
+        ce = -(r * m.log_responsibilities_z(loc)).sum(-1)  # CE_n, (40,)
+    hand = rec.double() + weight * ce.double()
+    pair = AlignmentPair(m, weight=weight)
+    assert {"vade.mixture_logits", "vade.mixture_locs", "vade.mixture_raw_scales"} <= dict(pair.named_parameters()).keys()
+    batch = {"x": x, "r": r}
+    assert pyro.infer.Trace_ELBO().loss(pair.model, pair.guide, batch) == pytest.approx(float(hand.sum()), rel=1e-5)
+    before = m.mixture_locs.detach().clone()
+    result = fit(pair, batch, epochs=1, batch_size=40, lr=1e-2, device="cpu", progress=False)
+    assert result.history[0]["train_loss"] == pytest.approx(float(hand.mean()), rel=1e-5)
+    assert not torch.equal(before, m.mixture_locs)  # the mixture is trained too
+    with pytest.raises(UsageError, match="responsibilities"):
+        fit(pair, {"x": x, "r": r[:, :2]}, epochs=1, batch_size=40, lr=1e-2, device="cpu", progress=False)
+    with pytest.raises(UsageError, match="weight"):
+        AlignmentPair(m, weight=-1.0)
 
 
 def test_pplm_train_vade_writes_clustering_outputs(tmp_path):
