@@ -7,12 +7,12 @@
 
 What is compared, per seed, on the same data:
 
-* ``vade``: :class:`ppl_models.vade.VaDE` with its initialisation (autoencoder
+* ``vade``: :class:`ppl_models.vade.VaDE` with :func:`ppl_models.vade_init.initialise` (autoencoder
   pretraining for ``--pretrain-epochs``, then the mixture from ``--init``: ``tsne``
   (default) fits a full GMM with ``--restarts`` restarts in a 2-D t-SNE map of the
   inputs (digits) or of the codes (MNIST), ``--embed`` to choose, and moves it to
   the latent space by one M-step, then ``--align-epochs`` of
-  :meth:`~ppl_models.vade.VaDE.align` (on by default for MNIST); ``gmm`` is the
+  :func:`ppl_models.vade_init.align` (on by default for MNIST); ``gmm`` is the
   paper's diagonal GMM on the codes), then ``--epochs`` of SVI; clusters =
   argmax q(c | x).
   With ``--candidates R`` (default 1) R initialisations are each trained for
@@ -47,6 +47,14 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import RESULTS, environment, machine_tag, markdown_table, write_results
+from inference import fit, resolve_device
+from inference.errors import UsageError
+from inference.metrics import clustering_scores
+from ppl_models.data import load_dataset
+from ppl_models.gmm import em
+from ppl_models.vade import VaDE
+from ppl_models.vade_init import fit_diag_gmm, initialise, tsne_map
+from ppl_models.vae import VAE
 
 METHODS = ("vade", "vae-gmm", "kmeans-pixels", "gmm-pixels", "tsne-gmm-pixels")
 
@@ -82,8 +90,8 @@ def parse_args(argv=None):
     p.add_argument("--embed-points", type=int, default=10000, help="points embedded by t-SNE (a seeded subset beyond)")
     p.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity")
     p.add_argument("--align-epochs", type=int, default=None,
-                   help="epochs pulling the codes towards the t-SNE map's clusters before SVI (VaDE.align)")
-    p.add_argument("--align-weight", type=float, default=100.0, help="weight of the cross-entropy in VaDE.align")
+                   help="epochs pulling the codes towards the t-SNE map's clusters before SVI (vade_init.align)")
+    p.add_argument("--align-weight", type=float, default=100.0, help="weight of the cross-entropy in vade_init.align")
     p.add_argument("--candidates", type=int, default=1,
                    help="VaDE initialisations tried; the one with the highest training ELBO after --select-epochs "
                         "of SVI is kept (no labels); 1 = a single initialisation")
@@ -110,8 +118,6 @@ def parse_args(argv=None):
 
 def seeds_from(text):
     """``"N"`` -> seeds 0..N-1; ``"a,b,..."`` -> those seeds (``"3,"`` is the single seed 3)."""
-    from inference.errors import UsageError
-
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()] if "," in text else list(range(int(text)))
     except ValueError:
@@ -123,8 +129,6 @@ def seeds_from(text):
 
 def load_points(args):
     """(x, y, x_score, y_score, image_shape): the points to fit and the points to score (a DataSplit for x)."""
-    from ppl_models.data import load_dataset
-
     train, test = load_dataset(args.dataset, data_root=args.data_root)
     if args.fit_on == "all":
         x = torch.cat([train.x, test.x])
@@ -139,17 +143,14 @@ def load_points(args):
 
 
 def run_vade(x, xs, s, seed, device):
-    from inference import fit
-    from ppl_models.vade import VaDE
-
     torch.manual_seed(seed)
     m = VaDE(x.shape[1], n_clusters=s["clusters"], latent_dim=s["latent_dim"], hidden=s["hidden"],
              likelihood=s["likelihood"]).to(device)
-    info = m.initialise(x, pretrain_epochs=s["pretrain_epochs"], batch_size=s["batch_size"], restarts=s["restarts"],
+    info = initialise(m, x, pretrain_epochs=s["pretrain_epochs"], batch_size=s["batch_size"], restarts=s["restarts"],
                         dropout=s["pretrain_dropout"], seed=seed, candidates=s["candidates"],
-                        select_epochs=s["select_epochs"], select_lr=s["lr"], init=s["init"], embed=s["embed"],
-                        embed_points=s["embed_points"], perplexity=s["perplexity"], align_epochs=s["align_epochs"],
-                        align_weight=s["align_weight"])
+                      select_epochs=s["select_epochs"], select_lr=s["lr"], init=s["init"], embed=s["embed"],
+                      embed_points=s["embed_points"], perplexity=s["perplexity"], align_epochs=s["align_epochs"],
+                      align_weight=s["align_weight"])
     info["init_clusters"] = m.cluster(xs)  # after initialisation (and, with candidates > 1, the selection's SVI)
     done = s["select_epochs"] if s["candidates"] > 1 else 0
     fit(m, x, epochs=s["epochs"] - done, batch_size=s["batch_size"], lr=s["lr"], device=device, seed=seed, progress=False,
@@ -158,10 +159,6 @@ def run_vade(x, xs, s, seed, device):
 
 
 def run_vae_gmm(x, xs, s, seed, device):
-    from inference import fit
-    from ppl_models.vade import fit_diag_gmm
-    from ppl_models.vae import VAE
-
     torch.manual_seed(seed)
     m = VAE(x.shape[1], latent_dim=s["latent_dim"], hidden=s["hidden"], likelihood=s["likelihood"]).to(device)
     fit(m, x, epochs=s["pretrain_epochs"] + s["epochs"], batch_size=s["batch_size"], lr=s["lr"], device=device,
@@ -181,23 +178,13 @@ def run_kmeans(x, xs, s, seed, device):
 
 
 def run_gmm_pixels(x, xs, s, seed, device):
-    try:
-        from ppl_models.gmm import em
-    except ImportError:  # the bounds issue's EM not present: scikit-learn's, said so in the record
-        from sklearn.mixture import GaussianMixture
-
-        g = GaussianMixture(s["clusters"], covariance_type="diag", n_init=s["restarts"], reg_covar=s["pixel_reg"],
-                            random_state=seed).fit(x.cpu().double().numpy())
-        return torch.as_tensor(g.predict(xs.cpu().double().numpy())), {"backend": "sklearn.mixture.GaussianMixture"}
-    fit = em(x, s["clusters"], covariance="diag", restarts=s["restarts"], reg=s["pixel_reg"], seed=seed)
-    return fit.predict(xs), {"backend": "ppl_models.gmm.em", "em_converged": bool(fit.converged)}
+    fitted = em(x, s["clusters"], covariance="diag", restarts=s["restarts"], reg=s["pixel_reg"], seed=seed)
+    return fitted.predict(xs), {"backend": "ppl_models.gmm.em", "em_converged": bool(fitted.converged)}
 
 
 def run_tsne_gmm_pixels(x, xs, s, seed, device):
     """VaDE's t-SNE initialiser alone, on the pixels: a full GMM in the 2-D map of every point (transductive)."""
     from sklearn.mixture import GaussianMixture
-
-    from ppl_models.vade import tsne_map
 
     if xs is not x:
         return None, {"skipped": "t-SNE has no out-of-sample map; run it with --fit-on all"}
@@ -263,10 +250,6 @@ def figure(results, methods, path, title):
 
 
 def main(argv=None):
-    from inference import resolve_device
-    from inference.metrics import clustering_scores
-    from inference.errors import UsageError
-
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

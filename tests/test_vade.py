@@ -10,16 +10,21 @@ import torch.distributions as td
 from inference import evaluate, fit, make_elbo
 from inference.errors import NonFiniteLossError, UsageError
 from inference.metrics import cluster_accuracy
-from ppl_models.nets import softplus_inverse
 from ppl_models.vade import VaDE
+from ppl_models.vade_init import (
+    AlignmentPair,
+    AutoencoderPair,
+    align,
+    init_mixture,
+    initialise,
+    pretrain,
+    set_mixture_from_responsibilities,
+)
 from ppl_models.vae import VAE
 
 
 def _set_mixture(m, weights, locs, scales):
-    with torch.no_grad():
-        m.mixture_logits.copy_(weights.log())
-        m.mixture_locs.copy_(locs)
-        m.mixture_raw_scales.copy_(softplus_inverse(scales - m.min_scale))
+    m.set_mixture(weights, locs, scales**2)
 
 
 def test_responsibilities_are_bayes_rule(device):
@@ -126,14 +131,15 @@ def test_bad_arguments():
     before = {k: v.clone() for k, v in m.state_dict().items()}
     x = torch.randn(50, 4)
     for kw, match in [(dict(init="kmeans"), "initialisation"), (dict(init="tsne", embed="pixels"), "embed"),
-                      (dict(init="tsne", embed_points=2), "embed_points"), (dict(init="tsne", perplexity=0), "perplexity")]:
+                      (dict(init="tsne", embed_points=2), "embed_points"), (dict(init="tsne", perplexity=0), "perplexity"),
+                      (dict(dropout=1.0), "dropout")]:
         with pytest.raises(UsageError, match=match):
-            m.initialise(x, pretrain_epochs=1, **kw)
+            initialise(m, x, pretrain_epochs=1, **kw)
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
     with pytest.raises(UsageError, match="more than"):  # 50 points cannot carry a perplexity of 60
-        m.init_mixture(x, method="tsne", perplexity=60)
+        init_mixture(m, x, method="tsne", perplexity=60)
     with pytest.raises(UsageError, match="responsibilities"):
-        m.set_mixture_from_responsibilities(torch.randn(5, 2), torch.rand(5, 3))
+        set_mixture_from_responsibilities(m, torch.randn(5, 2), torch.rand(5, 3))
 
 
 def test_mixture_from_responsibilities_is_the_m_step():
@@ -143,7 +149,7 @@ def test_mixture_from_responsibilities_is_the_m_step():
     m = VaDE(6, n_clusters=k, latent_dim=L, hidden=(8,), likelihood="normal:1", min_scale=1e-3)
     labels = torch.tensor([0] * 20 + [1] * 50 + [2] * 30)
     z = torch.randn(100, L, generator=g, dtype=torch.float64) * (1 + labels[:, None]) + 5 * labels[:, None]
-    ll = m.set_mixture_from_responsibilities(z, torch.nn.functional.one_hot(labels, k))
+    ll = set_mixture_from_responsibilities(m, z, torch.nn.functional.one_hot(labels, k))
     for c in range(k):
         zc = z[labels == c]
         # float32 parameters; the 1e-6 pseudo-count moves a moment by ~1e-6 relative: 1e-5 covers both
@@ -155,14 +161,14 @@ def test_mixture_from_responsibilities_is_the_m_step():
     import numpy as np
 
     r = torch.rand(100, k, generator=g, dtype=torch.float64)
-    m.set_mixture_from_responsibilities(z, r)
+    set_mixture_from_responsibilities(m, z, r)
     for c in range(k):
         mean = np.average(z.numpy(), axis=0, weights=r[:, c].numpy())
         var = np.average((z.numpy() - mean) ** 2, axis=0, weights=r[:, c].numpy())
         np.testing.assert_allclose(m.mixture_locs[c].detach().numpy(), mean, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(m.mixture_scales[c].detach().numpy(), np.sqrt(var), rtol=1e-5, atol=1e-5)
     # an empty component stays finite (pooled moments through the pseudo-count)
-    m.set_mixture_from_responsibilities(z, torch.nn.functional.one_hot(torch.zeros(100, dtype=torch.long), k))
+    set_mixture_from_responsibilities(m, z, torch.nn.functional.one_hot(torch.zeros(100, dtype=torch.long), k))
     assert all(torch.isfinite(t).all() for t in (m.mixture_logits, m.mixture_locs, m.mixture_scales))
 
 
@@ -183,15 +189,17 @@ def test_separated_clusters_are_found(device, init, embed, points):
     x, y = x.to(device), y.to(device)
     torch.manual_seed(0)
     m = VaDE(dim, n_clusters=k, latent_dim=2, hidden=(32,), likelihood="normal:0.3").to(device)
-    info = m.initialise(x, pretrain_epochs=10, batch_size=64, restarts=3, seed=0, init=init, embed=embed,
-                        embed_points=points or 10000, align_epochs=2 if init == "tsne" else 0)
-    assert info["init"] == init and math.isfinite(info["gmm_log_likelihood"])
-    if init == "tsne":
+    if init == "gmm":
+        info = initialise(m, x, pretrain_epochs=10, batch_size=64, restarts=3, seed=0, init=init)
+    else:  # initialise's stages one by one (as initialise(..., align_epochs=2) runs them), to see the map's clusters
+        pretrain(m, x, epochs=10, batch_size=64, seed=0)
+        info, r = init_mixture(m, x, restarts=3, seed=0, method=init, embed=embed, embed_points=points)
         # a map of 200 of the 600 points: the other 400 get their clusters by the nearest-codes vote
-        r = m.map_responsibilities
         assert info["embed_points"] == min(points, 600) and r.shape == (600, k)
         torch.testing.assert_close(r.sum(-1), torch.ones(600, device=r.device, dtype=r.dtype))
         assert cluster_accuracy(y, r.argmax(-1)) >= 0.95
+        align(m, x, r, epochs=2, batch_size=64, seed=0)
+    assert info["init"] == init and math.isfinite(info["gmm_log_likelihood"])
     fit(m, x, epochs=10, batch_size=64, lr=2e-3, device=device, seed=0, progress=False)
     # the target for well-separated clusters
     assert cluster_accuracy(y, m.cluster(x)) >= 0.95
@@ -209,17 +217,67 @@ def test_align_pulls_the_codes_to_the_target_clusters():
     x, y = _blobs(100, 4, 10, seed=3)
     torch.manual_seed(0)
     m = VaDE(10, n_clusters=4, latent_dim=3, hidden=(32,), likelihood="normal:0.3")
-    m.pretrain(x, epochs=5, batch_size=64, seed=0)
+    pretrain(m, x, epochs=5, batch_size=64, seed=0)
     # start from a mixture fitted to random responsibilities: every component sits on the pooled codes
-    m.set_mixture_from_responsibilities(m.latent_means(x), torch.rand(len(x), 4, generator=torch.Generator().manual_seed(1)))
+    set_mixture_from_responsibilities(m, m.latent_means(x), torch.rand(len(x), 4, generator=torch.Generator().manual_seed(1)))
     before = cluster_accuracy(y, m.cluster(x))
     r = torch.nn.functional.one_hot(y, 4).float()  # the targets: the blobs
-    first = m.align(x, r, epochs=1, weight=100.0, lr=1e-3, batch_size=64, seed=0)["align_cross_entropy"]
-    last = m.align(x, r, epochs=20, weight=100.0, lr=1e-3, batch_size=64, seed=0)["align_cross_entropy"]
+    first = align(m, x, r, epochs=1, weight=100.0, lr=1e-3, batch_size=64, seed=0)["align_cross_entropy"]
+    last = align(m, x, r, epochs=20, weight=100.0, lr=1e-3, batch_size=64, seed=0)["align_cross_entropy"]
     assert last < 0.1 * first  # from about chance (log 4 = 1.39) to near 0
     assert before < 0.7 and cluster_accuracy(y, m.cluster(x)) == 1.0
     with pytest.raises(UsageError, match="responsibilities"):
-        m.align(x, r[:10], epochs=1)
+        align(m, x, r[:10], epochs=1)
+
+
+def _pair_setup():
+    torch.manual_seed(0)
+    m = VaDE(6, n_clusters=3, latent_dim=2, hidden=(8,), likelihood="normal:0.5")
+    m.set_mixture(torch.tensor([0.2, 0.3, 0.5]), torch.randn(3, 2), 0.5 + torch.rand(3, 2))
+    x = torch.randn(40, 6)
+    with torch.no_grad():
+        loc, _ = m.encoder_head(m.encoder_body(x))  # mu_phi(x)
+        rec = -m.decode(loc).log_prob(x)  # -log p(x_n | z = mu_phi(x_n)), (40,)
+    return m, x, loc, rec
+
+
+def test_pretraining_pair_loss_is_the_autoencoder_loss():
+    m, x, _, rec = _pair_setup()
+    pair = AutoencoderPair(m, dropout=0.0)
+    # the pair holds the networks only: the mixture is not optimised
+    assert not any("mixture" in name for name, _ in pair.named_parameters())
+    mixture = [t.detach().clone() for t in (m.mixture_logits, m.mixture_locs, m.mixture_raw_scales)]
+    # Pyro's own Trace_ELBO on the pair: no latent site and an empty guide, so the estimate is exact
+    pyro_loss = pyro.infer.Trace_ELBO().loss(pair.model, pair.guide, x)
+    # a sum of 40 float32 terms against Pyro's float conversion of the same sum: rounding only
+    assert pyro_loss == pytest.approx(float(rec.double().sum()), rel=1e-5)
+    # fit: one batch of every point, so the epoch's loss is the loss at the starting weights (read before the step)
+    result = fit(pair, x, epochs=1, batch_size=40, lr=1e-2, device="cpu", progress=False)
+    assert result.history[0]["train_loss"] == pytest.approx(float(rec.double().mean()), rel=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(mixture, (m.mixture_logits, m.mixture_locs, m.mixture_raw_scales)))
+    with pytest.raises(UsageError, match="dropout"):
+        AutoencoderPair(m, dropout=1.0)
+
+
+def test_alignment_pair_loss_is_reconstruction_plus_weighted_cross_entropy():
+    m, x, loc, rec = _pair_setup()
+    r = torch.rand(40, 3, generator=torch.Generator().manual_seed(1)).softmax(-1)
+    weight = 7.0
+    with torch.no_grad():
+        ce = -(r * m.log_responsibilities_z(loc)).sum(-1)  # CE_n, (40,)
+    hand = rec.double() + weight * ce.double()
+    pair = AlignmentPair(m, weight=weight)
+    assert {"vade.mixture_logits", "vade.mixture_locs", "vade.mixture_raw_scales"} <= dict(pair.named_parameters()).keys()
+    batch = {"x": x, "r": r}
+    assert pyro.infer.Trace_ELBO().loss(pair.model, pair.guide, batch) == pytest.approx(float(hand.sum()), rel=1e-5)
+    before = m.mixture_locs.detach().clone()
+    result = fit(pair, batch, epochs=1, batch_size=40, lr=1e-2, device="cpu", progress=False)
+    assert result.history[0]["train_loss"] == pytest.approx(float(hand.mean()), rel=1e-5)
+    assert not torch.equal(before, m.mixture_locs)  # the mixture is trained too
+    with pytest.raises(UsageError, match="responsibilities"):
+        fit(pair, {"x": x, "r": r[:, :2]}, epochs=1, batch_size=40, lr=1e-2, device="cpu", progress=False)
+    with pytest.raises(UsageError, match="weight"):
+        AlignmentPair(m, weight=-1.0)
 
 
 def test_pplm_train_vade_writes_clustering_outputs(tmp_path):
@@ -268,7 +326,7 @@ def test_initialise_keeps_the_candidate_with_the_highest_elbo():
         return VaDE(8, n_clusters=3, latent_dim=2, hidden=(16,), likelihood="normal:0.3")
 
     m = new()
-    info = m.initialise(x, candidates=3, select_epochs=2, select_particles=10, **kw)
+    info = initialise(m, x, candidates=3, select_epochs=2, select_particles=10, **kw)
     elbos = info["candidate_elbos"]
     # the candidates are distinct models (fresh weights and seeds), so their bounds differ
     assert len(elbos) == 3 and len(set(elbos)) == 3
@@ -279,9 +337,9 @@ def test_initialise_keeps_the_candidate_with_the_highest_elbo():
     assert float(evaluate(m, x, particles=10).elbo) == pytest.approx(elbos[info["selected"]], rel=0, abs=1e-9)
     # candidate 0 is exactly the single initialisation followed by the same SVI epochs
     single = new()
-    single.initialise(x, **kw)
+    initialise(single, x, **kw)
     fit(single, x, epochs=2, batch_size=64, lr=2e-3, device="cpu", seed=2, progress=False, validate=False)
     pyro.set_rng_seed(2)
     assert float(evaluate(single, x, particles=10).elbo) == pytest.approx(elbos[0], rel=0, abs=1e-9)
     with pytest.raises(UsageError, match="candidates"):
-        new().initialise(x, candidates=0, **kw)
+        initialise(new(), x, candidates=0, **kw)

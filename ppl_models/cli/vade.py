@@ -10,6 +10,7 @@ from inference.metrics import cluster_accuracy, clustering_scores
 from inference.plots import save_image_grid, save_latent_projection
 
 from ..vade import VaDE
+from ..vade_init import initialise
 from .options import add_data_options, non_negative_int, positive_float, positive_int
 from .recipe import Recipe, default_list
 
@@ -110,7 +111,8 @@ class VaDERecipe(Recipe):
         """Pretrain the autoencoder and set the mixture (``--init``: from a t-SNE map or a GMM on the codes)."""
         args = run.options
         module.to(device)
-        info = module.initialise(
+        info = initialise(
+            module,
             batching.to_device(train, device),
             pretrain_epochs=args.pretrain_epochs,
             batch_size=run.batch_size,

@@ -1,0 +1,501 @@
+r"""VaDE's initialisation: pretraining, the initial mixture, alignment and the choice among candidates.
+
+SVI on VaDE's ELBO (:mod:`ppl_models.vade`) from random networks and a random
+mixture gets stuck (Jiang et al. 2017, section 3.4), so before SVI the networks
+are pretrained as an autoencoder and the mixture is set from the codes. How
+good the clustering ends up is decided mostly here: SVI moves the accuracy of
+the initial mixture by a few points (measured in
+``benchmarks/results/clustering-digits-quick-*`` and ``clustering-mnist-*``).
+:func:`initialise` runs the stages in order:
+
+1. **Pretraining** (:func:`pretrain`). The encoder mean mu_phi and the decoder
+   are trained as a (denoising) deterministic autoencoder, minimising per point::
+
+       l_AE(x) = -log p_theta(x | z = mu_phi(x~)),
+
+   where x~ is x with each value zeroed with probability ``dropout`` and the
+   rest scaled by 1 / (1 - dropout) (the denoising pretraining of DEC and
+   VaDE); the target is the clean x. It is the model/guide pair
+   :class:`AutoencoderPair` trained by :func:`inference.fit`: the model observes
+   x under p_theta(x | z = mu_phi(x~)) and has no latent site, the guide is
+   empty, so Trace_ELBO's estimate is exact, ELBO = sum_n log p(x_n | mu_phi(x~_n)),
+   and fit's loss -ELBO(B) / |B| is the mean of l_AE over the batch. The pair
+   holds only the encoder, decoder and likelihood, so the mixture is not
+   trained; the encoder's scale head gets no gradient. AdamW (Loshchilov &
+   Hutter 2019) with ``weight_decay``.
+
+2. **The initial mixture** (:func:`init_mixture`), from the codes z_n = mu_phi(x_n):
+
+   * ``method="gmm"`` (the paper): a diagonal GMM fitted by EM to the codes,
+     the best likelihood of several k-means-initialised restarts
+     (:func:`fit_diag_gmm`), copied into pi, mu_c, sigma_c;
+   * ``method="tsne"`` (the N2D recipe of McConville et al. 2020, with t-SNE
+     (van der Maaten & Hinton 2008) for UMAP): a full-covariance GMM is fitted
+     in a 2-D t-SNE map (:func:`tsne_map`) of the codes or of the inputs; points
+     left out of the map get the vote of their 10 nearest embedded codes; the
+     responsibilities r_nc set the latent mixture by one M-step
+     (:func:`set_mixture_from_responsibilities`), with N_c = sum_n r_nc::
+
+         pi_c = N_c / N,   mu_c = sum_n r_nc z_n / N_c,   sigma_c^2 = sum_n r_nc (z_n - mu_c)^2 / N_c.
+
+     k-means/EM on the codes split curved class manifolds; a neighbour
+     embedding keeps them whole.
+
+3. **Alignment** (:func:`align`, t-SNE only, optional). One M-step puts a
+   diagonal Gaussian on each cluster of codes, but clusters found in a t-SNE map
+   are not diagonal Gaussians in the code space, so the latent mixture starts
+   below the map's accuracy. Alignment trains everything (networks and mixture)
+   on, per point::
+
+       l_AE(x_n) + weight * CE_n,    CE_n = -sum_c r_nc log p(c | z = mu_phi(x_n)),
+
+   the cross-entropy from the map's responsibilities r_nc to the ones the model
+   uses for q(c | x). It is the pair :class:`AlignmentPair`: the autoencoder's
+   observed site plus ``pyro.factor("align", -weight * CE_n)`` in the data
+   plate, trained by :func:`inference.fit` on batches ``{"x": x, "r": r}``. No
+   labels are used: the targets are the map's own clusters.
+
+4. **Selection** (``candidates`` R > 1). R initialisations are built, each
+   trained by SVI for a few epochs, and the one with the highest estimated
+   training ELBO is kept::
+
+       r* = argmax_r (1/N) sum_n ELBO_hat_r(x_n),
+
+   each ELBO_hat_r from the same particles per point and the same random
+   stream (common random numbers), i.e. the highest lower bound on the
+   marginal likelihood of the training data; no labels.
+
+References: Z. Jiang, Y. Zheng, H. Tan, B. Tang, H. Zhou, "Variational Deep
+Embedding: An Unsupervised and Generative Approach to Clustering", IJCAI 2017.
+R. McConville, R. Santos-Rodriguez, R. J. Piechocki, I. Craddock, "N2D: (Not Too)
+Deep Clustering via Clustering the Local Manifold of an Autoencoded Embedding",
+ICPR 2020. L. van der Maaten, G. Hinton, "Visualizing Data using t-SNE", JMLR 2008.
+I. Loshchilov, F. Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
+"""
+
+import copy
+import math
+import time
+
+import numpy as np
+import pyro
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from inference import batching, evaluate, fit
+from inference.errors import NonFiniteLossError, UsageError
+
+INIT_METHODS = ("gmm", "tsne")
+EMBED_SOURCES = ("codes", "inputs")
+
+
+# ---- the two training pairs ----------------------------------------------------------------
+def _reconstruct(net, x_in, x):
+    """Observe ``x`` under p(x | z = mu_phi(x_in)) at site "x" and return mu_phi(x_in) (B, L).
+
+    ``net`` has VaDE's ``encoder_body``, ``encoder_head``, ``decoder`` and ``likelihood``.
+    """
+    loc, _ = net.encoder_head(net.encoder_body(x_in))
+    pyro.sample("x", net.likelihood(net.decoder(loc)), obs=x)
+    return loc
+
+
+class AutoencoderPair(nn.Module):
+    """The pretraining pair: model observes x ~ p(x | z = mu_phi(x~)) in ``pyro.plate("data")``; empty guide.
+
+    Its loss under :func:`inference.fit` (``elbo="trace"``) is the mean over the
+    batch of l_AE(x) = -log p(x | z = mu_phi(x~)) (module docstring, stage 1).
+    It shares VaDE's encoder, decoder and likelihood modules (training it trains
+    them) and holds nothing else, so the mixture parameters are not optimised.
+
+    :param vade: a :class:`ppl_models.vade.VaDE`.
+    :param dropout: probability of zeroing each input value while training
+        (x~); in [0, 1). No corruption in eval mode.
+    :raises UsageError: for a dropout outside [0, 1).
+    """
+
+    max_plate_nesting = 1
+
+    def __init__(self, vade, dropout=0.0):
+        super().__init__()
+        _check_dropout(dropout)
+        self.encoder_body, self.encoder_head = vade.encoder_body, vade.encoder_head
+        self.decoder, self.likelihood = vade.decoder, vade.likelihood
+        self.dropout = float(dropout)
+
+    def model(self, x):
+        x_in = F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
+        with pyro.plate("data", x.shape[0]):
+            _reconstruct(self, x_in, x)
+
+    def guide(self, x):
+        """Empty: the model has no latent site."""
+
+    def check_data(self, x):
+        self.likelihood.check(x)
+
+
+class AlignmentPair(nn.Module):
+    """The alignment pair: the autoencoder's observed site plus ``pyro.factor("align", -weight * CE_n)``.
+
+    Batches are mappings ``{"x": (B, D) data, "r": (B, K) target responsibilities}``.
+    Under :func:`inference.fit` (``elbo="trace"``) the loss is the batch mean of
+    ``-log p(x_n | z = mu_phi(x_n)) + weight * CE_n`` with
+    ``CE_n = -sum_c r_nc log p(c | z = mu_phi(x_n))`` (module docstring, stage 3).
+    It holds the whole VaDE, so networks and mixture are trained.
+
+    :raises UsageError: for a negative ``weight``.
+    """
+
+    max_plate_nesting = 1
+
+    def __init__(self, vade, weight=100.0):
+        super().__init__()
+        if not weight >= 0:
+            raise UsageError(f"align weight must be non-negative, got {weight!r}")
+        self.vade = vade
+        self.weight = float(weight)
+
+    def model(self, batch):
+        x, r = batch["x"], batch["r"]
+        with pyro.plate("data", x.shape[0]):
+            loc = _reconstruct(self.vade, x, x)
+            cross_entropy = -(r * self.vade.log_responsibilities_z(loc)).sum(-1)
+            pyro.factor("align", -self.weight * cross_entropy)
+
+    def guide(self, batch):
+        """Empty: the model has no latent site."""
+
+    def check_data(self, batch):
+        x, r = batch["x"], batch["r"]
+        self.vade.check_data(x)
+        _check_responsibilities(r, x.shape[0], self.vade.n_clusters)
+
+
+# ---- stage 1: pretraining --------------------------------------------------------------------
+def pretrain(vade, x, *, epochs=50, batch_size=256, lr=1e-3, dropout=0.0, weight_decay=0.0, seed=0, progress=False):
+    """Train VaDE's encoder mean and decoder as a (denoising) autoencoder (module docstring, stage 1).
+
+    :class:`AutoencoderPair` trained by :func:`inference.fit` for ``epochs``
+    (AdamW, ``lr``, ``weight_decay``, ``batch_size``, ``seed``) on the module's
+    device; Pyro's per-step validation is off (fit checks the data once).
+    ``x`` is a tensor (N, D) or a ``DataSplit`` (a fresh view per epoch under
+    dynamic binarisation). Returns ``{"pretrain_loss" (mean l_AE per point over
+    the last epoch; NaN for 0 epochs), "pretrain_seconds"}``.
+
+    :raises UsageError: for a negative or non-integer ``epochs`` or a dropout outside [0, 1).
+    :raises inference.errors.NonFiniteLossError: when the loss stops being finite.
+    """
+    _check_epochs("pretrain", epochs)
+    pair = AutoencoderPair(vade, dropout)
+    t0 = time.perf_counter()
+    loss = float("nan")
+    if epochs:
+        result = fit(pair, x, epochs=epochs, batch_size=batch_size, lr=lr, device=_device(vade), seed=seed,
+                     progress=progress, validate=False,
+                     optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay))
+        loss = result.history[-1]["train_loss"]
+    vade.eval()
+    return {"pretrain_loss": loss, "pretrain_seconds": time.perf_counter() - t0}
+
+
+# ---- stage 2: the initial mixture ------------------------------------------------------------
+def fit_diag_gmm(z, n_components, *, restarts=5, seed=0, max_iter=500, reg=1e-6):
+    """Diagonal-covariance GMM by EM (scikit-learn), best of ``restarts`` k-means-initialised runs.
+
+    :param z: (N, L) tensor or array.
+    :returns: the fitted ``sklearn.mixture.GaussianMixture`` (``weights_``,
+        ``means_``, ``covariances_`` (K, L) variances, ``predict``, ``score``).
+    :raises UsageError: for fewer than ``n_components`` rows or non-finite codes.
+    """
+    from sklearn.mixture import GaussianMixture
+
+    z = _numpy64(z)
+    if z.ndim != 2 or z.shape[0] < n_components:
+        raise UsageError(f"a {n_components}-component GMM needs an (N, L) array with N >= {n_components}, got {z.shape}")
+    if not np.isfinite(z).all():
+        raise UsageError("cannot fit a GMM to non-finite codes")
+    gmm = GaussianMixture(
+        n_components, covariance_type="diag", n_init=restarts, max_iter=max_iter, reg_covar=reg, random_state=seed
+    )
+    return gmm.fit(z)
+
+
+def tsne_map(points, *, perplexity=30.0, seed=0):
+    """A 2-D t-SNE map (van der Maaten & Hinton 2008) of the rows of ``points``: (N, 2) float64 array.
+
+    scikit-learn's Barnes-Hut t-SNE, PCA initialisation, automatic learning rate,
+    ``random_state=seed`` (so a seed gives the same map on the same machine).
+
+    :raises UsageError: for non-finite points.
+    """
+    from sklearn.manifold import TSNE
+
+    points = _numpy64(points)
+    points = points.reshape(len(points), -1)
+    if not np.isfinite(points).all():
+        raise UsageError("cannot embed non-finite points with t-SNE")
+    tsne = TSNE(2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed)
+    return tsne.fit_transform(points)
+
+
+@torch.no_grad()
+def set_mixture_from_responsibilities(vade, z, r):
+    r"""Set VaDE's pi, mu_c, sigma_c by the M-step of a diagonal GMM on codes ``z`` (N, L), responsibilities ``r`` (N, K).
+
+    With N_c = sum_n r_nc::
+
+        pi_c = N_c / N,   mu_c = sum_n r_nc z_n / N_c,   sigma_c^2 = sum_n r_nc (z_n - mu_c)^2 / N_c,
+
+    computed in float64, each sigma_c floored just above ``min_scale``
+    (:meth:`ppl_models.vade.VaDE.set_mixture`). A component with (almost) no
+    mass gets a pseudo-count of 1e-6 of the pooled moments, so its parameters
+    stay finite. Returns the mean log-likelihood of ``z`` under the resulting
+    mixture.
+
+    :raises UsageError: on wrong shapes, non-finite codes, or negative/non-finite responsibilities.
+    """
+    z = torch.as_tensor(z).detach().to(torch.float64)
+    r = torch.as_tensor(r).detach().to(device=z.device, dtype=torch.float64)
+    if z.ndim != 2 or z.shape[1] != vade.latent_dim or r.shape != (z.shape[0], vade.n_clusters):
+        raise UsageError(f"need codes (N, {vade.latent_dim}) and responsibilities (N, {vade.n_clusters}), "
+                         f"got {tuple(z.shape)} and {tuple(r.shape)}")
+    if not (torch.isfinite(z).all() and torch.isfinite(r).all() and (r >= 0).all()):
+        raise UsageError("codes must be finite and responsibilities finite and non-negative")
+    eps = 1e-6
+    nk = r.sum(0) + eps
+    mean, second = z.mean(0), (z**2).mean(0)
+    locs = (r.T @ z + eps * mean) / nk[:, None]
+    var = ((r.T @ z**2 + eps * second) / nk[:, None] - locs**2).clamp_min(0)
+    vade.set_mixture(nk / nk.sum(), locs, var)
+    return float(vade.prior().log_prob(z.to(vade.mixture_locs)).mean())
+
+
+@torch.no_grad()
+def init_mixture(vade, x, *, restarts=5, seed=0, method="gmm", embed="codes", embed_points=10000, perplexity=30.0):
+    """Set VaDE's pi, mu_c, sigma_c from the codes mu_phi(x) of its (pretrained) encoder (module docstring, stage 2).
+
+    ``method="gmm"``: the best of ``restarts`` diagonal-GMM EM fits to the codes
+    (:func:`fit_diag_gmm`).
+
+    ``method="tsne"``: up to ``embed_points`` points (a seeded random subset of x
+    beyond that) are embedded by :func:`tsne_map` (``perplexity``), their codes
+    (``embed="codes"``) or their inputs (``embed="inputs"``); a full-covariance
+    GMM with ``restarts`` restarts is fitted in the map; points left out of the
+    map get the vote of their 10 nearest embedded codes (scikit-learn's
+    ``KNeighborsClassifier`` on the map's hard clusters); the responsibilities
+    set the latent mixture by :func:`set_mixture_from_responsibilities`.
+
+    ``x`` is a tensor (N, D) or a ``DataSplit`` (its fixed view is used).
+
+    :returns: ``(record, r)``: ``record`` is ``{"init", "gmm_log_likelihood" (mean
+        per code: under the EM fit for gmm, under the set mixture for tsne),
+        "gmm_seconds"}`` plus, for t-SNE, ``embed``, ``embed_points`` and
+        ``embed_seconds``; ``r`` (N, K) holds the responsibilities of every row
+        of x under the clustering the mixture was set from (the EM fit's, or the
+        map's, voted in where needed), the targets of :func:`align`.
+    :raises UsageError: for an unknown method or embedding, too few points for
+        the perplexity, or non-finite codes.
+    """
+    _check_init(method, embed, embed_points, perplexity, vade.n_clusters)
+    t0 = time.perf_counter()
+    xf = batching.fixed_view(x)
+    codes = vade.latent_means(xf)
+    k = vade.n_clusters
+    if method == "gmm":
+        gmm = fit_diag_gmm(codes, k, restarts=restarts, seed=seed)
+        codes64 = _numpy64(codes)
+        vade.set_mixture(*(torch.as_tensor(a) for a in (gmm.weights_, gmm.means_, gmm.covariances_)))
+        r = torch.as_tensor(gmm.predict_proba(codes64), dtype=codes.dtype, device=codes.device)
+        record = {"init": "gmm", "gmm_log_likelihood": float(gmm.score(codes64)), "gmm_seconds": time.perf_counter() - t0}
+        return record, r
+    n = codes.shape[0]
+    idx = torch.arange(n)
+    if n > embed_points:
+        idx = torch.as_tensor(np.sort(np.random.default_rng(seed).choice(n, embed_points, replace=False)))
+    embedded = len(idx)
+    sub_codes = codes[idx.to(codes.device)]
+    points = sub_codes if embed == "codes" else xf[idx.to(xf.device)].reshape(embedded, -1)
+    if embedded <= max(perplexity, k):
+        raise UsageError(f"t-SNE with perplexity {perplexity} and {k} clusters needs more than "
+                         f"{max(perplexity, k):g} points, got {embedded}")
+    emb = tsne_map(points, perplexity=perplexity, seed=seed)
+    t1 = time.perf_counter()
+    from sklearn.mixture import GaussianMixture
+
+    gmm = GaussianMixture(k, covariance_type="full", n_init=restarts, random_state=seed).fit(emb)
+    resp = gmm.predict_proba(emb)
+    if embedded < n:  # out-of-sample: the map's clusters carried to every point by its 10 nearest embedded codes
+        from sklearn.neighbors import KNeighborsClassifier
+
+        knn = KNeighborsClassifier(min(10, embedded)).fit(_numpy64(sub_codes), resp.argmax(1))
+        proba = knn.predict_proba(_numpy64(codes))
+        resp = np.zeros((n, k))
+        resp[:, knn.classes_] = proba
+    r = torch.as_tensor(resp, dtype=codes.dtype, device=codes.device)
+    ll = set_mixture_from_responsibilities(vade, codes, r)
+    record = {"init": "tsne", "embed": embed, "embed_points": int(embedded), "embed_seconds": t1 - t0,
+              "gmm_log_likelihood": ll, "gmm_seconds": time.perf_counter() - t1}
+    return record, r
+
+
+# ---- stage 3: alignment ----------------------------------------------------------------------
+def align(vade, x, r, *, epochs=5, weight=100.0, lr=1e-3, batch_size=256, seed=0, progress=False):
+    r"""Pull the codes towards the clusters ``r`` (N, K): train all of VaDE on l_AE + ``weight`` * CE (stage 3).
+
+    :class:`AlignmentPair` trained by :func:`inference.fit` for ``epochs`` (Adam,
+    ``lr``, ``batch_size``, ``seed``) on batches ``{"x": x, "r": r}``, on the
+    module's device; Pyro's per-step validation is off. ``x`` is a tensor
+    (N, D) or a ``DataSplit`` (its fixed view is used). Returns
+    ``{"align_seconds", "align_cross_entropy_start", "align_cross_entropy"}``:
+    the mean over points of CE_n before and after.
+
+    :raises UsageError: for a negative or non-integer ``epochs``, a negative
+        ``weight`` or responsibilities of the wrong shape.
+    :raises inference.errors.NonFiniteLossError: when the loss stops being finite.
+    """
+    _check_epochs("align", epochs)
+    pair = AlignmentPair(vade, weight)
+    t0 = time.perf_counter()
+    x = batching.fixed_view(x)
+    r = torch.as_tensor(r).to(device=x.device, dtype=x.dtype)
+    _check_responsibilities(r, x.shape[0], vade.n_clusters)
+    start = _cross_entropy(vade, x, r)
+    if epochs:
+        fit(pair, {"x": x, "r": r}, epochs=epochs, batch_size=batch_size, lr=lr, device=_device(vade), seed=seed,
+            progress=progress, validate=False)
+    vade.eval()
+    return {"align_seconds": time.perf_counter() - t0, "align_cross_entropy_start": start,
+            "align_cross_entropy": _cross_entropy(vade, x, r)}
+
+
+@torch.no_grad()
+def _cross_entropy(vade, x, r):
+    """(1/N) sum_n -sum_c r_nc log p(c | z = mu_phi(x_n)), in float64 on the host."""
+    log_resp = vade.log_responsibilities_z(vade.latent_means(x))
+    return float(-(r.to(log_resp) * log_resp).sum(-1).double().mean())
+
+
+# ---- all stages, and the choice among candidates -----------------------------------------------
+def initialise(
+    vade, x, *, pretrain_epochs=50, batch_size=256, lr=1e-3, dropout=0.0, weight_decay=0.0, restarts=5, seed=0,
+    progress=False, candidates=1, select_epochs=10, select_lr=2e-3, select_particles=10, init="gmm",
+    embed="codes", embed_points=10000, perplexity=30.0, align_epochs=0, align_weight=100.0,
+):
+    """Initialise ``vade`` on ``x``: :func:`pretrain`, :func:`init_mixture`, then :func:`align` (module docstring).
+
+    ``pretrain_epochs``, ``lr``, ``dropout``, ``weight_decay`` go to
+    :func:`pretrain`; ``init``, ``embed``, ``embed_points``, ``perplexity``,
+    ``restarts`` are :func:`init_mixture`'s ``method``, ...; for ``init="tsne"``
+    with ``align_epochs`` > 0, :func:`align` runs on every point and its map
+    cluster (``align_weight``, learning rate ``lr``). ``x`` is a tensor or a
+    ``DataSplit`` on the module's device. Returns the merged records. Bad
+    arguments are refused (:class:`UsageError`) before any weight changes.
+
+    With ``candidates`` R > 1 (stage 4): candidate 0 is built exactly as with
+    R = 1; candidate r > 0 from freshly drawn network weights and its own
+    pretraining and GMM seeds; each is trained by SVI (:func:`inference.fit`)
+    for ``select_epochs`` epochs (Adam, ``select_lr``, ``batch_size``), its ELBO
+    on ``x`` is estimated by :func:`inference.evaluate` with
+    ``select_particles`` draws per point (same random stream for every
+    candidate), and ``vade`` keeps the candidate with the highest ELBO. The
+    record then also holds ``candidate_elbos`` (per datapoint), ``selected``
+    (its index) and ``select_seconds``; the kept module has had
+    ``select_epochs`` of SVI. The selection buys a better bound, not reliably
+    better clusters: the bound ranks candidates by accuracy only weakly.
+
+    :raises inference.errors.NonFiniteLossError: when a stage's loss or a
+        candidate's ELBO is not finite.
+    """
+    if not (isinstance(candidates, int) and candidates >= 1):
+        raise UsageError(f"candidates must be a positive integer, got {candidates!r}")
+    _check_epochs("pretrain", pretrain_epochs)
+    _check_dropout(dropout)
+    _check_init(init, embed, embed_points, perplexity, vade.n_clusters)
+    if not (isinstance(align_epochs, int) and align_epochs >= 0) or not align_weight >= 0:
+        raise UsageError(f"align_epochs must be a non-negative integer and align_weight non-negative, "
+                         f"got {align_epochs!r}, {align_weight!r}")
+    if candidates > 1 and not (isinstance(select_epochs, int) and select_epochs >= 1):
+        raise UsageError(f"select_epochs must be a positive integer when candidates > 1, got {select_epochs!r}")
+
+    def build(r):
+        cand_seed = seed if r == 0 else 1_000_003 * (seed + 1) + r
+        if r > 0:
+            torch.manual_seed(cand_seed)
+            for mod in vade.modules():
+                if mod is not vade and hasattr(mod, "reset_parameters"):
+                    mod.reset_parameters()
+            with torch.no_grad():  # the mixture is set by init_mixture; this only resets it to the constructor's
+                vade.mixture_logits.zero_()
+        record = pretrain(vade, x, epochs=pretrain_epochs, batch_size=batch_size, lr=lr, dropout=dropout,
+                          weight_decay=weight_decay, seed=cand_seed, progress=progress)
+        mixture, resp = init_mixture(vade, x, restarts=restarts, seed=cand_seed, method=init, embed=embed,
+                                     embed_points=embed_points, perplexity=perplexity)
+        record.update(mixture)
+        if init == "tsne" and align_epochs:
+            record.update(align(vade, x, resp, epochs=align_epochs, weight=align_weight, lr=lr,
+                                batch_size=batch_size, seed=cand_seed, progress=progress))
+        return record
+
+    if candidates == 1:
+        return build(0)
+    t0 = time.perf_counter()
+    device = _device(vade)
+    best, best_elbo, elbos, records = None, -math.inf, [], []
+    for r in range(candidates):
+        record = build(r)
+        fit(vade, x, epochs=select_epochs, batch_size=batch_size, lr=select_lr, device=device, seed=seed + r,
+            progress=False, validate=False)
+        pyro.set_rng_seed(seed)  # common random numbers: every candidate is scored with the same draws
+        elbo = float(evaluate(vade, batching.fixed_view(x), particles=select_particles).elbo)
+        if not math.isfinite(elbo):
+            raise NonFiniteLossError(f"VaDE candidate {r} has a non-finite ELBO after {select_epochs} SVI epochs")
+        elbos.append(elbo)
+        records.append(record)
+        if elbo > best_elbo:
+            best, best_elbo = copy.deepcopy(vade.state_dict()), elbo
+    selected = int(np.argmax(elbos))
+    vade.load_state_dict(best)
+    vade.eval()
+    record = dict(records[selected])
+    record.update(candidate_elbos=elbos, selected=selected, select_seconds=time.perf_counter() - t0)
+    return record
+
+
+# ---- argument checks and small helpers ----------------------------------------------------------
+def _check_epochs(stage, epochs):
+    if not (isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 0):
+        raise UsageError(f"{stage} epochs must be a non-negative integer, got {epochs!r}")
+
+
+def _check_dropout(dropout):
+    if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+        raise UsageError(f"pretraining dropout must lie in [0, 1), got {dropout!r}")
+
+
+def _check_init(method, embed, embed_points, perplexity, n_clusters):
+    if method not in INIT_METHODS:
+        raise UsageError(f"unknown VaDE initialisation {method!r}; valid: {', '.join(INIT_METHODS)}")
+    if embed not in EMBED_SOURCES:
+        raise UsageError(f"embed must be one of {', '.join(EMBED_SOURCES)}, got {embed!r}")
+    if not (isinstance(embed_points, int) and embed_points > n_clusters):
+        raise UsageError(f"embed_points must be an integer above the {n_clusters} clusters, got {embed_points!r}")
+    if not (isinstance(perplexity, (int, float)) and perplexity > 0):
+        raise UsageError(f"perplexity must be positive, got {perplexity!r}")
+
+
+def _check_responsibilities(r, n, k):
+    if r.shape != (n, k):
+        raise UsageError(f"need responsibilities ({n}, {k}), got {tuple(r.shape)}")
+
+
+def _device(vade):
+    return vade.mixture_locs.device
+
+
+def _numpy64(a):
+    """A float64 numpy copy of a tensor or array."""
+    if isinstance(a, torch.Tensor):
+        return a.detach().cpu().double().numpy()
+    return np.asarray(a, dtype=np.float64)
