@@ -1,6 +1,7 @@
 """Batching over tensors that already live on the run's device.
 
-A *data* object is a tensor whose first dimension indexes datapoints, a mapping
+A *data* object is a tensor whose first dimension indexes datapoints, a tuple of
+such tensors (passed as positional arguments, e.g. ``(X, y)``), a mapping
 of names to such tensors (multimodal data: every value shares the first
 dimension), or an object with ``.data`` (a fixed view, used for evaluation) and
 ``.epoch()`` (a fresh view per training epoch, e.g. dynamic binarisation) such as
@@ -32,6 +33,11 @@ def length(data):
         if len(sizes) != 1:
             raise UsageError(f"modalities disagree on the number of datapoints: {sorted(sizes)}")
         return sizes.pop()
+    if isinstance(data, (tuple, list)):  # positional arguments, e.g. (X, y)
+        sizes = {v.shape[0] for v in data if v is not None}
+        if len(sizes) != 1:
+            raise UsageError(f"the tensors of a tuple batch disagree on the number of datapoints: {sorted(sizes)}")
+        return sizes.pop()
     return data.shape[0]
 
 
@@ -39,6 +45,8 @@ def take(data, index):
     """Rows ``index`` (a slice or an index tensor) of a tensor or of every tensor in a mapping."""
     if isinstance(data, Mapping):
         return {k: (None if v is None else v[index]) for k, v in data.items()}
+    if isinstance(data, (tuple, list)):
+        return tuple(None if v is None else v[index] for v in data)
     return data[index]
 
 
@@ -54,6 +62,8 @@ def data_device(data):
     data = fixed_view(data)
     if isinstance(data, Mapping):
         return next(v.device for v in data.values() if v is not None)
+    if isinstance(data, (tuple, list)):
+        return next(v.device for v in data if v is not None)
     return data.device
 
 
