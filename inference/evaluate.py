@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import pyro
 import pyro.poutine as poutine
 import torch
+import torch.nn as nn
 from pyro.ops import packed
 from pyro.ops.contract import contract_to_tensor
 from pyro.ops.rings import LogRing
@@ -51,7 +52,7 @@ from pyro.poutine.util import prune_subsample_sites
 
 from . import batching
 from .errors import UsageError
-from .pair import as_pair, inspect_pair
+from .pair import Pair, as_pair, inspect_pair
 
 DEFAULT_MAX_ELEMENTS = 2**24  # floats per particle chunk: about 64 MiB per tensor of that size
 PER_DATAPOINT = "per-datapoint"
@@ -100,18 +101,16 @@ def scope_of(info):
 
     Raises :class:`UsageError` naming a latent that is neither in the guide nor enumerated
     (no importance weight can account for it)."""
-    for site in info.model_only_latents:
+    for name in info.model_only_latents:
+        site = info.sites[name]
         if not site.enumerated:
+            if site.discrete:
+                hint = 'mark it infer={"enumerate": "parallel"} (or use config_enumerate) to sum it out, or sample it in the guide'
+            else:
+                hint = "add it to the guide"
             kind = "discrete" if site.discrete else "continuous"
-            hint = (
-                'mark it infer={"enumerate": "parallel"} (or use config_enumerate) to sum it out, or add it to the guide'
-                if site.discrete
-                else "add it to the guide"
-            )
-            raise UsageError(f"latent site {site.name!r} is {kind}, in the model only and not enumerated: {hint}")
-    if info.num_data is None:
-        return WHOLE_DATA
-    if any(not site.local for site in info.sites.values()):
+            raise UsageError(f"latent site {name!r} is {kind}, in the model only and not enumerated: {hint}")
+    if info.num_data is None or any(not site.local for site in info.sites.values()):
         return WHOLE_DATA
     return PER_DATAPOINT
 
@@ -120,10 +119,17 @@ def _frames(site):
     return [f for f in site["cond_indep_stack"] if f.vectorized]
 
 
-def _log_weights(pair, info, batch, index, num_particles, scope):
-    """Log weights with enumerated sites summed out: (K, B) per-datapoint, (K, 1) whole-data."""
+def _factors(pair, info, batch, index, num_particles, globals_trace=None):
+    """Trace the pair with K vectorised particles, model-only enumerated sites enumerated in parallel.
+
+    Returns ``(factors, sum_dims, dim_to_size, model_trace, guide_trace)``: the unscaled, masked
+    log-density factors (guide ones negated) as packed tensors grouped by plate ordinal, as
+    ``TraceEnum_ELBO`` builds them. ``globals_trace``: a guide trace whose (global) sites are replayed.
+    """
     mpn = info.max_plate_nesting
     model, guide, args, kwargs = pair.bind(batch, index, info)
+    if globals_trace is not None:
+        guide = poutine.replay(guide, trace=globals_trace)
     particles = pyro.plate(_PARTICLES, num_particles, dim=-(mpn + 1))
     with particles:
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
@@ -150,14 +156,7 @@ def _log_weights(pair, info, batch, index, num_particles, scope):
     guide_trace.pack_tensors()
     model_trace.pack_tensors(guide_trace.plate_to_symbol)
     plate_to_symbol = model_trace.plate_to_symbol
-
-    def ordinal(site):
-        return frozenset(plate_to_symbol[f.name] for f in _frames(site))
-
-    factors = OrderedDict()
-    sum_dims = set()
-    plate_dims = set(plate_to_symbol.values())
-    dim_to_size = {}
+    factors, sum_dims, dim_to_size = OrderedDict(), set(), {}
     for trace, sign in ((model_trace, 1), (guide_trace, -1)):
         for name, site in trace.nodes.items():
             if site["type"] != "sample" or (sign < 0 and site["is_observed"]):
@@ -170,26 +169,81 @@ def _log_weights(pair, info, batch, index, num_particles, scope):
             elif name not in guide_trace.nodes and site["infer"].get("_enumerate_dim") is not None:
                 sum_dims.update(term._pyro_dims)
             dim_to_size.update(zip(term._pyro_dims, term.shape))
-            factors.setdefault(ordinal(site), []).append(term)
-    sum_dims -= plate_dims
-    size = batching.length(batch) if index is None else len(index)
+            ordinal = frozenset(plate_to_symbol[f.name] for f in _frames(site))
+            factors.setdefault(ordinal, []).append(term)
+    sum_dims -= set(plate_to_symbol.values())
+    return factors, sum_dims, dim_to_size, model_trace, guide_trace
+
+
+def _contract(factors, sum_dims, dim_to_size, model_trace, info, num_particles, size):
+    """Sum out ``sum_dims`` and product-contract every plate but the particle plate and (when
+    ``size`` is given) the data plate: log weights (K, size), or (K, 1) with ``size=None``."""
+    mpn = info.max_plate_nesting
+    plate_to_symbol = model_trace.plate_to_symbol
     target = {plate_to_symbol[_PARTICLES]}
-    dim_to_size[plate_to_symbol[_PARTICLES]] = num_particles
-    if scope == PER_DATAPOINT:
+    dim_to_size = dict(dim_to_size, **{plate_to_symbol[_PARTICLES]: num_particles})
+    shape = [num_particles] + [1] * mpn
+    if size is not None:
+        frame = next(
+            f for site in model_trace.nodes.values() if site["type"] == "sample" for f in _frames(site) if f.name == info.data_plate
+        )
         target.add(plate_to_symbol[info.data_plate])
         dim_to_size[plate_to_symbol[info.data_plate]] = size
+        shape[mpn + 1 + frame.dim] = size
     if not factors:
-        return torch.zeros(num_particles, size if scope == PER_DATAPOINT else 1)
+        return torch.zeros(num_particles, size or 1)
     term = contract_to_tensor(factors, sum_dims, target_ordinal=frozenset(target), ring=LogRing(dim_to_size=dim_to_size))
     lw = packed.unpack(term, model_trace.symbol_to_dim)
     lw = lw.reshape((1,) * (mpn + 1 - lw.dim()) + tuple(lw.shape))
-    shape = [num_particles] + [1] * mpn
-    if scope == PER_DATAPOINT:
-        data_dim = next(
-            f.dim for site in model_trace.nodes.values() if site["type"] == "sample" for f in _frames(site) if f.name == info.data_plate
-        )
-        shape[mpn + 1 + data_dim] = size
     return lw.expand(shape).reshape(num_particles, -1)
+
+
+def _log_weights(pair, info, batch, index, num_particles, scope):
+    """Log weights with enumerated sites summed out: (K, B) per-datapoint, (K, 1) whole-data."""
+    factors, sum_dims, dim_to_size, model_trace, _ = _factors(pair, info, batch, index, num_particles)
+    size = (batching.length(batch) if index is None else len(index)) if scope == PER_DATAPOINT else None
+    return _contract(factors, sum_dims, dim_to_size, model_trace, info, num_particles, size)
+
+
+def _groups(n, b, device):
+    """Index tensors of exactly ``b`` rows covering 0..n-1 (what a self-subsampling plate accepts), each
+    with the number of its leading rows not covered before: the last group overlaps the one before."""
+    out = []
+    for start in range(0, n, b):
+        stop = min(start + b, n)
+        first = max(0, stop - b)
+        out.append((torch.arange(first, first + b, device=device), stop - start))
+    return out
+
+
+def _subsampled_whole_data_log_weights(pair, info, data, num_particles):
+    """Whole-data log weights (K, 1) of a pair that subsamples its own data plate (only B rows per call).
+
+    The guide's global sites are drawn once per particle (first group) and replayed for every other
+    group of B rows; global factors are counted once, local ones per datapoint."""
+    n, b = info.num_data, info.batch_size
+    total, globals_trace = None, None
+    for index, fresh in _groups(n, b, batching.data_device(data)):
+        factors, sum_dims, dim_to_size, model_trace, guide_trace = _factors(
+            pair, info, data, index, num_particles, globals_trace
+        )
+        d = model_trace.plate_to_symbol[info.data_plate]
+        local = OrderedDict((t, terms) for t, terms in factors.items() if d in t)
+        local_lw = _contract(local, sum_dims, dim_to_size, model_trace, info, num_particles, b)[:, b - fresh :]
+        if globals_trace is None:
+            glob = OrderedDict((t, terms) for t, terms in factors.items() if d not in t)
+            if any(sum_dims.intersection(term._pyro_dims) for terms in glob.values() for term in terms):
+                raise UsageError(
+                    "an enumerated site lies outside the subsampled data plate: its sum does not factorise over "
+                    "minibatches; evaluate such a pair without subsample_size"
+                )
+            total = _contract(glob, sum_dims, dim_to_size, model_trace, info, num_particles, None)
+            globals_trace = poutine.Trace()
+            for name, site in guide_trace.nodes.items():
+                if site["type"] == "sample" and not any(f.name == info.data_plate for f in site["cond_indep_stack"]):
+                    globals_trace.add_node(name, **site)
+        total = total + local_lw.sum(1, keepdim=True)
+    return total
 
 
 def trace_log_weights(model, guide, batch, num_particles, *, max_plate_nesting=None, data_plate="data"):
@@ -259,13 +313,15 @@ def evaluate(
     """Score a model/guide pair on ``data``: ELBO and importance-weighted log-likelihood, in nats per datapoint.
 
     ``module``: anything :func:`inference.pair.as_pair` accepts (an object with ``model``/``guide``,
-    a ``(model, guide)`` tuple, an autoguide as guide); ``data``: a tensor, tuple of tensors or
-    dict of tensors whose first dimension indexes datapoints (or a ``DataSplit``). Batches are
-    passed by the convention of :meth:`inference.pair.Pair.arguments`.
+    a ``(model, guide)`` tuple, an autoguide as guide), or an object with only a ``log_weights``
+    hook; ``data``: a tensor, tuple of tensors or dict of tensors whose first dimension indexes
+    datapoints (or a ``DataSplit``). Batches are passed by :meth:`inference.pair.Pair.arguments`.
 
     The scope (per-datapoint or whole-data, see the module docstring) is decided from one
     :func:`inference.pair.inspect_pair` record of the first batch. Per-datapoint: datapoints
-    ``batch_size`` at a time (default min(N, 500)). Whole-data: the full data in one call.
+    ``batch_size`` at a time (default min(N, 500); a pair that subsamples its own data plate gets
+    the full data and its plate's B indices at a time). Whole-data: the full data in one call
+    (a self-subsampling pair: its B-row groups with the global latents drawn once per particle).
     Particles are drawn in chunks of at most ``max_elements / (batch * values per datapoint)``
     and combined by a running log-sum-exp. A pair with a ``log_weights(batch, num_particles) ->
     (K, B)`` hook is scored per datapoint by that hook, without inspection.
@@ -276,64 +332,79 @@ def evaluate(
     """
     if not isinstance(particles, int) or isinstance(particles, bool) or particles < 1:
         raise UsageError(f"particles must be a positive integer, got {particles!r}")
-    pair = as_pair(module)
     data = batching.fixed_view(data)
     n = batching.length(data)
     if n == 0:
         raise UsageError("cannot evaluate on empty data")
     batch_size = batch_size or min(n, 500)
-    modules = pair.modules()
+    hooked = _hook_owner(module)
+    pair = None if hooked is not None else as_pair(module)
+    modules = [hooked] if isinstance(hooked, nn.Module) else ([] if pair is None else pair.modules())
     modes = [m.training for m in modules]
-    pair.eval()
+    for m in modules:
+        m.eval()
     try:
         with torch.no_grad():
-            if pair.has("log_weights"):
-                result = _per_datapoint(pair, None, data, n, particles, batch_size, max_elements, keep_log_weights, progress)
-            else:
-                info = inspect_pair(pair, batching.take(data, slice(0, batch_size)), max_plate_nesting=pair.max_plate_nesting)
-                if scope_of(info) == PER_DATAPOINT:
-                    result = _per_datapoint(pair, info, data, n, particles, batch_size, max_elements, keep_log_weights, progress)
-                else:
-                    result = _whole_data(pair, info, data, n, particles, max_elements, keep_log_weights)
+            if hooked is not None:
+                return _per_datapoint(
+                    hooked.log_weights, None, None, data, n, particles, batch_size, max_elements, keep_log_weights, progress
+                )
+            info = inspect_pair(pair, data, rows=batch_size)
+            if scope_of(info) == PER_DATAPOINT:
+                return _per_datapoint(None, pair, info, data, n, particles, batch_size, max_elements, keep_log_weights, progress)
+            return _whole_data(pair, info, data, n, particles, max_elements, keep_log_weights)
     finally:
         for m, mode in zip(modules, modes):
             m.train(mode)
-    return result
+
+
+def _hook_owner(module):
+    """The object whose ``log_weights`` hook scores ``module``, or None."""
+    if isinstance(module, Pair):
+        return module.owner if module.has("log_weights") else None
+    if isinstance(module, (tuple, list)):
+        return None
+    return module if hasattr(module, "log_weights") else None
 
 
 def _sampled_latents(info):
     """Whether any latent is drawn from the guide (else every weight is the same exact number)."""
-    return any(site.in_guide for site in info.latents)
+    return any(info.sites[name].in_guide for name in info.latents)
 
 
-def _per_datapoint(pair, info, data, n, particles, batch_size, max_elements, keep_log_weights, progress):
+def _per_datapoint(hook, pair, info, data, n, particles, batch_size, max_elements, keep_log_weights, progress):
     elbos, lls, weights = [], [], []
-    starts = range(0, n, batch_size)
+    if info is not None and info.subsampled:
+        # the pair takes the full data and subsamples its own plate: exactly B indices per call
+        groups = _groups(n, info.batch_size, batching.data_device(data))
+    else:
+        groups = [(slice(start, min(start + batch_size, n)), None) for start in range(0, n, batch_size)]
     if progress:
         from tqdm.auto import tqdm
 
-        starts = tqdm(starts, desc=f"evaluate K={particles}", unit="batch")
-    subsampled = info is not None and info.subsampled
+        groups = tqdm(groups, desc=f"evaluate K={particles}", unit="batch")
     exact = info is not None and not _sampled_latents(info)
-    for start in starts:
-        rows = slice(start, min(start + batch_size, n))
-        if subsampled:  # the pair takes the full data and subsamples its own plate at these indices
-            batch, index = data, torch.arange(rows.start, rows.stop, device=batching.data_device(data))
-            b = len(index)
-        else:
+    for rows, fresh in groups:
+        if fresh is None:
             batch, index = batching.take(data, rows), None
             b = batching.length(batch)
+            keep = slice(None)
+        else:
+            batch, index = data, rows
+            b = len(index)
+            keep = slice(b - fresh, None)
         chunk = max(1, min(particles, max_elements // (b * _points_size(batching.take(data, rows)))))
         lse, mean, kept = None, 0.0, []
         k0 = 0
         while k0 < particles:
             k = min(chunk, particles - k0)
-            if info is None:
-                lw = pair.hook("log_weights")(batch, k)
+            if hook is not None:
+                lw = hook(batch, k)
             elif exact:  # no sampled latent: one exact evaluation stands for every particle
                 lw = _log_weights(pair, info, batch, index, 1, PER_DATAPOINT).expand(k, b)
             else:
                 lw = _log_weights(pair, info, batch, index, k, PER_DATAPOINT)
+            lw = lw[:, keep]
             part = torch.logsumexp(lw, dim=0)
             lse = part if lse is None else torch.logaddexp(lse, part)
             mean = mean + lw.sum(0) / particles
@@ -365,16 +436,19 @@ def _per_datapoint(pair, info, data, n, particles, batch_size, max_elements, kee
 
 
 def _whole_data(pair, info, data, n, particles, max_elements, keep_log_weights):
-    index = torch.arange(n, device=batching.data_device(data)) if info.subsampled else None
-    chunk = max(1, min(particles, max_elements // (n * _points_size(data))))
-    parts = []
-    if not _sampled_latents(info):
-        parts.append(_log_weights(pair, info, data, index, 1, WHOLE_DATA).reshape(1).expand(particles))
-    else:
-        for k0 in range(0, particles, chunk):
-            k = min(chunk, particles - k0)
-            parts.append(_log_weights(pair, info, data, index, k, WHOLE_DATA).reshape(k))
-    lw = torch.cat(parts).double().cpu()
+    rows = info.batch_size if info.subsampled else n
+    chunk = max(1, min(particles, max_elements // (rows * _points_size(data))))
+
+    def draw(k):
+        if info.subsampled:
+            return _subsampled_whole_data_log_weights(pair, info, data, k).reshape(k)
+        return _log_weights(pair, info, data, None, k, WHOLE_DATA).reshape(k)
+
+    if _sampled_latents(info):
+        lw = torch.cat([draw(min(chunk, particles - k0)) for k0 in range(0, particles, chunk)])
+    else:  # no sampled latent: one exact evaluation stands for every particle
+        lw = draw(1).expand(particles)
+    lw = lw.double().cpu()
     if not torch.isfinite(lw).all():
         raise FloatingPointError("evaluation produced non-finite log weights; is the data inside the model's support?")
     elbo, elbo_se, ll, ll_se = _whole_data_scores(lw, n)
