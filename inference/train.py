@@ -434,7 +434,7 @@ class Trainer:
         if self.validation is not None:
             t1 = time.perf_counter()
             record["val_elbo"] = evaluate(
-                self.pair.owner, self.validation, particles=1, batch_size=max(self.batch_size, 1000)
+                self.pair, self.validation, particles=1, batch_size=max(self.batch_size, 1000)
             ).elbo
             record["eval_seconds"] = time.perf_counter() - t1
             self.pair.train()

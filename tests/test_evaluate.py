@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from inference import evaluate, fit
+from inference import evaluate, fit, trace_log_weights
 from inference.errors import UsageError
 from ppl_models.vae import VAE
 
@@ -107,22 +107,40 @@ def test_beta_is_not_part_of_the_score():
     torch.testing.assert_close(a.log_likelihood_per_point, b.log_likelihood_per_point)
 
 
-def test_latent_outside_the_data_plate_is_refused():
-    class Global(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.loc = nn.Parameter(torch.zeros(()))
+class Global(nn.Module):
+    """mu ~ N(0, 1), x_n | mu ~ N(mu, 1): a global latent, so log p(X) = log N(X; 0, I + 11^T) and
+    p(mu | X) = N(sum(X) / (N + 1), 1 / (N + 1))."""
 
-        def model(self, x):
-            mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
-            with pyro.plate("data", x.shape[0]):
-                pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+    def __init__(self, loc=0.0, scale=1.0):
+        super().__init__()
+        self.loc = nn.Parameter(torch.tensor(loc, dtype=torch.float64))
+        self.scale = scale
 
-        def guide(self, x):
-            pyro.sample("mu", dist.Normal(self.loc, 1.0))
+    def model(self, x):
+        mu = pyro.sample("mu", dist.Normal(x.new_zeros(()), 1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
 
+    def guide(self, x):
+        pyro.sample("mu", dist.Normal(self.loc, self.scale))
+
+
+def test_latent_outside_the_data_plate_gives_whole_data_bounds():
+    """A global latent: no per-point values, the whole-data bounds / N, exact with the exact posterior."""
+    x = torch.tensor([0.5, -1.0, 2.0, 0.3, 1.1], dtype=torch.float64)
+    n = len(x)
+    exact = float(dist.MultivariateNormal(torch.zeros(n, dtype=x.dtype), torch.eye(n, dtype=x.dtype) + 1.0).log_prob(x)) / n
     with pytest.raises(UsageError, match="outside the 'data' plate"):
-        evaluate(Global(), torch.zeros(5), particles=3)
+        trace_log_weights(Global().model, Global().guide, torch.zeros(5), 3)
+    best = Global(float(x.sum()) / (n + 1), math.sqrt(1.0 / (n + 1)))
+    ev = evaluate(best, x, particles=7)
+    assert ev.scope == "whole-data" and ev.elbo_per_point is None and ev.log_likelihood_per_point is None
+    # q = p(mu | X): every whole-data weight equals p(X), so both values are exact and their SEs 0 (float64)
+    assert ev.log_likelihood == pytest.approx(exact, abs=1e-12) and ev.elbo == pytest.approx(exact, abs=1e-12)
+    assert ev.elbo_se < 1e-12 and ev.log_likelihood_se < 1e-12
+    worse = evaluate(Global(0.0, 1.0), x, particles=4000)
+    # ELBO < IWAE_4000 <= log p(X) + 3 SE (IWAE is a stochastic lower bound)
+    assert worse.elbo + 3 * worse.elbo_se < worse.log_likelihood < exact + 3 * worse.log_likelihood_se
 
 
 def test_bad_particle_counts_are_refused():
