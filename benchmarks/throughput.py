@@ -16,7 +16,7 @@ What is compared, per model, objective, batch size and device:
 * ``fit``: :func:`inference.fit` with Pyro validation on (``fit[validate]``) and
   off (``fit``), eager;
 * ``fit+jit``: ``fit(jit=True, validate=False)``, the compiled loss of
-  :mod:`inference.fast_elbo`;
+  :mod:`inference.loss`;
 * ``pythae`` (when the package imports): pythae's ``BaseTrainer`` on its VAE
   with the same encoder/decoder weights (wrapped to its (mu, log_var) and
   sigmoid-output interface), same data, batch size, optimiser and learning rate;

@@ -18,7 +18,7 @@ import pyro
 import pytest
 import torch
 
-from inference import fit, load_checkpoint
+from inference import StepLoss, fit, load_checkpoint, make_elbo, make_step_loss
 from inference.checkpoint import FILENAME
 from ppl_models.gmm import GMM
 from ppl_models.multimodal import MultimodalVAE, modality
@@ -148,14 +148,11 @@ def _no_host_sync():
 @pytest.mark.parametrize("spec", ["trace", "meanfield", "iwae:3"])
 def test_training_step_never_waits_on_the_gpu(spec, jit, small_digits):
     """Loss, backward and Adam step issue no host synchronisation (Pyro's own Trace_ELBO reads .item() per site)."""
-    from inference import make_elbo
-    from inference.fast_elbo import FastELBO
-
     device = torch.device("cuda")
     module = MODELS["vae-mlp"].build(small_digits).to(device)
     x = small_digits.x[:32].to(device)
-    elbo = make_elbo(spec, max_plate_nesting=1, jit=jit)
-    elbo = elbo if isinstance(elbo, FastELBO) else FastELBO(elbo)
+    _, elbo = make_step_loss(spec, max_plate_nesting=1, jit=jit)
+    assert isinstance(elbo, StepLoss)
     opt = torch.optim.Adam(module.parameters(), lr=1e-3)
 
     def step():
