@@ -87,8 +87,15 @@ def collect_params(pair, objective, batch, info=None):
     """
     pair = as_pair(pair)
     model, guide, args, kwargs = pair.bind(batch, _first_rows(batch, info), info)
-    with poutine.trace(param_only=True) as capture:
-        objective.differentiable_loss(model, guide, *args, **kwargs)
+    capture = poutine.trace(param_only=True)
+    try:
+        with capture:
+            objective.differentiable_loss(model, guide, *args, **kwargs)
+    except ValueError:
+        # TraceEnum_ELBO refuses a loss that depends on no parameter: say so in the engine's words
+        if not pair.parameters() and not capture.trace.nodes:
+            raise UsageError(f"{pair.name} has no parameters to optimise") from None
+        raise
     params, seen = [], set()
     for p in pair.parameters() + [site["value"].unconstrained() for site in capture.trace.nodes.values()]:
         if p.requires_grad and id(p) not in seen:
