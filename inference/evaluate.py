@@ -131,13 +131,24 @@ def _factors(pair, info, batch, index, num_particles, globals_trace=None):
     if globals_trace is not None:
         guide = poutine.replay(guide, trace=globals_trace)
     particles = pyro.plate(_PARTICLES, num_particles, dim=-(mpn + 1))
-    with particles:
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-    # model enumeration dims start left of the particle dim; replay inside enum so that guide
-    # sites keep the guide's values and only model-only sites are enumerated
-    enum_model = poutine.enum(poutine.replay(model, trace=guide_trace), first_available_dim=-(mpn + 2))
-    with particles:
-        model_trace = poutine.trace(enum_model).get_trace(*args, **kwargs)
+    try:
+        with particles:
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        # model enumeration dims start left of the particle dim; replay inside enum so that guide
+        # sites keep the guide's values and only model-only sites are enumerated
+        enum_model = poutine.enum(poutine.replay(model, trace=guide_trace), first_available_dim=-(mpn + 2))
+        with particles:
+            model_trace = poutine.trace(enum_model).get_trace(*args, **kwargs)
+    except (RuntimeError, ValueError) as exc:
+        if isinstance(exc, UsageError):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(
+            f"evaluate draws its particles in parallel, in a plate at dim {-(mpn + 1)} left of the model's "
+            f"{mpn} plate(s), and the pair failed under it ({type(exc).__name__}: {first}); the model and guide "
+            "must broadcast over extra leading dimensions, as with Pyro's vectorize_particles "
+            "(e.g. write x @ w as (x * w).sum(-1))"
+        ) from exc
     guide_trace = prune_subsample_sites(guide_trace)
     model_trace = prune_subsample_sites(model_trace)
     for name, site in model_trace.nodes.items():
