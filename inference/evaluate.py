@@ -312,9 +312,11 @@ def _whole_data_scores(lw, n):
 
 
 def evaluate(
-    module,
-    data,
+    module=None,
+    data=None,
     *,
+    model=None,
+    guide=None,
     particles=1000,
     batch_size=None,
     max_elements=DEFAULT_MAX_ELEMENTS,
@@ -324,8 +326,8 @@ def evaluate(
     """Score a model/guide pair on ``data``: ELBO and importance-weighted log-likelihood, in nats per datapoint.
 
     ``module``: anything :func:`inference.pair.as_pair` accepts (an object with ``model``/``guide``,
-    a ``(model, guide)`` tuple, an autoguide as guide), or an object with only a ``log_weights``
-    hook; ``data``: a tensor, tuple of tensors or dict of tensors whose first dimension indexes
+    a ``(model, guide)`` tuple, an autoguide as guide; or ``model=``/``guide=`` keywords), or an
+    object with only a ``log_weights`` hook; ``data``: a tensor, tuple of tensors or dict of tensors whose first dimension indexes
     datapoints (or a ``DataSplit``). Batches are passed by :meth:`inference.pair.Pair.arguments`.
 
     The scope (per-datapoint or whole-data, see the module docstring) is decided from one
@@ -343,6 +345,10 @@ def evaluate(
     """
     if not isinstance(particles, int) or isinstance(particles, bool) or particles < 1:
         raise UsageError(f"particles must be a positive integer, got {particles!r}")
+    if data is None:
+        raise UsageError("no data given to evaluate")
+    if model is not None or guide is not None:
+        module = as_pair(module, model=model, guide=guide)
     data = batching.fixed_view(data)
     n = batching.length(data)
     if n == 0:

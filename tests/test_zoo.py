@@ -474,6 +474,20 @@ def test_guide_missing_a_continuous_latent_is_refused():
         evaluate((local_model, guide_without_z), torch.zeros(4, dtype=F64), particles=3)
 
 
+def test_a_pair_that_does_not_broadcast_over_the_particle_plate_is_refused_in_one_line():
+    """``X @ w`` cannot take evaluate's particle dimension: one UsageError with the remedy, not Pyro's traceback;
+    the keyword form model=/guide= is the tuple form."""
+
+    def model(X, y):
+        w = pyro.sample("w", dist.Normal(X.new_zeros(3), 1.0).to_event(1))
+        with pyro.plate("data", X.shape[0]):
+            pyro.sample("y", dist.Normal(X @ w, REG_S), obs=y)
+
+    X, y, *_ = regression_data()
+    with pytest.raises(UsageError, match=r"broadcast over extra leading dimensions.*\(x \* w\)\.sum\(-1\)"):
+        evaluate(model=model, guide=regression_guide, data=(X, y), particles=4)
+
+
 def test_unmarked_discrete_model_only_latent_is_refused_with_the_hint():
     with pytest.raises(UsageError, match=r"'c' is discrete.*enumerate"):
         evaluate((discrete_model, guide_without_z), torch.zeros(4, dtype=F64), particles=3)
