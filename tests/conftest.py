@@ -29,6 +29,20 @@ def digits():
     return load_dataset("digits", binarize="dynamic")
 
 
+def interrupt_on_call(module, call):
+    """Make ``module.model`` raise KeyboardInterrupt on its ``call``-th call (a kill in the middle of training)."""
+    calls, original = {"n": 0}, module.model
+
+    def flaky_model(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    module.model = flaky_model
+    return module
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Run a test module on one torch thread (tiny tensors; threads only add overhead), then restore."""

@@ -14,6 +14,8 @@ from inference.checkpoint import load_checkpoint
 from inference.errors import UsageError
 from ppl_models.vae import VAE
 
+from conftest import interrupt_on_call
+
 
 class GaussianMean(nn.Module):
     """x_n ~ N(loc, 1) with no latent: the loss is exact (no Monte Carlo), so every number below is a closed form."""
@@ -117,15 +119,7 @@ def test_resume_with_a_scheduler_is_bit_identical(digits, tmp_path):
 
     interrupted = VAE(train.dim, latent_dim=4, hidden=(32,))
     interrupted.load_state_dict(init)
-    calls, original = {"n": 0}, interrupted.model
-
-    def flaky_model(x):
-        calls["n"] += 1
-        if calls["n"] == 30:  # the objective's trial run, then 10 steps + 2 validation calls per epoch
-            raise KeyboardInterrupt
-        return original(x)
-
-    interrupted.model = flaky_model
+    interrupt_on_call(interrupted, 30)  # inspection and the objective's trial run, then 10 steps + 2 validation calls per epoch
     with pytest.raises(KeyboardInterrupt):
         fit(interrupted, train, checkpoint_dir=tmp_path / "b", **kwargs)
     assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["epoch"] == 2

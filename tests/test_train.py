@@ -14,6 +14,8 @@ from inference.checkpoint import load_checkpoint, save_checkpoint
 from inference.errors import CheckpointError, NonFiniteLossError, UsageError
 from ppl_models.vae import VAE
 
+from conftest import interrupt_on_call
+
 
 def small_vae(train):
     return VAE(train.dim, latent_dim=8, hidden=(64,))
@@ -59,16 +61,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(digits, tmp_path,
 
     interrupted = small_vae(train)
     interrupted.load_state_dict(init)
-    steps = {"n": 0}
-    original = interrupted.model
-
-    def flaky_model(x):
-        steps["n"] += 1
-        if steps["n"] == 2 * 12 + 5:  # 12 steps an epoch (1438 / 128): step 5 of epoch 3
-            raise KeyboardInterrupt
-        return original(x)
-
-    interrupted.model = flaky_model
+    interrupt_on_call(interrupted, 2 * 12 + 5)  # a few set-up calls, then 12 steps an epoch (1438 / 128): in epoch 3
     with pytest.raises(KeyboardInterrupt):
         fit(interrupted, train, checkpoint_dir=tmp_path / "b", **kwargs)
     assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["epoch"] == 2
