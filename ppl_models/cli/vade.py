@@ -59,7 +59,7 @@ def add_options(p):
                    help="points embedded by t-SNE (a seeded random subset beyond that)")
     p.add_argument("--perplexity", type=positive_float, default=d.perplexity, help="t-SNE perplexity")
     p.add_argument("--align-epochs", type=non_negative_int, default=d.align_epochs,
-                   help="epochs pulling the codes towards the t-SNE map's clusters before SVI (VaDE.align)")
+                   help="epochs pulling the codes towards the t-SNE map's clusters before SVI (vade_init.align)")
     p.add_argument("--align-weight", type=float, default=d.align_weight,
                    help="weight of the cross-entropy in the alignment")
     p.add_argument("--gmm-restarts", type=positive_int, default=d.gmm_restarts, help="EM restarts of the initial GMM")
