@@ -376,7 +376,7 @@ class Trainer:
             if type(cb).__name__ in saved:
                 cb.load_state_dict(saved[type(cb).__name__])
 
-    # ---- the step ------------------------------------------------------------------------
+    # ---- the step: loss_of (no host read), then update ----------------------------------------
     def loss_of(self, data, index):
         """The step's loss on rows ``index`` of ``data`` (the negative objective): a device tensor, no host read."""
         model, guide, args, kwargs = self.pair.bind(data, index, self.info)
@@ -391,12 +391,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None and self.scheduler_interval == "step":
             self.scheduler.step()
-
-    def step(self, data, index):
-        """Loss and update on rows ``index`` of ``data``; returns the detached loss (on the device)."""
-        loss = self.loss_of(data, index)
-        self.update(loss, self.points_per_step(index.shape[0]))
-        return loss.detach()
 
     # ---- the loop ------------------------------------------------------------------------
     def run(self, epochs, *, callbacks=(), progress=True):
