@@ -23,7 +23,7 @@ class Parser(argparse.ArgumentParser):
 
     def add_argument(self, *args, **kwargs):
         action = super().add_argument(*args, **kwargs)
-        shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+        shown = action.option_strings and not any(action.default is v for v in (None, False, argparse.SUPPRESS))
         if shown and "%(default)" not in (action.help or ""):
             default = " ".join(map(str, action.default)) if isinstance(action.default, list) else "%(default)s"
             action.help = f"{action.help} (default: {default})" if action.help else f"default: {default}"
