@@ -97,7 +97,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     ns = build_parser().parse_args(argv)
     # the options the command line names (what --resume compares with the stored run)
-    ns.given = set(vars(suppress_defaults(build_parser()).parse_args(argv))) - {"command", "model", "func"}
+    ns.named_options = set(vars(suppress_defaults(build_parser()).parse_args(argv))) - {"command", "model", "func"}
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("pplm: %(message)s"))
     logger = logging.getLogger("ppl_models")

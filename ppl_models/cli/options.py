@@ -157,7 +157,7 @@ def run_config(ns, recipe):
     """The typed configuration of ``pplm train`` from argparse's namespace ``ns`` (the CLI boundary)."""
     shared = {f.name: getattr(ns, f.name) for f in dataclasses.fields(RunConfig) if f.name not in ("options", "validate", "given")}
     options = recipe.Options(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(recipe.Options)})
-    given = getattr(ns, "given", None)
+    given = getattr(ns, "named_options", None)
     if given is not None:
         given = frozenset("validate" if name == "no_validate" else name for name in given)
     return RunConfig(**shared, options=options, validate=not ns.no_validate, given=given)
