@@ -12,7 +12,9 @@ import numpy
 import pyro
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# where a benchmark writes by default: a folder of the current directory, ignored by git (the committed
+# results in benchmarks/results/ are written only when asked for with --out benchmarks/results)
+RESULTS = Path("benchmark-results")
 
 
 def environment(device):

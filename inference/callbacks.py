@@ -23,14 +23,15 @@ holds every other callback's state after the epoch. A plain function
 ``f(record)`` is accepted as a callback and called at each epoch's end.
 """
 
+import io
 import math
 import sys
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .checkpoint import FILENAME, load_checkpoint, save_checkpoint
-from .errors import CheckpointError, UsageError
+from .checkpoint import FILENAME, atomic_write, dump_checkpoint, load_checkpoint
+from .errors import CheckpointError, DivergenceError, UsageError
 
 
 class Callback:
@@ -208,9 +209,12 @@ class Checkpoint(Callback):
     other callbacks' states (e.g. early stopping's best epoch) and the run's
     settings; on CPU with the same seed a resumed run equals an uninterrupted
     one exactly. Resuming refuses a checkpoint trained with another objective,
-    batch size, seed or validation split. A checkpoint is only written when the
-    epoch's loss was finite (a non-finite loss stops training first), so the one
-    on disk is always the last good one. When early stopping restored the best
+    batch size, seed or validation split. An epoch's checkpoint is kept in
+    memory and written only once it is known good: at the next read of the
+    losses (its parameters and its next loss finite) or, after the last epoch,
+    when its parameters are finite; a divergence (non-finite loss or parameters)
+    drops it, so the one on disk is always the last good one (an interruption
+    between an epoch's end and that read leaves the previous epoch's). When early stopping restored the best
     epoch's parameters, the final checkpoint holds them (and says so), so a
     finished run is reloaded as it was returned.
     """
@@ -221,6 +225,7 @@ class Checkpoint(Callback):
     def __init__(self, directory, *, resume=False):
         self.path = Path(directory) / FILENAME
         self.resume = resume
+        self.pending = None
 
     def setup(self, trainer):
         trainer.checkpoint_path = self.path
@@ -234,11 +239,31 @@ class Checkpoint(Callback):
         trainer.load_state_dict(state)
 
     def on_epoch_end(self, trainer, record):
-        save_checkpoint(self.path, trainer.state_dict())
+        # kept in memory until the next read of the losses shows its parameters finite and its next loss finite
+        self.pending = _serialise(trainer.state_dict())
+
+    def on_steps(self, trainer, steps, loss_sum, points):
+        self._write_pending()
 
     def on_fit_end(self, trainer):
         if trainer.best_epoch is not None and trainer.history and trainer.best_epoch != trainer.history[-1]["epoch"]:
-            save_checkpoint(self.path, trainer.state_dict())
+            self.pending = _serialise(trainer.state_dict())
+        if self.pending is not None and not trainer.parameters_finite():
+            self.pending = None
+            kept = f"; the last good checkpoint {self.path} is kept" if self.path.exists() else ""
+            raise DivergenceError(f"training diverged: the parameters after epoch {trainer.epoch} are not finite{kept}")
+        self._write_pending()
+
+    def _write_pending(self):
+        if self.pending is not None:
+            data, self.pending = self.pending, None
+            atomic_write(self.path, lambda f: f.write(data))
+
+
+def _serialise(state):
+    buffer = io.BytesIO()
+    dump_checkpoint(buffer, state)
+    return buffer.getvalue()
 
 
 __all__ = [

@@ -17,4 +17,8 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
 
 
-__all__ = ["UsageError", "CheckpointError", "NonFiniteLossError"]
+class DivergenceError(NonFiniteLossError):
+    """Training diverged: non-finite parameters or network outputs, or a loss that grew by orders of magnitude."""
+
+
+__all__ = ["UsageError", "CheckpointError", "NonFiniteLossError", "DivergenceError"]

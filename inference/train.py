@@ -23,10 +23,15 @@ import torch
 from . import batching
 from .callbacks import Checkpoint, EarlyStopping, ProgressBar, TensorBoard, as_callback
 from .checkpoint import get_rng_state, set_rng_state
-from .errors import NonFiniteLossError, UsageError
+from .errors import DivergenceError, NonFiniteLossError, UsageError
 from .evaluate import evaluate
 from .loss import make_step_loss
 from .pair import as_pair, check_minibatching, check_objective, inspect_pair
+
+# a step's loss per datapoint this far above the epoch's first (in units of max(|first|, 1 nat)) is divergence
+GROWTH = 1e3
+# torch.distributions' message for arguments outside their constraint (Pyro's validation)
+_INVALID_VALUES = "but found invalid values"
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 SCHEDULER_INTERVALS = ("epoch", "step")
@@ -183,6 +188,14 @@ class Trainer:
         where a read costs nothing, 50 on CUDA); a non-finite loss is found at
         the next read and stops the run with :class:`NonFiniteLossError`.
 
+    Divergence stops the run with :class:`~inference.errors.DivergenceError`
+    (a :class:`NonFiniteLossError`): non-finite parameters (their largest
+    absolute value, one fused reduction read with each window's losses, so no
+    extra host read), a distribution argument outside its support during
+    training (Pyro's validation error raised by non-finite network outputs), or
+    a step's loss per datapoint more than ``GROWTH`` (1e3) times
+    ``max(|first|, 1)`` above the epoch's first step's.
+
     Per datapoint: the loss of a step is divided by the number of points it
     stands for: B for a plain minibatch, the full N when the data plate is
     scaled to the full data (a subsampled plate, or a ``num_data`` hook that
@@ -310,6 +323,7 @@ class Trainer:
         data = batching.fixed_view(self.train_data)
         first = data if self.info.subsampled else batching.take(data, slice(0, min(self.batch_size, self.num_data)))
         self.params = collect_params(self.pair, self.objective, first, self.info)
+        self._nonempty = [p for p in self.params if p.numel()]
         spec = self.optimizer_spec
         self.optimizer = OPTIMIZERS[spec](self.params, lr=self.lr) if isinstance(spec, str) else spec(self.params)
         self.scheduler = self.scheduler_spec(self.optimizer) if self.scheduler_spec is not None else None
@@ -392,6 +406,14 @@ class Trainer:
         if self.scheduler is not None and self.scheduler_interval == "step":
             self.scheduler.step()
 
+    def parameters_max(self):
+        """The largest absolute value over all parameters (a device scalar, no host read; NaN if any is NaN)."""
+        return torch.stack(torch._foreach_norm([p.detach() for p in self._nonempty], math.inf)).max()
+
+    def parameters_finite(self):
+        """Whether every parameter is finite (one host read)."""
+        return math.isfinite(float(self.parameters_max()))
+
     # ---- the loop ------------------------------------------------------------------------
     def run(self, epochs, *, callbacks=(), progress=True):
         """Train until epoch ``epochs`` (or an early stop); returns a :class:`FitResult`."""
@@ -434,9 +456,15 @@ class Trainer:
         record = {"epoch": epoch, "train_loss": train_loss, "lr": lr, "seconds": time.perf_counter() - t0}
         if self.validation is not None:
             t1 = time.perf_counter()
-            record["val_elbo"] = evaluate(
-                self.pair, self.validation, particles=1, batch_size=max(self.batch_size, 1000)
-            ).elbo
+            try:
+                record["val_elbo"] = evaluate(
+                    self.pair, self.validation, particles=1, batch_size=max(self.batch_size, 1000)
+                ).elbo
+            except (ValueError, FloatingPointError) as exc:
+                if isinstance(exc, ValueError) and _INVALID_VALUES not in str(exc):
+                    raise
+                raise DivergenceError(f"training diverged in epoch {epoch}: the validation ELBO is not finite"
+                                      f"{self._kept()}") from None
             record["eval_seconds"] = time.perf_counter() - t1
             self.pair.train()
         if self.scheduler is not None and self.scheduler_interval == "epoch":
@@ -452,16 +480,27 @@ class Trainer:
         batches = batching.batch_indices(
             self.num_data, self.batch_size, shuffle=self.shuffle, device=self.device, drop_last=self.drop_last
         )
-        last, window, total, points = len(batches), [], 0.0, 0
+        last, window, sizes, total, points, first = len(batches), [], [], 0.0, 0, None
         for step, idx in enumerate(batches, start=1):
-            loss = self.loss_of(data, idx)
+            try:
+                loss = self.loss_of(data, idx)
+            except ValueError as exc:
+                if _INVALID_VALUES not in str(exc):
+                    raise
+                raise DivergenceError(f"training diverged at epoch {epoch}, step {step}: the networks' outputs left "
+                                      f"their distributions' support (non-finite values){self._kept()}") from None
             window.append(loss.detach())
             size = self.points_per_step(idx.shape[0])
+            sizes.append(size)
             if step % self.sync_every == 0 or step == last:
-                # the only host read: the losses of the window, checked before this step's update
-                values = _read(window)
-                window = []
-                self._check_finite(values, epoch, step)
+                # the only host read: the losses of the window and the parameters' largest absolute value,
+                # checked before this step's update
+                *values, largest = _read(window + [self.parameters_max().to(window[0].dtype)])
+                self._check_finite(values, epoch, step, largest)
+                if first is None:
+                    first = values[0] / sizes[0]
+                self._check_growth(values, sizes, first, epoch, step)
+                window, sizes = [], []
                 total += math.fsum(values)
                 for cb in self.callbacks:
                     cb.on_steps(self, len(values), total, points + size)
@@ -469,12 +508,26 @@ class Trainer:
             points += size
         return total / points
 
-    def _check_finite(self, values, epoch, step):
+    def _kept(self):
+        good = self.checkpoint_path if self.checkpoint_path is not None and self.checkpoint_path.exists() else None
+        return f"; the last good checkpoint {good} is kept" if good is not None else ""
+
+    def _check_finite(self, values, epoch, step, largest=0.0):
         for k, value in enumerate(values):
             if not math.isfinite(value):
-                good = self.checkpoint_path if self.checkpoint_path is not None and self.checkpoint_path.exists() else None
-                kept = f"; the last good checkpoint {good} is kept" if good is not None else ""
-                raise NonFiniteLossError(f"non-finite loss at epoch {epoch}, step {step - len(values) + 1 + k}{kept}")
+                raise NonFiniteLossError(f"non-finite loss at epoch {epoch}, step {step - len(values) + 1 + k}"
+                                         f"{self._kept()}")
+        if not math.isfinite(largest):
+            raise DivergenceError(f"training diverged at epoch {epoch}, step {step}: non-finite parameters"
+                                  f"{self._kept()}")
+
+    def _check_growth(self, values, sizes, first, epoch, step):
+        for k, (value, size) in enumerate(zip(values, sizes)):
+            if value / size - first > GROWTH * max(abs(first), 1.0):
+                raise DivergenceError(
+                    f"training diverged at epoch {epoch}, step {step - len(values) + 1 + k}: the loss grew from "
+                    f"{first:.4g} to {value / size:.4g} per datapoint within the epoch (lower --lr?){self._kept()}"
+                )
 
 
 def _read(window):

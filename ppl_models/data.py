@@ -184,22 +184,60 @@ def _load_torchvision(name, data_root, download):
     return out
 
 
+def _check_x(path, key, x):
+    """``x`` of a user's file: a real array of shape (N, D...) with N >= 1."""
+    if not isinstance(x, np.ndarray) or x.dtype.kind not in "biuf":
+        kind = "complex" if x.dtype.kind == "c" else str(x.dtype)
+        raise DataError(f"{path}: {key!r} must hold real numbers, got {kind} values")
+    if x.ndim < 2:
+        raise DataError(f"{path}: {key!r} must have shape (N, D) or (N, H, W) or (N, C, H, W), got shape "
+                        f"{x.shape}" + ("; reshape a column of values to (N, 1)" if x.ndim == 1 else ""))
+    if x.shape[0] == 0 or x[0].size == 0:
+        raise DataError(f"{path}: {key!r} is empty (shape {x.shape})")
+
+
+def _check_y(path, key, y, n):
+    """Labels of a user's file: integers (or whole numbers), one per row of x."""
+    if y is None:
+        return None
+    if y.dtype.kind not in "biuf" or y.ndim != 1:
+        raise DataError(f"{path}: {key!r} must be a 1-D array of integer labels, got {y.dtype} of shape {y.shape}")
+    if y.dtype.kind == "f" and not (np.isfinite(y).all() and (y == np.round(y)).all()):
+        raise DataError(f"{path}: {key!r} must hold integer labels, got non-integer values")
+    if y.shape[0] != n:
+        raise DataError(f"{path}: {key!r} has {y.shape[0]} labels for {n} rows of x")
+    return y.astype(np.int64)
+
+
 def _load_npz(path):
+    """(x_train, y_train, x_test, y_test) of a user's ``.npz`` file, every array checked (rank, dtype, length,
+    labels, matching widths); :class:`DataError` in one line otherwise."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"no data file at {path}")
     try:
-        with np.load(path) as f:
+        with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
     except Exception as exc:
         raise DataError(f"cannot read {path} as .npz ({type(exc).__name__})") from None
     if "x_train" in arrays and "x_test" in arrays:
-        return arrays["x_train"], arrays.get("y_train"), arrays["x_test"], arrays.get("y_test")
+        x_tr, x_te = arrays["x_train"], arrays["x_test"]
+        _check_x(path, "x_train", x_tr)
+        _check_x(path, "x_test", x_te)
+        if x_tr.shape[1:] != x_te.shape[1:]:
+            raise DataError(f"{path}: 'x_train' and 'x_test' hold points of different shapes "
+                            f"({x_tr.shape[1:]} and {x_te.shape[1:]})")
+        y_tr = _check_y(path, "y_train", arrays.get("y_train"), len(x_tr))
+        return x_tr, y_tr, x_te, _check_y(path, "y_test", arrays.get("y_test"), len(x_te))
     if "x" not in arrays:
         raise DataError(f"{path} must hold 'x' (and optionally 'y'), or 'x_train' and 'x_test'")
-    x, y = arrays["x"], arrays.get("y")
-    order = np.random.default_rng(0).permutation(len(x))
+    x = arrays["x"]
+    _check_x(path, "x", x)
+    y = _check_y(path, "y", arrays.get("y"), len(x))
     n_test = int(round(0.2 * len(x)))
+    if n_test < 1 or n_test >= len(x):
+        raise DataError(f"{path}: 'x' holds {len(x)} rows; the 80/20 train/test split needs at least 3")
+    order = np.random.default_rng(0).permutation(len(x))
     test, train = order[:n_test], order[n_test:]
     return x[train], None if y is None else y[train], x[test], None if y is None else y[test]
 

@@ -130,6 +130,15 @@ class Categorical(Likelihood):
         return h.softmax(-1)
 
 
+def _check_fixed_scale(spec, scale):
+    """A fixed scale S must be positive and finite with S^2 a normal float32 (the densities divide by it)."""
+    f32 = torch.finfo(torch.float32)
+    low, high = f32.tiny**0.5, f32.max**0.5
+    if not low <= scale <= high:
+        raise UsageError(f"likelihood {spec!r}: a fixed scale must lie in [{low:.3g}, {high:.3g}] "
+                         "(positive and finite at float32 precision)")
+
+
 def make_likelihood(spec, dim):
     """Build an observation family from its spec (see the module docstring)."""
     name, _, arg = str(spec).lower().partition(":")
@@ -142,6 +151,7 @@ def make_likelihood(spec, dim):
                 scale = float(arg)
             except ValueError:
                 raise UsageError(f"likelihood {spec!r}: the scale must be a number or 'learned'") from None
+            _check_fixed_scale(spec, scale)
             lik = cls(dim, scale=scale)
     elif name in ("bernoulli", "cbernoulli", "categorical") and not arg:
         lik = {"bernoulli": Bernoulli, "cbernoulli": ContinuousBernoulli, "categorical": Categorical}[name](dim)

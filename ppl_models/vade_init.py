@@ -74,6 +74,7 @@ I. Loshchilov, F. Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
 """
 
 import copy
+import logging
 import math
 import time
 
@@ -85,6 +86,8 @@ import torch.nn.functional as F
 
 from inference import batching, evaluate, fit
 from inference.errors import NonFiniteLossError, UsageError
+
+log = logging.getLogger(__name__)  # long phases say one line each (the CLI shows them on stderr)
 
 INIT_METHODS = ("gmm", "tsne")
 EMBED_SOURCES = ("codes", "inputs")
@@ -237,7 +240,11 @@ def tsne_map(points, *, perplexity=30.0, seed=0):
     if not np.isfinite(points).all():
         raise UsageError("cannot embed non-finite points with t-SNE")
     tsne = TSNE(2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed)
-    return tsne.fit_transform(points)
+    log.info(f"t-SNE map of {len(points)} points (perplexity {perplexity:g}) ...")
+    t0 = time.perf_counter()
+    emb = tsne.fit_transform(points)
+    log.info(f"t-SNE map: done in {time.perf_counter() - t0:.1f} s")
+    return emb
 
 
 @torch.no_grad()

@@ -51,11 +51,12 @@ def test_train_writes_the_run_folder(run_dir):
 def test_evaluate_reproduces_the_metrics(run_dir, capsys):
     before = json.loads((run_dir / "metrics.json").read_text())
     assert main(["evaluate", str(run_dir), "--quiet"]) == 0
-    after = json.loads((run_dir / "metrics.json").read_text())
+    after = json.loads((run_dir / "evaluation.json").read_text())
     # same checkpoint, same seed, same particles: the same numbers
     assert after["test_log_likelihood"] == pytest.approx(before["test_log_likelihood"], abs=1e-9)
     assert main(["evaluate", str(run_dir), "--particles", "200", "--quiet"]) == 0
-    assert json.loads((run_dir / "metrics.json").read_text())["particles"] == 200
+    assert json.loads((run_dir / "evaluation.json").read_text())["particles"] == 200
+    assert json.loads((run_dir / "metrics.json").read_text()) == before  # the training-time metrics are kept
     assert "test_log_likelihood=" in capsys.readouterr().out
 
 
@@ -83,7 +84,7 @@ def test_conv_vae_run_rebuilds_from_its_config(tmp_path):
     assert config["module"]["arch"] == "conv" and config["module"]["image_shape"] == [1, 8, 8]
     before = json.loads((out / "metrics.json").read_text())
     assert main(["evaluate", str(out), "--quiet", "--device", "cpu"]) == 0  # rebuilt from config.json alone
-    assert json.loads((out / "metrics.json").read_text())["test_elbo"] == pytest.approx(before["test_elbo"], abs=1e-9)
+    assert json.loads((out / "evaluation.json").read_text())["test_elbo"] == pytest.approx(before["test_elbo"], abs=1e-9)
 
 
 # config.json "args" of `pplm train vae --out DIR --seed 1 *FAST` as written by format ppl-models/run/1
@@ -113,10 +114,10 @@ def test_a_run_folder_of_format_1_still_loads(tmp_path):
            "versions": config["versions"], "outputs": config["outputs"]}
     assert read_run_config(old, RECIPES["vae"]) == read_run_config(config, RECIPES["vae"])
     assert main(["evaluate", str(copy), "--quiet"]) == 0  # the reference, from the current format
-    before = json.loads((copy / "metrics.json").read_text())
+    before = json.loads((copy / "evaluation.json").read_text())
     (copy / "config.json").write_text(json.dumps(old))
     assert main(["evaluate", str(copy), "--quiet"]) == 0
-    after = json.loads((copy / "metrics.json").read_text())
+    after = json.loads((copy / "evaluation.json").read_text())
     assert after["particles"] == 20 and after["test_log_likelihood"] == pytest.approx(before["test_log_likelihood"], abs=1e-9)
     assert main(["train", "vae", "--out", str(copy), "--resume", "--epochs", "3", "--quiet"]) == 0
     assert len((copy / "history.csv").read_text().splitlines()) == 1 + 3
@@ -130,7 +131,7 @@ def test_each_models_options_are_its_recipes_fields():
     defaults are the dataclasses' own (a run built in code means what the same command line means)."""
     for name, recipe in RECIPES.items():
         ns = build_parser().parse_args(["train", name, "--out", "x"])
-        shared = {f.name for f in dataclasses.fields(RunConfig)} - {"options", "validate"}
+        shared = {f.name for f in dataclasses.fields(RunConfig)} - {"options", "validate", "given"}
         fields = {f.name for f in dataclasses.fields(recipe.Options)}
         assert set(vars(ns)) == shared | fields | {"no_validate", "command", "model", "func"}, name
         assert not shared & fields, name

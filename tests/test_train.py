@@ -175,3 +175,31 @@ def test_fit_on_device(device, digits):
     assert result.device.type == device.type
     assert all(p.device.type == device.type for p in vae.parameters())
     assert math.isfinite(result.history[0]["val_elbo"])
+
+
+@pytest.mark.parametrize("when", ["after epoch 2", "after the last epoch"])
+def test_a_checkpoint_is_written_only_when_its_parameters_are_finite(digits, tmp_path, when):
+    """Parameters made non-finite at the end of epoch 2 (a diverged last update the losses of epoch 2 never saw):
+    the run stops with DivergenceError at the next read (or at the end of training), and the checkpoint on disk
+    is epoch 1's, finite, so resuming from it works."""
+    from inference.callbacks import Callback
+    from inference.errors import DivergenceError
+
+    train, _ = digits
+    epochs = 3 if when == "after epoch 2" else 2
+
+    class Poison(Callback):
+        order = 50  # before Checkpoint: its state of epoch 2 holds the NaN
+
+        def on_epoch_end(self, trainer, record):
+            if record["epoch"] == 2:
+                with torch.no_grad():
+                    next(vae.parameters())[0] = float("nan")
+
+    vae = small_vae(train)
+    with pytest.raises(DivergenceError, match="diverged"):
+        fit(vae, train, epochs=epochs, batch_size=256, lr=1e-3, progress=False, checkpoint_dir=tmp_path,
+            callbacks=[Poison()])
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in state["module"].values() if t.is_floating_point())

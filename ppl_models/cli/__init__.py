@@ -7,21 +7,29 @@
                                                  cross-modal generation from a multimodal run
 
 Bad input (an unknown name, a missing data folder, data outside a likelihood's
-support, a corrupt checkpoint, a folder that already holds a run, ...) gets one
-line on stderr and exit status 2, and nothing on disk is changed.
+support, a corrupt checkpoint, a folder that already holds a run, a path that
+cannot be written, ...) gets one line on stderr and exit status 2, and nothing
+on disk is changed; so does a run that diverges (its last good checkpoint is
+kept). Warnings are shown once each, in one line.
 """
 
+import logging
 import sys
+import warnings
 
 from inference.errors import NonFiniteLossError, UsageError
 
-from .options import Parser, add_training_options, positive_int, run_config
+from .. import __version__
+from .options import Parser, add_training_options, out_path, positive_int, run_config, seed, suppress_defaults
 from .recipes import ADD_OPTIONS, RECIPES
 from .runs import evaluate_run, generate_run, print_metrics, sample_run, train_run
 
+DESCRIPTION = "pplm: train, evaluate and sample from the library's models."
+
 
 def build_parser():
-    parser = Parser(prog="pplm", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="pplm", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"pplm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     train = sub.add_parser("train", help="train a model and write a run folder")
@@ -32,9 +40,10 @@ def build_parser():
         add_training_options(p, recipe)
         p.set_defaults(func=_train)
 
-    ev = sub.add_parser("evaluate", help="recompute a run's test metrics")
+    ev = sub.add_parser("evaluate", help="recompute a run's test metrics (into evaluation.json beside metrics.json)")
     ev.add_argument("run_dir")
-    ev.add_argument("--particles", type=positive_int, default=None)
+    ev.add_argument("--particles", type=positive_int, default=None, help="importance samples (default: the run's)")
+    ev.add_argument("--out", type=out_path, default=None, help="JSON file (default: RUN_DIR/evaluation.json)")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=_evaluate)
@@ -42,8 +51,8 @@ def build_parser():
     sm = sub.add_parser("sample", help="save a grid of samples from a run's model")
     sm.add_argument("run_dir")
     sm.add_argument("-n", type=positive_int, default=64)
-    sm.add_argument("--out", required=True, help="PNG file")
-    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--out", type=out_path, required=True, help="image file (.png, .pdf, .svg, ...)")
+    sm.add_argument("--seed", type=seed, default=0)
     sm.add_argument("--device", default="auto")
     sm.set_defaults(func=_sample)
 
@@ -52,8 +61,8 @@ def build_parser():
     gen.add_argument("--given", required=True, help="comma-separated modalities to condition on")
     gen.add_argument("--target", required=True, help="comma-separated modalities to generate")
     gen.add_argument("-n", type=positive_int, default=10, help="test tuples (columns)")
-    gen.add_argument("--out", required=True, help="PNG file")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--out", type=out_path, required=True, help="image file (.png, .pdf, .svg, ...)")
+    gen.add_argument("--seed", type=seed, default=0)
     gen.add_argument("--device", default="auto")
     gen.set_defaults(func=_generate)
     return parser
@@ -67,7 +76,7 @@ def _train(ns):
 
 
 def _evaluate(ns):
-    print_metrics(evaluate_run(ns.run_dir, particles=ns.particles, device=ns.device, quiet=ns.quiet))
+    print_metrics(evaluate_run(ns.run_dir, particles=ns.particles, device=ns.device, quiet=ns.quiet, out=ns.out))
 
 
 def _sample(ns):
@@ -79,16 +88,40 @@ def _generate(ns):
     print(f"generation grid written to {path}")
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None):
+    print(f"pplm: warning: {category.__name__}: {message}", file=file or sys.stderr)
+
+
 def main(argv=None):
+    """``pplm`` with the arguments ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     ns = build_parser().parse_args(argv)
+    # the options the command line names (what --resume compares with the stored run)
+    ns.named_options = set(vars(suppress_defaults(build_parser()).parse_args(argv))) - {"command", "model", "func"}
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("pplm: %(message)s"))
+    logger = logging.getLogger("ppl_models")
+    logger.addHandler(handler)
+    level, logger.level = logger.level, logging.INFO
     try:
-        ns.func(ns)
+        with warnings.catch_warnings():
+            # after any filter already set (a test's "error" stays an error): each warning once, in one line
+            warnings.filterwarnings("once", append=True)
+            warnings.showwarning = _warning_line
+            ns.func(ns)
     except (UsageError, NonFiniteLossError) as exc:
         print(f"pplm: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"pplm: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("pplm: interrupted; the last checkpoint is kept (continue with --resume)", file=sys.stderr)
         return 130
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     return 0
 
 

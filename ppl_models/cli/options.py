@@ -16,10 +16,30 @@ from .recipe import LR_SCHEDULES, RunConfig, lr_scheduler
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but errors are one line: ``pplm: error: ...``."""
+    """argparse, but errors are one line (``pplm: error: ...``) and ``--help`` shows every option's default."""
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        shown = action.option_strings and not any(action.default is v for v in (None, False, argparse.SUPPRESS))
+        if shown and "%(default)" not in (action.help or ""):
+            default = " ".join(map(str, action.default)) if isinstance(action.default, list) else "%(default)s"
+            action.help = f"{action.help} (default: {default})" if action.help else f"default: {default}"
+        return action
+
+
+def suppress_defaults(parser):
+    """Set every option's default of ``parser`` and its subparsers to ``SUPPRESS``, so that parsing gives the
+    options the command line names, and only those (what ``--resume`` compares with the stored run)."""
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            action.default = argparse.SUPPRESS
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                suppress_defaults(sub)
+    return parser
 
 
 def _int_at_least(minimum, word):
@@ -38,6 +58,25 @@ def _int_at_least(minimum, word):
 
 positive_int = _int_at_least(1, "positive")
 non_negative_int = _int_at_least(0, "non-negative")
+MAX_SEED = 2**32 - 1
+
+
+def seed(text):
+    """A seed in 0 .. 2^32 - 1 (what ``pyro.set_rng_seed`` and NumPy accept)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected a seed in 0..{MAX_SEED}, got {text!r}")
+    return value
+
+
+def out_path(text):
+    """A non-empty path."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty one")
+    return text
 
 
 def positive_float(text):
@@ -79,7 +118,7 @@ def lr_schedule(text):
 
 def add_data_options(p, binarize="none"):
     """``--dataset`` (digits, MNIST, Fashion-MNIST or a .npz file), ``--data-root``, ``--download``, ``--binarize``."""
-    p.add_argument("--dataset", default="digits", help=f"{' | '.join(DATASETS)} or a .npz file (default digits)")
+    p.add_argument("--dataset", default="digits", help=f"{' | '.join(DATASETS)} or a .npz file")
     p.add_argument("--data-root", default=None, help="folder holding MNIST/raw or FashionMNIST/raw")
     p.add_argument("--download", action="store_true", help="allow torchvision to download missing files")
     p.add_argument("--binarize", choices=BINARIZE, default=binarize)
@@ -92,8 +131,10 @@ def add_training_options(p, recipe):
     p.add_argument("--batch-size", type=positive_int, default=recipe.default_batch_size)
     p.add_argument("--lr", type=positive_float, default=recipe.default_lr)
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--particles", type=positive_int, default=1000, help="importance samples for the test log-likelihood")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads of torch (default: chosen from the model's size and the free cores)")
     p.add_argument("--no-validate", action="store_true", help="switch Pyro's validation off (faster)")
     p.add_argument("--jit", action="store_true",
                    help="compile the loss with torch.jit.trace (checked against the eager loss; fastest)")
@@ -103,15 +144,20 @@ def add_training_options(p, recipe):
                    help="stop when the validation ELBO has not improved for this many epochs; keep the best epoch")
     p.add_argument("--lr-schedule", type=lr_schedule, default="none", help=f"learning-rate schedule: {LR_SCHEDULES}")
     p.add_argument("--tensorboard", default=None, metavar="DIR", help="write TensorBoard event files to DIR")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (long phases still say one line each)")
+    p.add_argument("--out", type=out_path, required=True, help="run folder")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    g.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint (options not given are the stored run's)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out (once the new run has finished its first epoch)")
 
 
 def run_config(ns, recipe):
     """The typed configuration of ``pplm train`` from argparse's namespace ``ns`` (the CLI boundary)."""
-    shared = {f.name: getattr(ns, f.name) for f in dataclasses.fields(RunConfig) if f.name not in ("options", "validate")}
+    shared = {f.name: getattr(ns, f.name) for f in dataclasses.fields(RunConfig) if f.name not in ("options", "validate", "given")}
     options = recipe.Options(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(recipe.Options)})
-    return RunConfig(**shared, options=options, validate=not ns.no_validate)
+    given = getattr(ns, "named_options", None)
+    if given is not None:
+        given = frozenset("validate" if name == "no_validate" else name for name in given)
+    return RunConfig(**shared, options=options, validate=not ns.no_validate, given=given)

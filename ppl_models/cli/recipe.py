@@ -38,8 +38,10 @@ class RunConfig:
     best epoch); ``lr_schedule`` is a spec for
     :func:`ppl_models.cli.options.lr_scheduler`; ``tensorboard`` a folder for
     TensorBoard event files. ``particles`` is the number of importance samples of
-    the test log-likelihood. ``options`` is the model's own options (the
-    dataclass ``recipe.Options``).
+    the test log-likelihood. ``threads`` is torch's CPU thread count (None:
+    chosen from the work size). ``options`` is the model's own options (the
+    dataclass ``recipe.Options``). ``given`` names the options the command line
+    set (None for a run built in code).
     """
 
     out: str | None = None
@@ -62,14 +64,18 @@ class RunConfig:
     patience: int | None = None
     lr_schedule: str = "none"
     tensorboard: str | None = None
+    threads: int | None = None
     resume: bool = False
     overwrite: bool = False
+    # the options the command line named (None: built in code); --resume takes the others from the stored run
+    given: frozenset | None = field(default=None, compare=False)
 
     # what a finished run stores in config.json ("run"); the rest say how to run this command
     STORED = ("dataset", "data_root", "download", "binarize", "elbo", "epochs", "batch_size", "lr", "device", "seed",
               "particles", "quiet", "validate", "jit", "validation", "patience", "lr_schedule")
-    # what a resumed run takes from the command line rather than from config.json
-    RESUME_OVERRIDES = ("epochs", "device", "particles", "quiet", "validate", "jit", "tensorboard")
+    # what a resumed run may change (taken from the command line when given there); any other option given
+    # with --resume must equal the stored run's
+    RESUME_OVERRIDES = ("epochs", "device", "particles", "quiet", "validate", "jit", "tensorboard", "threads")
 
     def stored(self):
         """The JSON-able record of this run for ``config.json``: ``{"run": {...}, "options": {...}}``."""

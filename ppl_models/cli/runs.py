@@ -8,7 +8,13 @@ the VAE).
 
 Every check on the input (options, data, the model, the objective, the output
 folder, a checkpoint to resume from) happens once, before anything is written,
-so a refused command leaves the disk as it was.
+so a refused command leaves the disk as it was. A new run is written into a
+hidden staging folder inside ``--out`` (``.pplm-staging``) and moved into place
+when its first checkpoint is written, replacing the old run's files only then
+(``--overwrite``); a run that fails before that leaves nothing behind, and the
+staging folder of a killed run is removed by the next run in that folder.
+``pplm evaluate`` writes ``evaluation.json`` beside the training-time
+``metrics.json`` (or its ``--out``), and no output path may name a run's files.
 
 ``config.json`` formats: ``ppl-models/run/2`` (written now: ``"run"``, the
 shared options of :class:`~ppl_models.cli.recipe.RunConfig`, and ``"options"``,
@@ -20,9 +26,13 @@ import csv
 import dataclasses
 import io
 import json
+import logging
+import os
 import platform
+import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy
@@ -30,9 +40,9 @@ import pyro
 import torch
 
 from inference import batching
-from inference.callbacks import Checkpoint, EarlyStopping, TensorBoard
+from inference.callbacks import Callback, Checkpoint, EarlyStopping, TensorBoard
 from inference.checkpoint import FILENAME, atomic_write, load_checkpoint
-from inference.errors import CheckpointError, UsageError
+from inference.errors import CheckpointError, DivergenceError, UsageError
 from inference.evaluate import evaluate
 from inference.plots import plot_history
 from inference.psis import khat_summary, min_particles, psis_khat
@@ -42,6 +52,13 @@ from .recipe import RunConfig, lr_scheduler
 from .recipes import RECIPES, get_recipe
 
 RUN_FILES = ("config.json", FILENAME, "history.csv", "metrics.json", "loss.png")
+EVALUATION = "evaluation.json"
+STAGING = ".pplm-staging"  # inside --out: the new run until its first checkpoint
+REPLACED = ".pplm-replaced"  # inside --out: the old run's files while the new ones are moved in
+IMAGE_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "tif", "tiff", "webp", "eps", "ps")
+# multiply-adds per step (batch x parameters) below which one CPU thread is fastest
+SMALL_WORK = 5e7
+log = logging.getLogger("ppl_models")
 CONFIG_FORMAT = "ppl-models/run/2"
 READABLE_FORMATS = ("ppl-models/run/1", CONFIG_FORMAT)
 
@@ -151,9 +168,19 @@ def prepare_training(module, train, test, run, device):
     )
 
 
-def _train(trainer, run):
+class _RecordSwitches(Callback):
+    """Adds the switches a resumed run may change (``jit``) to each epoch's history record."""
+
+    def __init__(self, run):
+        self.jit = int(run.jit)
+
+    def on_epoch_end(self, trainer, record):
+        record["jit"] = self.jit
+
+
+def _train(trainer, run, *callbacks):
     """The one run of the training engine, with the run's callbacks."""
-    callbacks = [Checkpoint(run.out, resume=run.resume)]
+    callbacks = [_RecordSwitches(run), *callbacks]
     if run.patience is not None:
         callbacks.append(EarlyStopping(run.patience))
     if run.tensorboard is not None:
@@ -161,26 +188,183 @@ def _train(trainer, run):
     return trainer.run(run.epochs, callbacks=callbacks, progress=not run.quiet)
 
 
+@contextmanager
+def phase(what, quiet=True):
+    """A long phase without a progress bar: one line on stderr when it starts and one when it ends."""
+    if quiet:
+        log.info(f"{what} ...")
+    t0 = time.perf_counter()
+    yield
+    if quiet:
+        log.info(f"{what}: done in {time.perf_counter() - t0:.1f} s")
+
+
+def choose_threads(module, run, device):
+    """torch's CPU threads for a run: ``--threads``, else 1 for small work (an MLP's ``batch x parameters``
+    multiply-adds per step below ``SMALL_WORK``: more threads only add overhead), else the cores this process
+    may use, divided among the ranks of this machine (``LOCAL_WORLD_SIZE``), less the load of other processes."""
+    if run.threads is not None:
+        return run.threads
+    work = run.batch_size * sum(p.numel() for p in module.parameters())
+    if device.type != "cpu" or work < SMALL_WORK:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, round(cores - busy)))
+
+
+@contextmanager
+def threads(n):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _option(name):
+    return "--" + {"validate": "no-validate"}.get(name, name).replace("_", "-")
+
+
+def resumed_run(config, recipe, run):
+    """The :class:`RunConfig` of ``--resume``: the stored run's, with the options that may change
+    (``RunConfig.RESUME_OVERRIDES``) taken from ``run`` where its command line gave them; any other option
+    the command line gave that differs from the stored run is refused, naming it."""
+    stored = read_run_config(config, recipe)
+    given = run.given if run.given is not None else frozenset(RunConfig.RESUME_OVERRIDES)
+    changes = {k: getattr(run, k) for k in RunConfig.RESUME_OVERRIDES if k in given}
+    differ = [f"{_option(k)} {getattr(stored, k)!r} (not {getattr(run, k)!r})" for k in RunConfig.STORED
+              if k in given and k not in RunConfig.RESUME_OVERRIDES and getattr(run, k) != getattr(stored, k)]
+    differ += [f"{_option(f.name)} {getattr(stored.options, f.name)!r} (not {getattr(run.options, f.name)!r})"
+               for f in dataclasses.fields(recipe.Options)
+               if f.name in given and getattr(run.options, f.name) != getattr(stored.options, f.name)]
+    if differ:
+        raise UsageError(f"{run.out} was trained with {', '.join(differ)}; --resume continues the stored run "
+                         "(it may change only --epochs, --device, --particles, --quiet, --threads, --jit, "
+                         "--no-validate and --tensorboard): drop those options or train a new run")
+    return dataclasses.replace(stored, **changes, out=run.out, resume=True, overwrite=False, given=run.given)
+
+
+def _run_file_names(folder):
+    """The names of the run's files in ``folder`` (a damaged config.json: the standard ones)."""
+    try:
+        outputs = read_config(folder).get("outputs", []) if (Path(folder) / "config.json").is_file() else []
+    except UsageError:
+        outputs = []
+    return set(RUN_FILES) | {EVALUATION} | {str(n) for n in outputs if isinstance(n, str)}
+
+
+def check_output_file(path, *, image=False):
+    """Refuse an empty path, a folder, an unknown image format (``image=True``) and a path naming a file of a run.
+
+    :raises inference.errors.UsageError: naming the path.
+    """
+    if not str(path).strip():
+        raise UsageError("--out is empty")
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"--out {p} is a folder, not a file")
+    if image and p.suffix.lower().lstrip(".") not in IMAGE_FORMATS:
+        raise UsageError(f"--out {p}: unknown image format {p.suffix or '(none)'!r}; use one of "
+                         f"{', '.join('.' + f for f in IMAGE_FORMATS)}")
+    if (p.parent / "config.json").is_file() and p.name in _run_file_names(p.parent):
+        raise UsageError(f"--out {p} names a file of the run in {p.parent}; write it elsewhere")
+    return p
+
+
+def _finished_files(out):
+    """Files of ``out``'s run written after its first checkpoint (a run holding any of them has finished
+    an epoch)."""
+    return sorted(n for n in _run_file_names(out) - {"config.json", FILENAME} if (out / n).exists())
+
+
+def _clear_leftovers(out):
+    """Remove what a killed run left in ``out``: its staging folder, and the old run's files of an
+    interrupted replacement (moved back when the replacement had not finished)."""
+    staging, replaced = out / STAGING, out / REPLACED
+    if replaced.is_dir():
+        if staging.is_dir():  # killed while swapping: the old run goes back
+            for p in replaced.iterdir():
+                os.replace(p, out / p.name)
+        shutil.rmtree(replaced)
+    if staging.is_dir():
+        shutil.rmtree(staging)
+
+
+def _commit(stage, out):
+    """Move the staged new run (config.json and its first checkpoint) into ``out``, replacing the old run's
+    files; undone if any move fails, so ``out`` holds either run, never a mix."""
+    old = [n for n in _run_file_names(out) if (out / n).is_file()]
+    replaced = out / REPLACED
+    replaced.mkdir()
+    moved, new = [], []
+    try:
+        for name in old:
+            os.replace(out / name, replaced / name)
+            moved.append(name)
+        for p in sorted(stage.iterdir()):
+            os.replace(p, out / p.name)
+            new.append(p.name)
+    except OSError:
+        for name in new:
+            os.replace(out / name, stage / name)
+        for name in moved:
+            os.replace(replaced / name, out / name)
+        replaced.rmdir()
+        raise
+    stage.rmdir()
+    shutil.rmtree(replaced)
+
+
+class _Commit(Callback):
+    """Moves a staged run into its folder once its first checkpoint is on disk (after :class:`Checkpoint`)."""
+
+    order = 101
+
+    def __init__(self, checkpoint, stage, out):
+        self.checkpoint, self.stage, self.out, self.done = checkpoint, stage, out, False
+
+    def on_steps(self, trainer, steps, loss_sum, points):
+        self._commit(trainer)
+
+    def on_fit_end(self, trainer):
+        self._commit(trainer)
+
+    def _commit(self, trainer):
+        if not self.done and self.checkpoint.path.exists():
+            _commit(self.stage, self.out)
+            self.checkpoint.path = trainer.checkpoint_path = self.out / FILENAME
+            self.done = True
+
+
 def train_run(recipe, run):
     """Train ``recipe``'s model as the :class:`RunConfig` ``run`` says, into the folder ``run.out``.
 
     Refuses, before writing anything, a folder that already holds a run unless
-    ``run.resume`` (continue it; its stored configuration wins except
-    ``RunConfig.RESUME_OVERRIDES``: epochs, device, particles, quiet, validate
-    and jit) or ``run.overwrite`` (replace it). Returns the metrics dict.
+    ``run.resume`` (continue it: see :func:`resumed_run`; a folder whose run has
+    no checkpoint is refused unless it never finished an epoch; a run killed
+    during its final evaluation is completed) or ``run.overwrite`` (replace it,
+    once the new run has written its first checkpoint). Returns the metrics dict.
     """
     out = Path(run.out)
     if run.resume and run.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
-    held = [name for name in RUN_FILES if (out / name).exists()]
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder")
+    if out.name in (STAGING, REPLACED) or out.parent.name in (STAGING, REPLACED):
+        raise UsageError(f"--out {out} is inside a run's temporary folder")
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    ckpt = out / FILENAME
     if run.resume:
         config = read_config(out)
         if config["model"] != recipe.name:
             raise CheckpointError(f"{out} holds a {config['model']!r} run, not {recipe.name!r}")
-        run = read_run_config(config, recipe, **{k: getattr(run, k) for k in RunConfig.RESUME_OVERRIDES},
-                              out=str(out), resume=True, overwrite=False)
+        run = resumed_run(config, recipe, run)
+        if not ckpt.exists() and _finished_files(out):
+            raise UsageError(f"{out} holds a run but no {FILENAME} to resume from ({', '.join(_finished_files(out))}"
+                             "); train it again with --overwrite, or into another --out")
     elif held and not run.overwrite:
         raise UsageError(f"{out} already holds a run ({', '.join(held)}); pass --resume to continue it or --overwrite to replace it")
     recipe.check(run)
@@ -189,19 +373,11 @@ def train_run(recipe, run):
     pyro.set_rng_seed(run.seed)
     module = recipe.build(run, train)
     trainer = prepare_training(module, train, test, run, device)
-    ckpt = out / FILENAME
     resuming = run.resume and ckpt.exists()
     if resuming:
         state = load_checkpoint(ckpt, expect_model=type(module).__name__)
-        if state["epoch"] >= run.epochs:
+        if state["epoch"] >= run.epochs and (out / "metrics.json").exists():
             raise UsageError(f"{out} already finished {state['epoch']} epochs; ask for more with --epochs")
-    # ---- every check passed: from here on we write ------------------------------------
-    if run.overwrite:
-        old = read_config(out).get("outputs", []) if (out / "config.json").exists() else []
-        for name in set(RUN_FILES) | set(old):
-            if (out / name).is_file():
-                (out / name).unlink()
-    out.mkdir(parents=True, exist_ok=True)
     config = {
         "format": CONFIG_FORMAT,
         "model": recipe.name,
@@ -209,13 +385,37 @@ def train_run(recipe, run):
         "module": getattr(module, "config", None),
         "versions": versions(),
     }
+    n_threads = choose_threads(module, run, device)
+    # ---- every check passed: from here on we write ------------------------------------
+    created = not out.exists()
+    stage = None
     if not run.resume:
-        write_json(out / "config.json", config)
+        if not created:
+            _clear_leftovers(out)
+        stage = out / STAGING
+        stage.mkdir(parents=True)
+    try:
+        with threads(n_threads):
+            return _write_run(recipe, run, module, trainer, train, test, device, config, resuming, stage, n_threads)
+    except BaseException:
+        if stage is not None and stage.exists():  # failed before its first checkpoint: leave nothing behind
+            shutil.rmtree(stage, ignore_errors=True)
+            if created and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+        raise
+
+
+def _write_run(recipe, run, module, trainer, train, test, device, config, resuming, stage, n_threads):
+    out = Path(run.out)
+    checkpoint = Checkpoint(stage or out, resume=run.resume)
+    callbacks = [checkpoint] if stage is None else [checkpoint, _Commit(checkpoint, stage, out)]
+    if stage is not None:
+        write_json(stage / "config.json", config)
     init = {}
     if not resuming:
         init = recipe.before_fit(module, train, run, device) or {}
     t0 = time.perf_counter()
-    result = _train(trainer, run)
+    result = _train(trainer, run, *callbacks)
     wall = time.perf_counter() - t0
     write_history(out / "history.csv", result.history)
     plot_history(result.history, out / "loss.png", title=f"{recipe.name} on {train.name} [{run.elbo}]")
@@ -225,6 +425,7 @@ def train_run(recipe, run):
         wall_seconds=wall,
         final_train_loss=result.history[-1]["train_loss"],
         epochs_trained=result.history[-1]["epoch"],
+        threads=n_threads,
         **init,
     )
     if result.best_epoch is not None:
@@ -238,10 +439,14 @@ def train_run(recipe, run):
 
 def _evaluate_metrics(recipe, module, train, test, run, device):
     pyro.set_rng_seed(run.seed)
-    ev = evaluate(
-        module, batching.to_device(test, device), particles=run.particles, progress=not run.quiet,
-        keep_log_weights=True,
-    )
+    with phase(f"test log-likelihood with {run.particles} particles", run.quiet):
+        try:
+            ev = evaluate(
+                module, batching.to_device(test, device), particles=run.particles, progress=not run.quiet,
+                keep_log_weights=True,
+            )
+        except FloatingPointError as exc:
+            raise DivergenceError(f"the trained model's test evaluation is not finite ({exc})") from None
     metrics = {
         "model": recipe.name,
         "dataset": train.name,
@@ -273,21 +478,18 @@ def _psis_metrics(ev):
     return khat_summary(psis_khat(ev.log_weights))
 
 
-def evaluate_run(run_dir, *, particles=None, device="auto", quiet=False):
-    """Reload a finished run, recompute its test metrics and update its metrics.json."""
+def evaluate_run(run_dir, *, particles=None, device="auto", quiet=False, out=None):
+    """Reload a finished run and recompute its test metrics into ``out`` (default: ``evaluation.json`` in the
+    run folder, beside the training-time ``metrics.json``, which is kept). Returns the metrics."""
+    target = check_output_file(out) if out is not None else Path(run_dir) / EVALUATION
     recipe, config, run = open_run(run_dir, quiet=quiet)
     if particles is not None:
         run = dataclasses.replace(run, particles=particles)
     dev = resolve_device(device)
     train, test = recipe.load_data(run)
     module = load_module(recipe, config, run_dir, dev)
-    metrics_path = Path(run_dir) / "metrics.json"
-    try:
-        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    except json.JSONDecodeError:
-        metrics = {}
-    metrics.update(_evaluate_metrics(recipe, module, train, test, run, dev))
-    write_json(metrics_path, metrics)
+    metrics = _evaluate_metrics(recipe, module, train, test, run, dev)
+    write_json(target, metrics)
     return metrics
 
 
@@ -295,6 +497,7 @@ def sample_run(run_dir, n, out_file, *, device="auto", seed=0):
     """Draw ``n`` samples from a finished run's model and save them as an image grid."""
     if n < 1:
         raise UsageError(f"-n must be positive, got {n}")
+    check_output_file(out_file, image=True)
     recipe, config, _ = open_run(run_dir)
     module = load_module(recipe, config, run_dir, resolve_device(device))
     pyro.set_rng_seed(seed)
@@ -303,6 +506,7 @@ def sample_run(run_dir, n, out_file, *, device="auto", seed=0):
 
 def generate_run(run_dir, given, target, out_file, *, n=10, device="auto", seed=0):
     """``pplm generate``: a grid of the run's test tuples' ``given`` modalities and ``target`` generated from them."""
+    check_output_file(out_file, image=True)
     recipe, config, run = open_run(run_dir)
     if recipe.generate is None:
         kinds = " or ".join(name for name, r in RECIPES.items() if r.generate is not None)

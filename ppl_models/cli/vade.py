@@ -96,6 +96,10 @@ class VaDERecipe(Recipe):
         args = run.options
         if args.clusters > len(train):
             raise UsageError(f"--clusters {args.clusters} exceeds the {len(train)} training points")
+        embedded = min(args.embed_points, len(train))
+        if args.init == "tsne" and embedded <= max(args.perplexity, args.clusters):
+            raise UsageError(f"t-SNE with --perplexity {args.perplexity:g} and --clusters {args.clusters} needs more "
+                             f"than {max(args.perplexity, args.clusters):g} points to embed, got {embedded}")
         return VaDE(
             train.dim,
             n_clusters=args.clusters,
