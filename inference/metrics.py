@@ -130,8 +130,41 @@ def clustering_scores(y_true, y_pred):
 #   views onto their top canonical directions; probe the variates.
 
 
+# The key of a multimodal data dict's presence mask: a bool tensor (N, M), True where datapoint n has
+# modality m, its columns in the order of the dict's modalities (a model's ``names``). Absent entries hold
+# placeholder values that nothing here reads: each score uses the datapoints that have what it needs.
+PRESENT = "_present"
+
+
 def _numpy(x):
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def split_presence(data, names=None):
+    """(the modalities of a data dict without its mask, {name: bool (N,) tensor} or None when complete).
+
+    ``names``: the mask's column order (default: the dict's modalities in order).
+    """
+    x = {k: v for k, v in data.items() if k != PRESENT}
+    mask = data.get(PRESENT)
+    if mask is None:
+        return x, None
+    names = list(x) if names is None else list(names)
+    return x, {n: mask[:, i] for i, n in enumerate(names) if n in x}
+
+
+def _rows(present, given, n):
+    """Indices (a CPU tensor) of the datapoints that have every modality of ``given``, or None for all."""
+    if present is None:
+        return None
+    keep = torch.ones(n, dtype=torch.bool)
+    for m in given:
+        keep &= present[m].cpu()
+    return keep.nonzero().squeeze(-1)
+
+
+def _take(values, rows):
+    return values if rows is None else values[rows.to(values.device) if isinstance(values, torch.Tensor) else rows]
 
 
 class LabelReader:
@@ -230,12 +263,19 @@ def fit_classifier(x, y, *, kind="logistic", seed=0):
 
 
 def modality_classifiers(train, y_train, test, y_test, *, kind="logistic", seed=0):
-    """One classifier per modality fitted on ``train``; returns (classifiers, their test accuracies)."""
+    """One classifier per modality fitted on ``train``; returns (classifiers, their test accuracies).
+
+    With a presence mask (:data:`PRESENT`) each modality's classifier is fitted and scored on the
+    rows that have it."""
+    train, p_train = split_presence(train)
+    test, p_test = split_presence(test)
     classifiers, accuracy = {}, {}
     for name, x in train.items():
-        clf = fit_classifier(x, y_train, kind=kind, seed=seed)
+        rows, test_rows = _rows(p_train, [name], len(x)), _rows(p_test, [name], len(test[name]))
+        clf = fit_classifier(_take(x, rows), _take(_numpy(y_train), rows), kind=kind, seed=seed)
         classifiers[name] = clf
-        accuracy[name] = float((_predict(clf, test[name]) == _numpy(y_test)).mean())
+        pred = _predict(clf, _take(test[name], test_rows))
+        accuracy[name] = float((pred == _take(_numpy(y_test), test_rows)).mean()) if len(pred) else float("nan")
     return classifiers, accuracy
 
 
@@ -251,9 +291,12 @@ def _module_device(module):
 def coherence(module, data, y, classifiers, *, given_sizes=None, batch_size=500):
     """Cross-modal coherence for every non-empty subset S of modalities and every target t not in S.
 
-    Returns a list of ``{"given": "a+b", "size": |S|, "target": t, "coherence": acc}``;
-    ``given_sizes`` limits |S| (default 1..M-1).
+    Returns a list of ``{"given": "a+b", "size": |S|, "target": t, "coherence": acc, "n": rows}``;
+    ``given_sizes`` limits |S| (default 1..M-1). With a presence mask in ``data`` (:data:`PRESENT`,
+    columns in ``module.names`` order) each subset S is scored on the ``n`` datapoints that have every
+    modality of S (a subset no datapoint has is left out).
     """
+    data, present = split_presence(data, getattr(module, "names", None))
     names = list(data)
     y = _numpy(y)
     sizes = given_sizes or range(1, len(names))
@@ -262,15 +305,20 @@ def coherence(module, data, y, classifiers, *, given_sizes=None, batch_size=500)
     for k in sizes:
         for given in itertools.combinations(names, k):
             targets = [t for t in names if t not in given]
+            rows = _rows(present, given, len(y))
+            sub = {m: _take(data[m], rows) for m in given}
+            y_sub = _take(y, None if rows is None else rows.numpy())
+            if len(y_sub) == 0:
+                continue
             preds = {t: [] for t in targets}
-            for start in range(0, len(y), batch_size):
-                batch = {m: data[m][start : start + batch_size].to(dev) for m in given}
+            for start in range(0, len(y_sub), batch_size):
+                batch = {m: v[start : start + batch_size].to(dev) for m, v in sub.items()}
                 out = module.generate(batch, targets)
                 for t in targets:
                     preds[t].append(_predict(classifiers[t], out[t]))
             for t in targets:
-                acc = float((np.concatenate(preds[t]) == y).mean())
-                records.append({"given": "+".join(given), "size": k, "target": t, "coherence": acc})
+                acc = float((np.concatenate(preds[t]) == y_sub).mean())
+                records.append({"given": "+".join(given), "size": k, "target": t, "coherence": acc, "n": len(y_sub)})
     return records
 
 
@@ -300,7 +348,7 @@ def linear_probe(train_features, y_train, test_features, y_test):
 
 @torch.no_grad()
 def embeddings(module, data, batch_size=1000):
-    """``module.embed`` over ``data`` (a dict) in batches, on the CPU."""
+    """``module.embed`` over ``data`` (a dict, with its presence mask if any) in batches, on the CPU."""
     dev = _module_device(module)
     n = len(next(iter(data.values())))
     return torch.cat([
@@ -338,11 +386,15 @@ def conditional_log_likelihood(module, data, given, target, *, particles=1000, b
     Both terms are importance-weighted estimates (:func:`inference.evaluate`)
     with ``particles`` draws from the model's own posteriors; each is a
     stochastic lower bound, so their difference is consistent as particles grow
-    but is not a bound. Returns (mean, standard error, per-point tensor).
+    but is not a bound. With a presence mask in ``data``, over the datapoints that have the given
+    and target modalities. Returns (mean, standard error, per-point tensor).
     """
     given = [given] if isinstance(given, str) else list(given)
     if target in given:
         raise UsageError(f"the target {target!r} is among the given modalities")
+    data, present = split_presence(data, getattr(module, "names", None))
+    rows = _rows(present, [*given, target], len(next(iter(data.values()))))
+    data = {m: _take(data[m], rows) for m in [*given, target]}
     joint = evaluate(module, {m: data[m] for m in [*given, target]}, particles=particles, batch_size=batch_size)
     marginal = evaluate(module, {m: data[m] for m in given}, particles=particles, batch_size=batch_size)
     per = joint.log_likelihood_per_point - marginal.log_likelihood_per_point
@@ -367,6 +419,12 @@ def multimodal_metrics(module, train, y_train, test, y_test, classifiers, *, par
     (:func:`inference.evaluate`, ``particles`` draws) -- leave it off where the
     caller scores the test set already. Seeded by ``seed``; the module's
     training mode is restored.
+
+    Incomplete samples (a presence mask under :data:`PRESENT`, columns in ``module.names`` order):
+    every score uses the datapoints that have what it needs (coherence given S: those with all of S;
+    a conditional log-likelihood: those with the given and target modalities; a single-modality
+    probe: those with that modality), and ``by_pattern`` adds, for each presence pattern of the test
+    set, its number of datapoints and their mean ELBO and log-likelihood estimate.
     """
     pyro.set_rng_seed(seed)
     dev = _module_device(module)
@@ -375,7 +433,8 @@ def multimodal_metrics(module, train, y_train, test, y_test, classifiers, *, par
     try:
         test_x = {k: v.to(dev) for k, v in test.items()}
         records = coherence(module, test_x, y_test, classifiers)
-        if log_likelihood:
+        mask = test_x.get(PRESENT)
+        if log_likelihood or mask is not None:
             ev = evaluate(module, test_x, particles=particles)
         out = {
             "coherence": records,
@@ -385,18 +444,42 @@ def multimodal_metrics(module, train, y_train, test, y_test, classifiers, *, par
         if log_likelihood:
             out.update(test_elbo=ev.elbo, test_log_likelihood=ev.log_likelihood,
                        test_log_likelihood_se=ev.log_likelihood_se)
+        order = list(getattr(module, "names", None) or [k for k in test if k != PRESENT])
+        if mask is not None:
+            out["by_pattern"] = _by_pattern(mask.cpu(), ev, order)
         out["particles"] = particles
-        names = list(test)
+        train, p_train = split_presence(train, order)
+        test_only, p_test = split_presence(test, order)
+        names = list(test_only)
         cond = {}
         for t in names:
             rest = [m for m in names if m != t]
             if rest:
                 cond[t] = conditional_log_likelihood(module, test_x, rest, t, particles=particles)[0]
         out["conditional_log_likelihood"] = cond
-        probes = {"all": linear_probe(embeddings(module, train), y_train, embeddings(module, test), y_test)}
+        probes = {"all": linear_probe(embeddings(module, {**train, **_mask_of(p_train, order)}), y_train,
+                                      embeddings(module, {**test_only, **_mask_of(p_test, order)}), y_test)}
         for m in names:
-            probes[m] = linear_probe(embeddings(module, {m: train[m]}), y_train, embeddings(module, {m: test[m]}), y_test)
+            r_tr, r_te = _rows(p_train, [m], len(_numpy(y_train))), _rows(p_test, [m], len(_numpy(y_test)))
+            probes[m] = linear_probe(embeddings(module, {m: _take(train[m], r_tr)}), _take(_numpy(y_train), r_tr),
+                                     embeddings(module, {m: _take(test_only[m], r_te)}), _take(_numpy(y_test), r_te))
         out["probe_accuracy"] = probes
     finally:
         module.train(was)
+    return out
+
+
+def _mask_of(present, names):
+    """{PRESENT: (N, M) mask} back from :func:`split_presence`'s per-modality dict (empty when complete)."""
+    return {} if present is None else {PRESENT: torch.stack([present[n] for n in names], 1)}
+
+
+def _by_pattern(mask, ev, names):
+    """{"a+b": {"n", "elbo", "log_likelihood"}} over the test set's presence patterns (per-point means)."""
+    out = {}
+    for pattern in torch.unique(mask, dim=0):
+        rows = (mask == pattern).all(1)
+        key = "+".join(n for n, p in zip(names, pattern.tolist()) if p)
+        out[key] = {"n": int(rows.sum()), "elbo": float(ev.elbo_per_point.cpu()[rows].mean()),
+                    "log_likelihood": float(ev.log_likelihood_per_point.cpu()[rows].mean())}
     return out

@@ -15,7 +15,7 @@ import torch  # noqa: E402
 
 from .checkpoint import atomic_write  # noqa: E402
 from .errors import UsageError  # noqa: E402
-from .metrics import cluster_accuracy  # noqa: E402
+from .metrics import PRESENT, cluster_accuracy  # noqa: E402
 
 
 def _save(fig, path):
@@ -74,7 +74,8 @@ def generation_grid(module, data, given, targets, path, *, image_shapes, n=10, t
 
     ``module.generate(batch, targets) -> {target: tensor}`` does the cross-modal
     generation (a multimodal model, see :mod:`inference.metrics`); ``data`` is a
-    dict {modality: tensor}; ``image_shapes`` maps each modality to its image
+    dict {modality: tensor} (with a presence mask: the first ``n`` tuples that have every given
+    modality); ``image_shapes`` maps each modality to its image
     shape (C, H, W), or None for a label. One row per image modality (given rows
     first); label modalities are written as their (predicted) classes in the
     title. Seeded by ``seed``. Returns the path.
@@ -88,6 +89,11 @@ def generation_grid(module, data, given, targets, path, *, image_shapes, n=10, t
         raise UsageError("a generation grid needs at least one image modality among the given and targets")
     pyro.set_rng_seed(seed)
     dev = next(module.parameters()).device
+    mask = data.get(PRESENT)
+    if mask is not None:  # the first n tuples that have every given modality
+        cols = [list(module.names).index(m) for m in given]
+        rows = mask[:, cols].all(1).nonzero().squeeze(-1)[:n].cpu()
+        data = {m: data[m][rows.to(data[m].device)] for m in given}
     batch = {m: data[m][:n].to(dev) for m in given}
     out = module.generate(batch, targets)
     shape = next(iter(shapes.values()))

@@ -7,6 +7,10 @@ Every rule is a small pure function of
 * ``mask``: which experts are present, ``None`` (all), a sequence of M bools, or
   a bool tensor broadcastable to ``(..., M)`` (e.g. per datapoint). An absent
   expert is dropped exactly: its values are never read (they may be NaN).
+  A tensor mask is checked (every row has a present expert) with one host
+  read, unless ``checked=True`` says the caller checked it once already (a
+  data set's presence mask, checked at load): then no device synchronisation
+  happens, and CoDE's rho is checked against all M experts.
 
 and returns a ``torch.distributions.Distribution`` (a Pyro one) over z with event shape
 ``(L,)``. The Gaussian rules act per latent dimension (the experts are diagonal).
@@ -54,15 +58,21 @@ def subsets(m):
     return [s for k in range(1, m + 1) for s in itertools.combinations(range(m), k)]
 
 
-def _mask(mask, loc):
+def _mask(mask, loc, checked=False):
     """(bool mask broadcastable to loc.shape[:-1], largest number of present experts).
 
     A mask given as (nested) Python bools is checked on the host, so no device
-    synchronisation happens; a tensor mask is checked with one host read.
+    synchronisation happens; a tensor mask is checked with one host read, unless
+    ``checked`` (then M stands for the largest number).
     """
     m = loc.shape[-2]
     if mask is None:
         return torch.ones(m, dtype=torch.bool, device=loc.device), m
+    if isinstance(mask, torch.Tensor) and checked:
+        mask = mask.to(device=loc.device, dtype=torch.bool)
+        if mask.shape[-1:] != (m,):
+            raise UsageError(f"the mask must have one entry per expert ({m}), got shape {tuple(mask.shape)}")
+        return mask, m
     if isinstance(mask, torch.Tensor):
         mask = mask.to(device=loc.device, dtype=torch.bool)
         counts = mask.sum(-1)
@@ -86,14 +96,14 @@ def _precisions(loc, scale, mask):
     return prec, torch.where(mask, loc, loc.new_zeros(())) * prec
 
 
-def poe(loc, scale, mask=None, prior_expert=False):
+def poe(loc, scale, mask=None, prior_expert=False, checked=False):
     """Product of Gaussian experts: N(sum_S mu_m t_m / T, 1/T), t_m = s_m^-2, T = sum_S t_m (+1 with the prior).
 
     With ``prior_expert=True`` the standard-normal prior joins as an expert
     (precision 1, mean 0), as in the MVAE (Wu & Goodman 2018). The variance is at
     most the smallest present expert's variance.
     """
-    mask, _ = _mask(mask, loc)
+    mask, _ = _mask(mask, loc, checked)
     prec, weighted = _precisions(loc, scale, mask)
     total, num = prec.sum(-2), weighted.sum(-2)
     if prior_expert:
@@ -110,14 +120,14 @@ def _check_rho(rho, n_max):
         )
 
 
-def _code_sigma_inv_one(scale, mask, rho):
+def _code_sigma_inv_one(scale, mask, rho, checked=False):
     r"""Sigma^-1 1 per latent dimension, (..., M, L), in O(M) by Sherman-Morrison.
 
     Sigma = S R S, S = diag(s), R = (1 - rho) I + rho 11' over the n present
     experts, R^-1 = [I - c 11'] / (1 - rho) with c = rho / (1 + (n-1) rho), so
     with a = 1/s (0 for absent experts): Sigma^-1 1 = a (a - c sum a) / (1 - rho).
     """
-    mask, n_max = _mask(mask, scale)
+    mask, n_max = _mask(mask, scale, checked)
     rho = float(rho)
     _check_rho(rho, n_max)
     a = torch.where(mask[..., None], scale.reciprocal(), scale.new_zeros(()))
@@ -136,7 +146,7 @@ def code_weights(scale, mask=None, rho=0.0):
     return u / u.sum(-2, keepdim=True)
 
 
-def code(loc, scale, mask=None, rho=0.0):
+def code(loc, scale, mask=None, rho=0.0, checked=False):
     r"""Consensus of dependent experts (CoDE; Mancisidor, Jenssen, Kampffmeyer & Yu 2024, Lemma 2).
 
     Per latent dimension the experts' estimates mu_j of z have errors with
@@ -151,7 +161,7 @@ def code(loc, scale, mask=None, rho=0.0):
     variance is s^2 (1 + (n-1) rho) / n. ``rho`` must lie in (-1/(n-1), 1) for
     the largest n present, else :class:`UsageError`.
     """
-    u, mask = _code_sigma_inv_one(scale, mask, rho)
+    u, mask = _code_sigma_inv_one(scale, mask, rho, checked)
     precision = u.sum(-2)
     mean = (u * torch.where(mask[..., None], loc, loc.new_zeros(()))).sum(-2) / precision
     return dist.Normal(mean, precision.rsqrt()).to_event(1)
@@ -212,21 +222,21 @@ class GaussianMixture(TorchDistribution):
         return torch.logsumexp(per + self.log_weights, dim=-1)
 
 
-def moe(loc, scale, mask=None):
+def moe(loc, scale, mask=None, checked=False):
     """Uniform mixture of the present experts, (1/n) sum_S N(mu_m, diag s_m^2)."""
-    mask, _ = _mask(mask, loc)
+    mask, _ = _mask(mask, loc, checked)
     scale = torch.where(mask[..., None], scale, scale.new_ones(()))  # absent: finite placeholders, weight 0
     loc = torch.where(mask[..., None], loc, loc.new_zeros(()))
     return GaussianMixture(loc, scale, torch.where(mask, 0.0, -math.inf).to(loc.dtype))
 
 
-def mopoe(loc, scale, mask=None, prior_expert=False):
+def mopoe(loc, scale, mask=None, prior_expert=False, checked=False):
     """Uniform mixture over the non-empty subsets of the present experts of each subset's PoE (Sutter et al. 2021).
 
     With n present experts there are 2^n - 1 components; a single expert passes
     through unchanged (without the prior expert).
     """
-    mask, _ = _mask(mask, loc)
+    mask, _ = _mask(mask, loc, checked)
     m = loc.shape[-2]
     member = torch.zeros(2**m - 1, m, dtype=loc.dtype, device=loc.device)
     for i, s in enumerate(subsets(m)):
@@ -240,14 +250,14 @@ def mopoe(loc, scale, mask=None, prior_expert=False):
     return GaussianMixture(num / safe, safe.rsqrt(), torch.where(valid, 0.0, -math.inf).to(loc.dtype))
 
 
-def fuse(rule, loc, scale, mask=None, *, rho=0.0, prior_expert=False):
-    """Apply the rule named ``rule`` (one of :data:`RULES`)."""
+def fuse(rule, loc, scale, mask=None, *, rho=0.0, prior_expert=False, checked=False):
+    """Apply the rule named ``rule`` (one of :data:`RULES`); ``checked``: see the module docstring."""
     if rule == "poe":
-        return poe(loc, scale, mask, prior_expert=prior_expert)
+        return poe(loc, scale, mask, prior_expert=prior_expert, checked=checked)
     if rule == "moe":
-        return moe(loc, scale, mask)
+        return moe(loc, scale, mask, checked=checked)
     if rule == "mopoe":
-        return mopoe(loc, scale, mask, prior_expert=prior_expert)
+        return mopoe(loc, scale, mask, prior_expert=prior_expert, checked=checked)
     if rule == "code":
-        return code(loc, scale, mask, rho=rho)
+        return code(loc, scale, mask, rho=rho, checked=checked)
     raise UsageError(f"unknown fusion rule {rule!r}; valid: {', '.join(RULES)}")
