@@ -5,6 +5,8 @@
     pplm sample DIR -n N --out FILE.png          a grid of samples from a run's model
     pplm generate DIR --given MOD[,MOD] --target MOD --out FILE.png
                                                  cross-modal generation from a multimodal run
+    pplm impute DIR --dataset FILE.npz --out FILLED.npz
+                                                 fill a file's missing modalities from an mvae run
 
 Bad input (an unknown name, a missing data folder, data outside a likelihood's
 support, a corrupt checkpoint, a folder that already holds a run, a path that
@@ -22,7 +24,7 @@ from inference.errors import NonFiniteLossError, UsageError
 from .. import __version__
 from .options import Parser, add_training_options, out_path, positive_int, run_config, seed, suppress_defaults
 from .recipes import ADD_OPTIONS, RECIPES
-from .runs import evaluate_run, generate_run, print_metrics, sample_run, train_run
+from .runs import evaluate_run, generate_run, impute_run, print_metrics, sample_run, train_run
 
 DESCRIPTION = "pplm: train, evaluate and sample from the library's models."
 
@@ -65,6 +67,14 @@ def build_parser():
     gen.add_argument("--seed", type=seed, default=0)
     gen.add_argument("--device", default="auto")
     gen.set_defaults(func=_generate)
+
+    imp = sub.add_parser("impute", help="fill the missing modalities of a .npz file from an mvae run")
+    imp.add_argument("run_dir")
+    imp.add_argument("--dataset", required=True, help=".npz file with the run's modalities (x_NAME, mask_NAME)")
+    imp.add_argument("--out", type=out_path, required=True, help=".npz file to write")
+    imp.add_argument("--seed", type=seed, default=0)
+    imp.add_argument("--device", default="auto")
+    imp.set_defaults(func=_impute)
     return parser
 
 
@@ -86,6 +96,11 @@ def _sample(ns):
 def _generate(ns):
     path = generate_run(ns.run_dir, ns.given, ns.target, ns.out, n=ns.n, device=ns.device, seed=ns.seed)
     print(f"generation grid written to {path}")
+
+
+def _impute(ns):
+    filled = impute_run(ns.run_dir, ns.dataset, ns.out, device=ns.device, seed=ns.seed)
+    print(f"{filled} missing entries filled; written to {ns.out}")
 
 
 def _warning_line(message, category, filename, lineno, file=None, line=None):

@@ -1,6 +1,18 @@
-"""``pplm train mvae`` (multimodal VAE with a chosen fusion rule) and its ``pplm generate`` (cross-modal grids)."""
+"""``pplm train mvae`` (multimodal VAE with a chosen fusion rule), its ``pplm generate`` (cross-modal grids) and
+``pplm impute`` (fill a file's missing modalities).
+
+Data: a built-in set (:data:`ppl_models.multimodal_data.MULTIMODAL_DATASETS`) or your own ``.npz`` file
+(:func:`ppl_models.multimodal_data.load_multimodal_file`) with each modality declared by
+``--modality NAME=LIKELIHOOD`` (and ``--shape NAME=HxW``), or a TOML spec file naming the ``.npz``
+(:func:`ppl_models.multimodal_data.read_spec`)::
+
+    pplm train mvae --dataset data.npz --modality top=bernoulli --modality img=normal:0.3 --shape img=8x8 \
+        --standardize --weights top=1,img=2 --objective cross --out runs/mine
+    pplm impute runs/mine --dataset data.npz --out filled.npz
+"""
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyro
 import torch
@@ -12,9 +24,36 @@ from inference.plots import generation_grid, save_image_grid
 from ..data import BINARIZE
 from ..experts import RULES
 from ..multimodal import OBJECTIVES, SUBSET_WEIGHTS, MultimodalVAE
-from ..multimodal_data import MULTIMODAL_DATASETS, load_multimodal
+from ..multimodal_data import (MULTIMODAL_DATASETS, impute_file, load_multimodal, load_multimodal_file,
+                               parse_assignments, parse_weights, read_spec)
 from .options import number, positive_float, positive_int
 from .recipe import Recipe, default_list
+
+
+def file_source(run):
+    """None for a built-in dataset; else {"file", "modalities", "shapes", "standardize", "weights"} of the
+    run's ``.npz`` file (options) or TOML spec file. Raises UsageError (one line) for malformed options."""
+    o, name = run.options, str(run.dataset)
+    if name in MULTIMODAL_DATASETS:
+        if o.modality or o.shape or o.standardize:
+            raise UsageError("--modality, --shape and --standardize describe your own .npz file; "
+                             f"{name} is a built-in dataset")
+        return None
+    if name.endswith(".toml"):
+        if o.modality or o.shape:
+            raise UsageError(f"{name} declares the modalities; drop --modality/--shape")
+        spec = read_spec(name)
+        if o.weights is not None and spec["weights"] is not None:
+            raise UsageError(f"{name} sets weights; drop --weights")
+        spec["standardize"] = spec["standardize"] or o.standardize
+        spec["weights"] = spec["weights"] if o.weights is None else parse_weights(o.weights)
+        return spec
+    if name.endswith(".npz"):
+        return {"file": Path(name), "modalities": parse_assignments(o.modality, "--modality"),
+                "shapes": parse_assignments(o.shape, "--shape"), "standardize": o.standardize,
+                "weights": parse_weights(o.weights)}
+    raise UsageError(f"unknown multimodal dataset {name!r}; valid: {', '.join(MULTIMODAL_DATASETS)}, "
+                     "a .npz file or a .toml spec file")
 
 
 @dataclass
@@ -36,11 +75,25 @@ class MVAEOptions:
     arch: str = "mlp"
     beta: float = 1.0
     classifier: str = "logistic"
+    modality: list = default_list([])
+    shape: list = default_list([])
+    standardize: bool = False
+    weights: str | None = None
 
 
 def add_options(p):
     d = MVAEOptions()
-    p.add_argument("--dataset", default="digits-halves", choices=MULTIMODAL_DATASETS)
+    p.add_argument("--dataset", default="digits-halves",
+                   help=f"{' | '.join(MULTIMODAL_DATASETS)}, your own FILE.npz (with --modality) or a SPEC.toml")
+    p.add_argument("--modality", action="append", default=[], metavar="NAME=LIKELIHOOD",
+                   help="a modality of your .npz (array x_NAME): bernoulli, cbernoulli, normal[:S], laplace[:S], "
+                        "categorical[:K]; repeat for each")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME=HxW",
+                   help="image shape of a modality of your .npz (HxW or CxHxW)")
+    p.add_argument("--standardize", action="store_true",
+                   help="rescale normal/laplace modalities of your .npz to mean 0, sd 1 per feature (training rows)")
+    p.add_argument("--weights", default=None, metavar="NAME=W,...|auto",
+                   help="per-modality likelihood weights (auto: max dimension / dimension); != 1 is no bound")
     p.add_argument("--data-root", default=None, help="folder holding MNIST/raw (mnist-label, polymnist)")
     p.add_argument("--download", action="store_true", help="allow torchvision to download missing files")
     p.add_argument("--binarize", choices=BINARIZE, default=MVAERecipe.default_binarize, help="image modalities")
@@ -66,7 +119,8 @@ def add_options(p):
 
 class MVAERecipe(Recipe):
     name = "mvae"
-    help = "multimodal VAE: PoE, MoE, MoPoE or CoDE(rho) fusion, joint or subset ELBO, cross-modal generation"
+    help = ("multimodal VAE: PoE, MoE, MoPoE or CoDE(rho) fusion, joint, subset or cross objective, incomplete "
+            "samples, your own .npz, cross-modal generation")
     model_class = MultimodalVAE
     Options = MVAEOptions
     default_epochs = 100
@@ -76,38 +130,60 @@ class MVAERecipe(Recipe):
         args = run.options
         if args.rho is not None and args.rule != "code":
             raise UsageError(f"--rho is CoDE's parameter; --rule {args.rule} takes none")
-        if run.elbo.split(":")[0] in ("iwae", "renyi") and (args.objective == "subset" or args.beta != 1.0):
-            raise UsageError("iwae/renyi need --objective joint and --beta 1 (the subset sum and beta would sit "
-                             "inside the log-sum-exp, which is no bound)")
+        source = file_source(run)
+        if run.elbo.split(":")[0] in ("iwae", "renyi") and (args.objective != "joint" or args.beta != 1.0
+                                                              or args.weights is not None
+                                                              or (source or {}).get("weights") is not None):
+            raise UsageError("iwae/renyi need --objective joint, --beta 1 and no --weights (the subset or cross "
+                             "sum, beta and the weights would sit inside the log-sum-exp, which is no bound)")
         if args.private_dim < 0:
             raise UsageError(f"--private-dim must be >= 0, got {args.private_dim}")
+        if source is not None and (args.likelihood or run.binarize != "none"):
+            raise UsageError("with your own file each --modality declares its likelihood: drop --likelihood and "
+                             "--binarize")
 
     def load_data(self, run):
         o = run.options
+        source = file_source(run)
+        if source is not None:
+            return load_multimodal_file(source["file"], source["modalities"], shapes=source["shapes"],
+                                        standardize=source["standardize"], seed=o.data_seed,
+                                        max_train=o.max_train, max_test=o.max_test)
         return load_multimodal(run.dataset, data_root=run.data_root, views=o.modalities, binarize=run.binarize,
                                seed=o.data_seed, max_train=o.max_train, max_test=o.max_test, download=run.download)
 
     def build(self, run, train):
         args = run.options
+        source = file_source(run)
         specs = [dict(m) for m in train.modalities]
         if args.likelihood:
             for m in specs:
                 if m["likelihood"] != "categorical":
                     m["likelihood"] = args.likelihood
-        if run.binarize == "none" and any(m["likelihood"] == "bernoulli" for m in specs):
+        if source is None and run.binarize == "none" and any(m["likelihood"] == "bernoulli" for m in specs):
             raise UsageError("the bernoulli likelihood needs --binarize fixed|dynamic (or use cbernoulli)")
         return MultimodalVAE(
             specs, latent_dim=args.latent_dim, hidden=args.hidden, rule=args.rule, rho=args.rho or 0.0,
             prior_expert=args.prior_expert, objective=args.objective, subset_weights=args.subset_weights,
             subset_entropy=args.subset_entropy, beta=args.beta, private_dim=args.private_dim, arch=args.arch,
+            weights=source["weights"] if source else parse_weights(args.weights),
         )
 
     def metrics(self, module, train, test, run):
+        out = {"likelihood_weights": module.weights}
+        if train.scaling:
+            out["standardized"] = {k: {"mean": m.tolist(), "std": s.tolist()} for k, (m, s) in train.scaling.items()}
+        if train.mask is not None or test.mask is not None:
+            out["missing_fraction"] = {
+                split: {n: float(1 - d.mask[:, i].float().mean()) if d.mask is not None else 0.0
+                        for i, n in enumerate(module.names)} for split, d in (("train", train), ("test", test))}
+        if train.y is None or test.y is None:
+            return out  # no classes: no coherence
         classifiers, accuracy = modality_classifiers(train.data, train.y, test.data, test.y,
                                                      kind=run.options.classifier)
         # the test ELBO and log-likelihood are the run's: not scored twice
-        out = multimodal_metrics(module, train.data, train.y, test.data, test.y, classifiers,
-                                 particles=min(run.particles, 100), seed=run.seed)
+        out.update(multimodal_metrics(module, train.data, train.y, test.data, test.y, classifiers,
+                                      particles=min(run.particles, 100), seed=run.seed))
         out["classifier_accuracy"] = accuracy
         out["coherence_particles"] = out.pop("particles")
         return out
@@ -147,6 +223,18 @@ class MVAERecipe(Recipe):
         _, test = self.load_data(run)
         return generation_grid(module, test.data, given, targets, out_file, image_shapes=module.image_shapes, n=n,
                                seed=seed, title=f"{module.rule}: {'+'.join(given)} -> {'+'.join(targets)}")
+
+
+    def impute(self, module, run, dataset, out_file):
+        """``pplm impute``: fill the absent entries of ``dataset`` (a .npz with the run's modalities) by
+        cross-modal generation and write ``out_file``; the run's standardisation is applied and undone.
+        Returns the number of (row, modality) entries filled."""
+        source = file_source(run)
+        if source is None:
+            raise UsageError(f"impute needs a run trained on your own .npz file, not the built-in {run.dataset}")
+        train, _ = self.load_data(run) if source["standardize"] else (None, None)
+        return impute_file(module, dataset, out_file, source["modalities"], shapes=source["shapes"],
+                           scaling=train.scaling if train is not None else None)
 
 
 RECIPE = MVAERecipe()

@@ -515,6 +515,16 @@ def generate_run(run_dir, given, target, out_file, *, n=10, device="auto", seed=
     return recipe.generate(module, run, given, target, out_file, n=n, seed=seed)
 
 
+def impute_run(run_dir, dataset, out_file, *, device="auto", seed=0):
+    """``pplm impute``: fill the missing entries of ``dataset`` by cross-modal generation from a run's model."""
+    recipe, config, run = open_run(run_dir)
+    if getattr(recipe, "impute", None) is None:
+        raise UsageError(f"{run_dir} holds a {config['model']!r} run; impute needs an mvae run")
+    module = load_module(recipe, config, run_dir, resolve_device(device))
+    pyro.set_rng_seed(seed)
+    return recipe.impute(module, run, dataset, out_file)
+
+
 def print_metrics(metrics, file=None):
     keys = ("test_elbo", "test_log_likelihood", "train_seconds")
     parts = []
