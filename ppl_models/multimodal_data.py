@@ -120,6 +120,36 @@ class MultimodalSplit:
                        mask=opt(self.mask))
 
 
+def with_missing(split, name, fraction, *, seed=0):
+    """A copy of ``split`` in which modality ``name`` is absent from a seeded ``fraction`` of the rows.
+
+    The rows are drawn (``numpy.random.default_rng(seed)``) among those that have ``name`` and another
+    modality, so every row keeps one; their entries are zero-filled and the presence mask updated.
+
+    :raises UsageError: an unknown modality, a fraction outside [0, 1), or too few rows to drop.
+    """
+    if name not in split.names:
+        raise UsageError(f"unknown modality {name!r}; this data has {split.names}")
+    if not 0 <= fraction < 1:
+        raise UsageError(f"the missing fraction must lie in [0, 1), got {fraction}")
+    if fraction == 0:
+        return split
+    i = split.names.index(name)
+    mask = split.mask.clone() if split.mask is not None else torch.ones(len(split), len(split.names), dtype=torch.bool)
+    others = torch.cat([mask[:, :i], mask[:, i + 1:]], 1).any(1)
+    candidates = (others & mask[:, i]).nonzero().squeeze(-1)
+    k = int(round(fraction * len(split)))
+    if k > len(candidates):
+        raise UsageError(f"only {len(candidates)} rows can lose {name!r}, fewer than {fraction:g} of {len(split)}")
+    drop = candidates[torch.as_tensor(np.random.default_rng(seed).permutation(len(candidates))[:k])]
+    mask[drop, i] = False
+    keep = mask[:, i].to(split.x[name].device)
+    zero = lambda v: torch.where(keep.reshape((-1,) + (1,) * (v.dim() - 1)), v, v.new_zeros(()))  # noqa: E731
+    x = {**split.x, name: zero(split.x[name])}
+    grey = {k: zero(v) if k == name else v for k, v in split.grey.items()}
+    return replace(split, x=x, grey=grey, mask=mask.to(split.x[name].device))
+
+
 def _split(name, images, labels, y, shapes, mode, train, label_classes=10):
     """Build a split from numpy images {name: (N, D) in [0, 1]}; labels=True adds the label modality."""
     x, grey, specs = {}, {}, []

@@ -132,6 +132,26 @@ def test_multimodal(tmp_path):
     assert {s["rule"] for s in record["summaries"]} == {"poe", "code"}
 
 
+def test_multimodal_on_a_user_file_with_missing_modality(tmp_path):
+    import numpy as np
+    from ppl_models.data import load_digits_arrays
+
+    x, y, _, _ = load_digits_arrays()
+    img = x[:200].reshape(-1, 8, 8)
+    np.savez(tmp_path / "halves.npz", x_top=img[:, :4], x_bottom=img[:, 4:].reshape(-1, 32), x_label=y[:200], y=y[:200])
+    multimodal.main(["--dataset", str(tmp_path / "halves.npz"), "--modality", "top=cbernoulli", "--modality",
+                     "bottom=normal:0.3", "--modality", "label=categorical:10", "--shape", "bottom=4x8", "--standardize",
+                     "--weights", "auto", "--missing", "0,0.5", "--missing-modality", "bottom", "--rules", "poe",
+                     "--objective", "cross", "--epochs", "1", "--hidden", "16", "--latent-dim", "2", "--particles", "3",
+                     "--device", "cpu", "--tag", "t", "--out", str(tmp_path)])
+    record = _record(tmp_path)
+    complete, half = record["summaries"]
+    assert (complete["missing"], half["missing"]) == (0.0, 0.5) and set(complete["drop_from_complete"].values()) == {0.0}
+    for given, value in half["coherence_by_given"].items():
+        assert half["drop_from_complete"][given] == complete["coherence_by_given"][given] - value
+    assert len(record["results"]) == 2 * 9 and {r["missing"] for r in record["results"]} == {0.0, 0.5}
+
+
 @needs_mnist
 def test_multimodal_polymnist(tmp_path):
     multimodal.main(["--dataset", "polymnist", "--data-root", str(SHARED), "--modalities", "3", "--rules", "mopoe",

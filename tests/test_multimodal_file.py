@@ -189,3 +189,18 @@ def test_linnerud_two_views_end_to_end(tmp_path):
     lo, hi, sd = d.target[mask].min(0), d.target[mask].max(0), d.target[mask].std(0)
     assert np.isfinite(x).all() and ((x[~mask] > lo - 3 * sd) & (x[~mask] < hi + 3 * sd)).all()
     assert main(["impute", str(out), "--dataset", str(tmp_path / "none.npz"), "--out", str(filled)]) == 2
+
+
+def test_with_missing_drops_a_seeded_fraction_and_keeps_a_modality_per_row():
+    from ppl_models.multimodal_data import load_multimodal, with_missing
+
+    train, _ = load_multimodal("digits-halves", max_train=100, max_test=10)
+    half = with_missing(train, "top", 0.3, seed=1)
+    assert int((~half.mask[:, 0]).sum()) == 30 and half.mask[:, 1:].all()
+    assert (half.x["top"][~half.mask[:, 0]] == 0).all()
+    assert torch.equal(half.x["top"][half.mask[:, 0]], train.x["top"][half.mask[:, 0]])
+    assert torch.equal(with_missing(train, "top", 0.3, seed=1).mask, half.mask)
+    again = with_missing(half, "bottom", 0.5, seed=2)  # only rows that keep another modality lose bottom
+    assert again.mask.any(1).all() and int((~again.mask[:, 1]).sum()) == 50
+    with pytest.raises(UsageError, match="rows can lose"):
+        with_missing(again, "label", 0.9)
