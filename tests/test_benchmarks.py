@@ -11,10 +11,12 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from benchmarks import bounds, clustering, multimodal, throughput
+from ppl_models.data import load_digits_arrays
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_mnist = pytest.mark.skipif(not (SHARED / "MNIST" / "raw").is_dir(), reason="no MNIST files beside the repository")
@@ -133,9 +135,6 @@ def test_multimodal(tmp_path):
 
 
 def test_multimodal_on_a_user_file_with_missing_modality(tmp_path):
-    import numpy as np
-    from ppl_models.data import load_digits_arrays
-
     x, y, _, _ = load_digits_arrays()
     img = x[:200].reshape(-1, 8, 8)
     np.savez(tmp_path / "halves.npz", x_top=img[:, :4], x_bottom=img[:, 4:].reshape(-1, 32), x_label=y[:200], y=y[:200])

@@ -10,7 +10,8 @@ import torch
 from inference.errors import UsageError
 from inference.metrics import PRESENT
 from ppl_models.cli import main
-from ppl_models.multimodal_data import load_multimodal_file, parse_weights, read_spec
+from ppl_models.multimodal_data import (load_multimodal, load_multimodal_file, parse_weights, read_spec,
+                                       with_missing)
 
 MODS = {"img": "bernoulli", "val": "normal", "label": "categorical:3"}
 FAST = ["--epochs", "1", "--particles", "4", "--hidden", "8", "--latent-dim", "2", "--quiet", "--no-validate",
@@ -192,8 +193,6 @@ def test_linnerud_two_views_end_to_end(tmp_path):
 
 
 def test_with_missing_drops_a_seeded_fraction_and_keeps_a_modality_per_row():
-    from ppl_models.multimodal_data import load_multimodal, with_missing
-
     train, _ = load_multimodal("digits-halves", max_train=100, max_test=10)
     half = with_missing(train, "top", 0.3, seed=1)
     assert int((~half.mask[:, 0]).sum()) == 30 and half.mask[:, 1:].all()

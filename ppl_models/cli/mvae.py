@@ -175,7 +175,7 @@ class MVAERecipe(Recipe):
             out["standardized"] = {k: {"mean": m.tolist(), "std": s.tolist()} for k, (m, s) in train.scaling.items()}
         if train.mask is not None or test.mask is not None:
             out["missing_fraction"] = {
-                split: {n: float(1 - d.mask[:, i].float().mean()) if d.mask is not None else 0.0
+                split: {n: float(1 - d.mask[:, i].double().mean()) if d.mask is not None else 0.0
                         for i, n in enumerate(module.names)} for split, d in (("train", train), ("test", test))}
         if train.y is None or test.y is None:
             return out  # no classes: no coherence
