@@ -237,7 +237,7 @@ def main(argv=None):
     write_results(args.out, tag, record, table + legend)
     if len(fractions) > 1:
         for summary in summaries:
-            summary["label"] = f"{summary['label']}\n{summary['missing']:.0%} no {missing_name}"
+            summary["label"] = f"{summary['label']}\n{summary['missing']:.0%}\nno {missing_name}"
     _plot(summaries, size_cols, os.path.join(args.out, f"{tag}.png"), data_name)
 
 
@@ -247,14 +247,14 @@ def _plot(summaries, sizes, path, dataset):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(summaries)), 4))
     width = 0.8 / (len(sizes) + 1)
     xs = range(len(summaries))
     for i, k in enumerate(sizes):
         ax.bar([x + i * width for x in xs], [s["coherence_by_size"].get(k, 0) for s in summaries], width,
                label=f"given {k}")
     ax.bar([x + len(sizes) * width for x in xs], [s["joint_coherence"] for s in summaries], width, label="joint")
-    ax.set_xticks([x + width * len(sizes) / 2 for x in xs], [s["label"] for s in summaries])
+    ax.set_xticks([x + width * len(sizes) / 2 for x in xs], [s["label"] for s in summaries], fontsize=8)
     ax.set_ylabel("coherence")
     ax.set_ylim(0, 1)
     ax.set_title(f"multimodal VAEs on {dataset}: coherence by fusion rule")
