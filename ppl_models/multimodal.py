@@ -125,6 +125,14 @@ class MultimodalVAEConfig(ModelConfig):
         if isinstance(self.rho, (int, float)):
             self.rho = float(self.rho)
 
+    def to_dict(self):
+        """The fields as a JSON-ready dict; ``weights`` only when set, so an unweighted model's config reads
+        as the versions' before likelihood weights (from_config gives a missing key its default)."""
+        out = super().to_dict()
+        if out["weights"] is None:
+            del out["weights"]
+        return out
+
 
 class MultimodalVAE(Configurable, nn.Module):
     """A multimodal VAE with a shared latent z fused from per-modality experts.
