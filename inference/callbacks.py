@@ -34,6 +34,12 @@ from .checkpoint import FILENAME, atomic_write, dump_checkpoint, load_checkpoint
 from .errors import CheckpointError, DivergenceError, UsageError
 
 
+def _check_folder(path, what):
+    """Refuse, before training, a folder path that names an existing file."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{what} {path} is a file, not a folder")
+
+
 class Callback:
     """Base class with every hook a no-op (see the module docstring)."""
 
@@ -75,6 +81,8 @@ def as_callback(obj):
     """A :class:`Callback` from a callback object or a plain function of the epoch record."""
     if isinstance(obj, Callback):
         return obj
+    if isinstance(obj, type):
+        raise UsageError(f"callbacks take instances: pass {obj.__name__}(...), not the class")
     if callable(obj):
         return LambdaCallback(obj)
     raise UsageError(f"a callback is a Callback or a function of the epoch record, got {type(obj).__name__}")
@@ -141,7 +149,8 @@ class EarlyStopping(Callback):
 
     def setup(self, trainer):
         if trainer.validation is None:
-            raise UsageError("early stopping watches the validation ELBO: give fit(validation=...) a fraction or data")
+            raise UsageError("early stopping watches the validation ELBO, and there is no validation data "
+                             "(fit(validation=FRACTION or data); pplm --validation FRACTION)")
 
     def on_epoch_end(self, trainer, record):
         value = record[self.monitor]
@@ -181,6 +190,9 @@ class TensorBoard(Callback):
     def __init__(self, log_dir):
         self.log_dir = Path(log_dir)
         self.writer = None
+
+    def setup(self, trainer):
+        _check_folder(self.log_dir, "the TensorBoard folder")
 
     def on_fit_start(self, trainer):
         try:
@@ -228,6 +240,7 @@ class Checkpoint(Callback):
         self.pending = None
 
     def setup(self, trainer):
+        _check_folder(self.path.parent, "checkpoint_dir")
         trainer.checkpoint_path = self.path
         if not (self.resume and self.path.exists()):
             return

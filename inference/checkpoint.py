@@ -16,11 +16,14 @@ checkpoints of format 1 (format 2 stores NumPy's state as a tensor). A file
 holding anything else is refused with :class:`~inference.errors.CheckpointError`.
 """
 
+import contextlib
 import inspect
 import os
 import pickle
 import random
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -66,16 +69,38 @@ def atomic_write(path, write):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with _sigint_deferred():
+            os.fchmod(fd, 0o666 & ~_umask())
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold a Ctrl-C that arrives while a file is written until the write is done, then raise it.
+
+    An interrupt inside ``torch.save`` surfaces as a RuntimeError of its writer instead of a
+    KeyboardInterrupt; deferring it keeps the file whole and the interrupt an interrupt. Only the
+    main thread can install signal handlers; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def get_rng_state():

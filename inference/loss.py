@@ -66,6 +66,7 @@ from pyro.infer.util import check_fully_reparametrized, is_validation_enabled
 from pyro.util import warn_if_nan
 
 from .elbo import DifferentiableRenyiELBO, make_elbo
+from .errors import UsageError
 
 SUPPORTED = (DifferentiableRenyiELBO, TraceMeanField_ELBO, Trace_ELBO)  # most specific first
 
@@ -445,9 +446,15 @@ def make_step_loss(elbo, *, max_plate_nesting=None, jit=False):
         reads; compiled with ``jit=True``); other objectives (enum, tracegraph,
         a user's own ELBO) are used as they are, and ``jit=True`` warns that they
         have no compiled path.
-    :raises inference.errors.UsageError: for an unknown or malformed spec.
+    :raises inference.errors.UsageError: for an unknown or malformed spec, or an
+        ELBO object without a ``differentiable_loss`` (Pyro's ``TraceGraph_ELBO``).
     """
     objective = make_elbo(elbo, max_plate_nesting=max_plate_nesting) if isinstance(elbo, str) else elbo
+    if not callable(getattr(objective, "differentiable_loss", None)):
+        raise UsageError(
+            f"{type(objective).__name__} has no differentiable_loss, which training with a torch optimiser needs; "
+            "for Pyro's TraceGraph_ELBO use the spec 'tracegraph' (inference.elbo.DifferentiableTraceGraphELBO)"
+        )
     if supports(objective):
         return objective, StepLoss(objective, jit=jit)
     if jit:

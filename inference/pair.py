@@ -65,6 +65,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
+from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.infer.autoguide import AutoGuide
 from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.messenger import Messenger
@@ -507,9 +508,37 @@ def inspect_pair(pair, batch, *, max_plate_nesting=None, rows=None):
                 except Exception as error:
                     _check_declared_nesting(pair, args, kwargs, mpn, error)
                     raise
+        return _classify(model_trace, guide_trace, mpn)
+    except UsageError:
+        raise
+    except (ValueError, RuntimeError, IndexError, KeyError, TypeError) as error:
+        raise UsageError(_failure(pair, error)) from error
     finally:
         set_rng_state(state)
-    return _classify(model_trace, guide_trace, mpn)
+
+
+def _masked(site):
+    """Whether a site's log-density is masked (``poutine.mask``, or a ``.mask(...)`` distribution)."""
+    if site["mask"] is not None:
+        return True
+    fn = site["fn"]
+    while fn is not None:
+        if isinstance(fn, MaskedDistribution):
+            return True
+        fn = getattr(fn, "base_dist", None)
+    return False
+
+
+def _failure(pair, error):
+    """One line for a pair that fails when run on the data it was given (the user's code raised)."""
+    text = " ".join(str(error).split())[:200] or "no message"
+    hint = ""
+    if "subsample_size" in text:
+        hint = "; the data hold fewer rows than the plate's subsample_size"
+    elif isinstance(pair.guide, AutoGuide):
+        hint = (f"; {type(pair.guide).__name__} with latents inside the data plate keeps parameters per datapoint "
+                "and runs only on the rows it was first called with")
+    return f"{pair.name} fails on this data ({type(error).__name__}: {text}){hint}"
 
 
 def _check_declared_nesting(pair, args, kwargs, declared, error):
@@ -559,6 +588,12 @@ def _classify(model_trace, guide_trace, mpn):
         if m is not None and m["infer"].get("_deterministic") and name not in partly:
             continue
         own = m if m is not None else g
+        if name in partly and name.endswith("_unobserved") and g is not None and not _masked(g):
+            raise UsageError(
+                f"the guide samples {name!r} at every entry, but the model scores it only where obs_mask is False; "
+                "mask the guide's site with the model's missing entries (e.g. .mask(~obs_mask)): an autoguide "
+                "does not (its unobserved latent then inflates the bound)"
+            )
         for site in (m, g):
             if site is not None:
                 try:
@@ -605,7 +640,7 @@ def objective_kind(elbo):
     if isinstance(elbo, str):
         name = elbo.strip().lower().split(":")[0]
         return name if name in OBJECTIVES else None
-    inner = getattr(elbo, "elbo", None)  # a wrapper such as inference.fast_elbo.FastELBO
+    inner = getattr(elbo, "elbo", None)  # a wrapper such as inference.loss.StepLoss
     if inner is not None and not isinstance(elbo, ELBO):
         return objective_kind(inner)
     if isinstance(elbo, TraceEnum_ELBO):

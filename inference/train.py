@@ -235,6 +235,9 @@ class Trainer:
             raise UsageError(f"scheduler_interval must be one of {SCHEDULER_INTERVALS}, got {scheduler_interval!r}")
         if not (isinstance(optimizer, str) and optimizer in OPTIMIZERS) and not callable(optimizer):
             raise UsageError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)} or a callable")
+        if scheduler is not None and not callable(scheduler):
+            raise UsageError(f"scheduler must be a function of the optimiser (e.g. lambda opt: StepLR(opt, 10)), "
+                             f"got a {type(scheduler).__name__}")
         if train is None:
             raise UsageError("no training data given")
         self.pair = as_pair(pair, model=model, guide=guide)
@@ -274,6 +277,22 @@ class Trainer:
             self._check_batching()
             self.steps_per_epoch = batching.num_batches(self.num_data, self.batch_size, drop_last=self.drop_last)
             self._collect_parameters()
+            self._check_validation()
+
+    def _check_validation(self):
+        """Score the validation data once before training (RNG state kept), so that a pair that cannot score
+        held-out points (a guide with parameters per training point, too few rows for a subsampled plate,
+        a model that does not broadcast over evaluate's particle plate) is refused before the first step."""
+        if self.validation is None:
+            return
+        state = get_rng_state()
+        try:
+            evaluate(self.pair, self.validation, particles=1, batch_size=max(self.batch_size, 1000))
+        except UsageError as exc:
+            raise UsageError(f"the validation data cannot be scored: {exc}") from None
+        finally:
+            set_rng_state(state)
+            self.pair.train()
 
     def _check_batching(self):
         """Minibatches must stand for the full data: refuse what would silently train another objective."""
@@ -327,6 +346,9 @@ class Trainer:
         spec = self.optimizer_spec
         self.optimizer = OPTIMIZERS[spec](self.params, lr=self.lr) if isinstance(spec, str) else spec(self.params)
         self.scheduler = self.scheduler_spec(self.optimizer) if self.scheduler_spec is not None else None
+        plateau = isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        if plateau and self.scheduler_interval == "step":
+            raise UsageError("ReduceLROnPlateau steps on the validation ELBO once an epoch: use scheduler_interval='epoch'")
 
     def _modules_state(self):
         owner = self.pair.owner
@@ -557,9 +579,11 @@ def fit(
     a ``(model, guide)`` tuple (the guide may be a Pyro autoguide), or give
     ``model=``/``guide=`` as keywords (see :class:`Trainer`).
 
-    Each step draws a minibatch B, computes the differentiable loss
-    ``-ELBO(B) / |B|`` of the chosen objective and takes a step of a plain torch
-    optimiser over the pair's parameters and any ``pyro.param`` it uses. This
+    Each step draws a minibatch B, computes the differentiable loss of the
+    chosen objective per datapoint (``-ELBO(B) / |B|``, or ``/ N`` when the data
+    plate scales the batch to the full data; see :class:`Trainer`) and takes a
+    step of a plain torch optimiser over the pair's parameters and any
+    ``pyro.param`` it uses. This
     is ``Trainer(pair, train, validation=validation, **trainer_options).run(epochs, callbacks=...)``
     (see :class:`Trainer` for ``elbo``, ``batch_size``, ``lr``, ``optimizer``,
     ``scheduler``, ``device``, ``seed``, ``clip_norm``, ``drop_last``,
@@ -578,6 +602,8 @@ def fit(
     the epoch and step; the checkpoint on disk is then the last good one.
     """
     _positive("epochs", epochs, int)
+    if resume and checkpoint_dir is None:
+        raise UsageError("resume=True needs the checkpoint_dir to resume from")
     trainer = Trainer(pair, train, validation=validation, **trainer_options)
     extra = list(callbacks)
     if patience is not None:

@@ -115,11 +115,19 @@ def test_resume_with_a_scheduler_is_bit_identical(digits, tmp_path):
     torch.manual_seed(0)
     reference = VAE(train.dim, latent_dim=4, hidden=(32,))
     init = copy.deepcopy(reference.state_dict())
-    expected = fit(reference, train, checkpoint_dir=tmp_path / "a", **kwargs)
+    calls, original = [0], reference.model
+
+    def counted(x):
+        calls[0] += 1
+        return original(x)
+
+    reference.model, at_epoch_end = counted, []
+    expected = fit(reference, train, checkpoint_dir=tmp_path / "a", callbacks=[lambda r: at_epoch_end.append(calls[0])],
+                   **kwargs)
 
     interrupted = VAE(train.dim, latent_dim=4, hidden=(32,))
     interrupted.load_state_dict(init)
-    interrupt_on_call(interrupted, 30)  # inspection and the objective's trial run, then 10 steps + 2 validation calls per epoch
+    interrupt_on_call(interrupted, at_epoch_end[1] + 5)  # the same calls as the reference up to step 5 of epoch 3
     with pytest.raises(KeyboardInterrupt):
         fit(interrupted, train, checkpoint_dir=tmp_path / "b", **kwargs)
     assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["epoch"] == 2
@@ -149,3 +157,26 @@ def test_tensorboard_event_file_holds_the_logged_scalars(tmp_path):
         assert [e.step for e in logged] == [1, 2, 3]
         # TensorBoard stores float32
         assert [e.value for e in logged] == pytest.approx([r[key] for r in result.history], rel=1e-6)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(scheduler=lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt), scheduler_interval="step"),
+     "ReduceLROnPlateau steps on the validation ELBO once an epoch"),
+    (dict(scheduler="not a function"), "scheduler must be a function of the optimiser"),
+    (dict(callbacks=[Callback]), r"pass Callback\(...\), not the class"),
+    (dict(resume=True), "resume=True needs the checkpoint_dir"),
+    (dict(patience=2), "there is no validation data"),
+])
+def test_engine_misuse_is_one_usage_error(options, message):
+    with pytest.raises(UsageError, match=message):
+        fit(GaussianMean(), torch.zeros(10), epochs=2, batch_size=5, lr=0.1, progress=False, **options)
+
+
+def test_a_file_where_a_folder_is_expected_is_refused_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    module = GaussianMean()
+    for options in (dict(checkpoint_dir=blocker), dict(tensorboard=blocker)):
+        with pytest.raises(UsageError, match="is a file, not a folder"):
+            fit(module, torch.ones(10), epochs=2, batch_size=5, lr=0.1, progress=False, **options)
+        assert float(module.loc.detach()) == 0.0  # no step was taken

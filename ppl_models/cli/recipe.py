@@ -99,20 +99,45 @@ def lr_scheduler(spec, epochs):
     """
     name, *rest = spec.split(":")
     sched = torch.optim.lr_scheduler
-    try:
-        if name == "none" and not rest:
-            return None
-        if name == "cosine" and not rest:
-            return lambda opt: sched.CosineAnnealingLR(opt, T_max=epochs)
-        if name == "exponential" and len(rest) == 1 and 0 < float(rest[0]) <= 1:
-            return lambda opt: sched.ExponentialLR(opt, gamma=float(rest[0]))
-        if name == "step" and len(rest) == 2 and int(rest[0]) >= 1 and 0 < float(rest[1]) <= 1:
-            return lambda opt: sched.StepLR(opt, step_size=int(rest[0]), gamma=float(rest[1]))
-        if name == "plateau" and len(rest) == 2 and int(rest[0]) >= 0 and 0 < float(rest[1]) < 1:
-            return lambda opt: sched.ReduceLROnPlateau(opt, patience=int(rest[0]), factor=float(rest[1]))
-    except ValueError:
-        pass
-    raise UsageError(f"unknown learning-rate schedule {spec!r}; valid: {LR_SCHEDULES}")
+    forms = {"none": (), "cosine": (), "exponential": ("GAMMA",), "step": ("EPOCHS", "GAMMA"),
+             "plateau": ("PATIENCE", "FACTOR")}
+    if name not in forms:
+        raise UsageError(f"unknown learning-rate schedule {spec!r}; valid: {LR_SCHEDULES}")
+    if len(rest) != len(forms[name]):
+        form = ":".join((name, *forms[name]))
+        raise UsageError(f"learning-rate schedule {spec!r}: write it as {form}")
+
+    def whole(text, what, low):
+        try:
+            v = int(text)
+        except ValueError:
+            v = low - 1
+        if v < low:
+            raise UsageError(f"learning-rate schedule {spec!r}: {what} must be a whole number >= {low}, got {text!r}")
+        return v
+
+    def fraction(text, what, closed):
+        try:
+            v = float(text)
+        except ValueError:
+            v = -1.0
+        if not (0 < v < 1 or (closed and v == 1)):
+            raise UsageError(f"learning-rate schedule {spec!r}: {what} must be a number in (0, 1{']' if closed else ')'}, "
+                             f"got {text!r}")
+        return v
+
+    if name == "none":
+        return None
+    if name == "cosine":
+        return lambda opt: sched.CosineAnnealingLR(opt, T_max=epochs)
+    if name == "exponential":
+        gamma = fraction(rest[0], "GAMMA", closed=True)
+        return lambda opt: sched.ExponentialLR(opt, gamma=gamma)
+    if name == "step":
+        every, gamma = whole(rest[0], "EPOCHS", 1), fraction(rest[1], "GAMMA", closed=True)
+        return lambda opt: sched.StepLR(opt, step_size=every, gamma=gamma)
+    patience, factor = whole(rest[0], "PATIENCE", 0), fraction(rest[1], "FACTOR", closed=False)
+    return lambda opt: sched.ReduceLROnPlateau(opt, patience=patience, factor=factor)
 
 
 class Recipe:

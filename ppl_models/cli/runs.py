@@ -429,7 +429,10 @@ def _write_run(recipe, run, module, trainer, train, test, device, config, resumi
         **init,
     )
     if result.best_epoch is not None:
-        metrics.update(best_epoch=result.best_epoch, stopped_early=result.stopped_early)
+        # the parameters kept are the best epoch's: its losses describe the model scored above
+        best = result.history[result.best_epoch - 1]
+        metrics.update(best_epoch=result.best_epoch, stopped_early=result.stopped_early,
+                       best_epoch_train_loss=best["train_loss"], best_epoch_val_elbo=best["val_elbo"])
     outputs = recipe.figures(out, module, train, test, run) or []
     config["outputs"] = sorted(set(RUN_FILES) | {Path(p).name for p in outputs})
     write_json(out / "config.json", config)
