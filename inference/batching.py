@@ -50,7 +50,11 @@ def length(data):
     data = fixed_view(data)
     if not isinstance(data, (Mapping, tuple, list)):
         return data.shape[0]
-    sizes = {v.shape[0] if v.dim() else None for _, v in _items(data)}
+    items = _items(data)
+    if not items:
+        kind = "modality" if isinstance(data, Mapping) else "tensor"
+        raise UsageError(f"the data hold no {kind}: give at least one array of datapoints")
+    sizes = {v.shape[0] if v.dim() else None for _, v in items}
     if len(sizes) != 1 or None in sizes:
         kind = "modalities" if isinstance(data, Mapping) else "the tensors of a batch"
         raise UsageError(f"{kind} disagree on the number of datapoints: {sorted(s for s in sizes if s is not None)}")

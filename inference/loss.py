@@ -229,7 +229,7 @@ class StepLoss:
     def __init__(self, elbo, *, jit=False):
         if not supports(elbo):
             names = ", ".join(c.__name__ for c in SUPPORTED)
-            raise TypeError(f"StepLoss supports {names} (and subclasses keeping their loss), not {type(elbo).__name__}")
+            raise UsageError(f"StepLoss supports {names} (and subclasses keeping their loss), not {type(elbo).__name__}")
         self.elbo = elbo
         self.jit = bool(jit)
         self._graphs = {}

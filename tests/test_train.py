@@ -203,3 +203,12 @@ def test_a_checkpoint_is_written_only_when_its_parameters_are_finite(digits, tmp
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert state["epoch"] == 1
     assert all(torch.isfinite(t).all() for t in state["module"].values() if t.is_floating_point())
+
+
+def test_data_holding_no_modality_is_one_usage_error():
+    with pytest.raises(UsageError, match="the data hold no modality"):
+        fit(small_vae_for(8), {}, epochs=1, batch_size=4, lr=1e-3, progress=False)
+
+
+def small_vae_for(dim):
+    return VAE(dim, latent_dim=2, hidden=(4,))
