@@ -72,6 +72,14 @@ class VAEConfig(ModelConfig):
     guide: str
     flow_hidden: Sequence[int] | None
 
+    def to_dict(self):
+        """The fields as a JSON-ready dict; the guide's fields only when not the diagonal Gaussian's defaults,
+        so a diagonal-guide VAE writes the same config as before flow guides existed."""
+        out = super().to_dict()
+        if out["guide"] == "diag" and out["flow_hidden"] is None:
+            del out["guide"], out["flow_hidden"]
+        return out
+
 
 class VAE(Configurable, nn.Module):
     """A VAE with an MLP or convolutional encoder/decoder.
