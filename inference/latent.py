@@ -133,7 +133,7 @@ def map_2d(codes, *, method="pca", seed=0, max_points=None):
     if codes.ndim != 2 or codes.shape[0] < 3:
         raise UsageError(f"map_2d needs codes of shape (N >= 3, L), got {codes.shape}")
     if codes.shape[1] == 2:
-        return codes, ("z_1", "z_2")
+        return codes, ("z1", "z2")
     if method == "pca":
         from sklearn.decomposition import PCA
 
