@@ -95,7 +95,8 @@ def test_embed_round_trips_the_codes(flow_run, tmp_path):
     mean, sd = encode_batches(module.encode, test.data, samples=64)
     for suffix in ("npz", "csv"):
         out = tmp_path / f"codes.{suffix}"
-        assert main(["embed", str(flow_run), "--out", str(out), "--samples", "64"]) == 0
+        assert main(["embed", str(flow_run), "--split", "test", "--out", str(out), "--samples", "64", "--seed", "0",
+                     "--device", "cpu"]) == 0
         codes = read_codes(out)
         assert codes["mean"].shape == (len(test), 2) and np.array_equal(codes["y"], test.y.numpy())
         np.testing.assert_allclose(codes["mean"], mean.numpy(), rtol=1e-6, atol=1e-7)  # same seed, same draws
@@ -104,9 +105,11 @@ def test_embed_round_trips_the_codes(flow_run, tmp_path):
 
 
 def test_explore_writes_the_figures(flow_run, tmp_path):
-    assert main(["explore", str(flow_run), "--out", str(tmp_path)]) == 0
+    assert main(["explore", str(flow_run), "--out", str(tmp_path), "--split", "test", "--index", "3", "--map", "pca",
+                 "--samples", "32", "--seed", "1", "--device", "cpu"]) == 0
     summary = json.loads((tmp_path / "explore.json").read_text())
-    assert summary["latent_dim"] == 2 and len(summary["activity"]) == 2
+    assert summary["latent_dim"] == 2 and len(summary["activity"]) == 2 and summary["index"] == 3
+    assert main(["explore", str(flow_run), "--out", str(tmp_path), "--index", "100000"]) == 2  # one line, no trace
     for name in ("activity.png", "traversals.png", "interpolations.png", "manifold.png", "latent-map.png"):
         assert (tmp_path / name).stat().st_size > 1000
     y = [int(v) for v in read_codes_labels(flow_run)]
