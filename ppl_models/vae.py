@@ -48,10 +48,9 @@ import torch
 import torch.nn as nn
 
 from inference.errors import UsageError
-
-from . import nets
 from inference.latent import posterior_moments
 
+from . import nets
 from .base import Configurable, ModelConfig
 from .flows import ConditionalFlow, parse_guide
 from .likelihoods import make_likelihood
