@@ -6,10 +6,16 @@ size) is trained once per objective: ``trace`` (ELBO, Monte Carlo KL),
 and ``renyi:0.5:5`` (Li & Turner 2016). For each: the test ELBO and the test
 log-likelihood estimated by importance sampling with the trained guide (K=5000
 on MNIST, K=1000 otherwise; the IWAE_K estimate, a stochastic lower bound), the
-PSIS k-hat summary of those test importance weights (Yao et al. 2018), seconds
+PSIS k-hat summary of those test importance weights (Yao et al. 2018), the
+ELBO-IWAE gap (test log-likelihood minus test ELBO, the part of log p(x) the
+guide misses), seconds
 per training epoch, and the gradient signal-to-noise ratio of encoder and
 decoder parameters on a fixed minibatch at the end of training (Rainforth et al.
-2018).
+2018). ``--guide diag iaf:2`` trains one VAE per (objective, guide): the
+diagonal Gaussian guide and normalising-flow guides (:mod:`ppl_models.flows`;
+inverse autoregressive flow, Kingma et al. 2016); every guide after the first is
+compared with the first on the same test points (the paired difference of
+per-point log-likelihoods and its standard error).
 
 Table 2 (exact references). A probabilistic PCA fitted by SVI (trace ELBO,
 diagonal linear guide) and a diagonal GMM fitted by EM, both on the same
@@ -24,6 +30,7 @@ Usage::
     python -m benchmarks.bounds --quick        # digits, CPU, a few minutes
     python -m benchmarks.bounds --dataset mnist --data-root /work/shared/data --binarize dynamic \\
         --hidden 200 200 --latent-dim 50 --epochs 100 --elbos trace iwae:50
+    python -m benchmarks.bounds --dataset digits --elbos trace --guide diag iaf:2 --skip-exact
 
 Writes ``<name>.json``, ``<name>.md``, ``<name>-ppca.png`` (bound against K on
 pPCA) and ``<name>-curves.png`` (training curves per objective) into ``--out``.
@@ -42,13 +49,14 @@ from benchmarks.common import RESULTS, environment, machine_tag, markdown_table,
 from inference import evaluate, fit, gradient_snr, khat_summary, make_elbo, psis_khat, resolve_device
 from inference.errors import UsageError
 from ppl_models.data import BINARIZE, load_dataset
+from ppl_models.flows import parse_guide
 from ppl_models.gmm import GMM, em
 from ppl_models.ppca import PPCA
 from ppl_models.vae import VAE
 
 ELBOS = ("trace", "meanfield", "iwae:5", "iwae:50", "renyi:0.5:5")
 IWAE_KS = (1, 10, 100, 1000)
-SNR_GROUPS = {"encoder": ("encoder_body", "encoder_head"), "decoder": ("decoder", "likelihood")}
+SNR_GROUPS = {"encoder": ("encoder_body", "encoder_head", "flow"), "decoder": ("decoder", "likelihood")}
 
 
 def parse_args(argv=None):
@@ -62,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--name", default=None, help="file stem (default bounds-<dataset>[-quick]-<machine>)")
     p.add_argument("--elbos", nargs="+", default=list(ELBOS))
+    p.add_argument("--guide", nargs="+", default=["diag"],
+                   help="guides of q(z|x): diag, iaf:K, spline:K (one VAE per objective and guide)")
     p.add_argument("--hidden", type=int, nargs="+", default=None, help="MLP widths (default 128 128; 200 200 on MNIST)")
     p.add_argument("--latent-dim", type=int, default=None, help="default 10; 50 on MNIST")
     p.add_argument("--activation", default="tanh", help="tanh as in Burda et al. 2015")
@@ -92,6 +102,8 @@ def parse_args(argv=None):
     args.ppca_epochs = args.ppca_epochs or (10 if large else 100)
     for spec in args.elbos:
         make_elbo(spec, max_plate_nesting=1)  # unknown specs fail before any training
+    for spec in args.guide:
+        parse_guide(spec)
     return args
 
 
@@ -102,11 +114,11 @@ def _head(split, n):
 
 
 # ---- table 1: one VAE per objective --------------------------------------------------
-def run_vae(spec, train, test, args, device):
+def run_vae(spec, train, test, args, device, guide="diag"):
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
     vae = VAE(train.dim, latent_dim=args.latent_dim, hidden=args.hidden, likelihood="bernoulli",
-              activation=args.activation)
+              activation=args.activation, guide=guide)
     result = fit(vae, train, elbo=spec, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=device,
                  seed=args.seed, validation=test, progress=False, validate=False)
     snr_batch = test.data[: args.batch_size].to(device)
@@ -122,10 +134,15 @@ def run_vae(spec, train, test, args, device):
     seconds = [h["seconds"] for h in result.history]
     return {
         "elbo": spec,
+        "guide": guide,
+        "parameters": sum(p.numel() for p in vae.parameters()),
         "test_elbo": ev.elbo,
         "test_elbo_se": ev.elbo_se,
         "test_log_likelihood": ev.log_likelihood,
         "test_log_likelihood_se": ev.log_likelihood_se,
+        "elbo_iwae_gap": ev.log_likelihood - ev.elbo,
+        "elbo_iwae_gap_se": float((ev.log_likelihood_per_point - ev.elbo_per_point).double().std()
+                                  / math.sqrt(ev.log_likelihood_per_point.numel())),
         "eval_particles": ev.particles,
         "seconds_per_epoch": sum(seconds) / len(seconds),
         "eval_seconds": eval_seconds,
@@ -136,7 +153,23 @@ def run_vae(spec, train, test, args, device):
         "snr_decoder_median": snr["decoder"]["snr_median"],
         "final_train_loss": result.history[-1]["train_loss"],
         "history": result.history,
+        "_log_likelihood_per_point": ev.log_likelihood_per_point.detach().cpu().double(),
     }
+
+
+def compare_guides(results):
+    """Each guide after the first against the first, per objective: paired test log-likelihood difference and SE."""
+    rows = []
+    for spec in dict.fromkeys(r["elbo"] for r in results):
+        same = [r for r in results if r["elbo"] == spec]
+        for r in same[1:]:
+            diff = r["_log_likelihood_per_point"] - same[0]["_log_likelihood_per_point"]
+            se = float(diff.std() / math.sqrt(diff.numel()))
+            rows.append({"elbo": spec, "guide": r["guide"], "baseline": same[0]["guide"],
+                         "log_likelihood_gain": float(diff.mean()), "gain_se": se,
+                         "gain_in_se": float(diff.mean()) / se if se > 0 else float("nan"),
+                         "gap_change": r["elbo_iwae_gap"] - same[0]["elbo_iwae_gap"]})
+    return rows
 
 
 # ---- table 2: exact references ---------------------------------------------------------
@@ -229,6 +262,10 @@ def plot_ppca(rows, path):
     plt.close(fig)
 
 
+def _label(r):
+    return r["elbo"] if r.get("guide", "diag") == "diag" else f"{r['elbo']}, {r['guide']} guide"
+
+
 def plot_curves(results, path):
     import matplotlib
 
@@ -238,8 +275,8 @@ def plot_curves(results, path):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for r in results:
         epochs = [h["epoch"] for h in r["history"]]
-        axes[0].plot(epochs, [h["train_loss"] for h in r["history"]], label=r["elbo"])
-        axes[1].plot(epochs, [h["val_elbo"] for h in r["history"]], label=r["elbo"])
+        axes[0].plot(epochs, [h["train_loss"] for h in r["history"]], label=_label(r))
+        axes[1].plot(epochs, [h["val_elbo"] for h in r["history"]], label=_label(r))
     axes[0].set_ylabel("training loss (-objective per point)")
     axes[1].set_ylabel("test ELBO (1 particle per point)")
     for ax in axes:
@@ -251,8 +288,10 @@ def plot_curves(results, path):
     plt.close(fig)
 
 
-VAE_COLUMNS = ["elbo", "test_elbo", "test_log_likelihood", "khat_below_0_5", "khat_0_5_to_0_7", "khat_above_0_7",
+VAE_COLUMNS = ["elbo", "guide", "test_elbo", "test_log_likelihood", "test_log_likelihood_se", "elbo_iwae_gap",
+               "khat_below_0_5", "khat_0_5_to_0_7", "khat_above_0_7",
                "seconds_per_epoch", "snr_encoder", "snr_decoder"]
+GUIDE_COLUMNS = ["elbo", "guide", "baseline", "log_likelihood_gain", "gain_se", "gain_in_se", "gap_change"]
 EXACT_COLUMNS = ["model", "bound", "value", "stderr", "exact", "gap", "gap_stderr"]
 
 
@@ -281,9 +320,14 @@ def main(argv=None):
     out = Path(args.out)
     results = []
     for spec in args.elbos:
-        t0 = time.perf_counter()
-        results.append(run_vae(spec, train, test, args, device))
-        print(f"[{spec}] done in {time.perf_counter() - t0:.1f} s", flush=True)
+        for guide in args.guide:
+            t0 = time.perf_counter()
+            results.append(run_vae(spec, train, test, args, device, guide=guide))
+            print(f"[{spec}, {guide}] done in {time.perf_counter() - t0:.1f} s: test log-likelihood "
+                  f"{results[-1]['test_log_likelihood']:.3f} +- {results[-1]['test_log_likelihood_se']:.3f}", flush=True)
+    guide_rows = compare_guides(results)
+    for r in results:
+        del r["_log_likelihood_per_point"]
     exact_rows, exact_info = [], {}
     if not args.skip_exact:
         rows, exact_info["ppca"] = run_ppca(train, test, args, device)
@@ -302,6 +346,7 @@ def main(argv=None):
         "settings": settings,
         "dataset": {"name": train.name, "n_train": len(train), "n_test": len(test), "binarize": args.binarize},
         "results": results,
+        "guide_comparison": guide_rows,
         "exact": exact_rows,
         "exact_models": exact_info,
         "checks": checks(exact_rows),
@@ -316,6 +361,9 @@ def main(argv=None):
     )
     table1 = markdown_table(results, VAE_COLUMNS)
     text = header + "\n## Table 1: one VAE per objective\n\n" + table1 + "\n"
+    if guide_rows:
+        text += ("\n## Guides against the first guide (paired over test points)\n\n"
+                 + markdown_table(guide_rows, GUIDE_COLUMNS) + "\n")
     if exact_rows:
         table2 = markdown_table(exact_rows, EXACT_COLUMNS, floatfmt="{:.4f}")
         text += (

@@ -140,3 +140,64 @@ def save_latent_projection(z, clusters, path, labels=None, title=None):
     if title:
         ax.set_title(title)
     return _save(fig, path)
+
+
+# ---- latent-space figures (inference.latent) -------------------------------------------
+def save_labelled_grid(images, image_shape, path, *, row_labels=None, col_labels=None, title=None, xlabel=None,
+                       ylabel=None):
+    """Save a (R, C, D) array of images as an R x C grid with a label per row and per column; returns the path."""
+    images = torch.as_tensor(images)
+    rows, cols = images.shape[:2]
+    grid = image_grid(images.reshape(rows * cols, -1), image_shape, nrow=cols)
+    h, w = grid.shape[:2]
+    scale = max(1.0, 500 / max(h, w))
+    fig, ax = plt.subplots(figsize=(w * scale / 100 + 1.5, h * scale / 100 + 1.0))
+    ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_yticks([(i + 0.5) * h / rows for i in range(rows)], row_labels or [""] * rows, fontsize=8)
+    ax.set_xticks([(j + 0.5) * w / cols for j in range(cols)], col_labels or [""] * cols, fontsize=7)
+    ax.tick_params(length=0)
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_activity(act, path, *, threshold=1e-2, title=None):
+    """Bar chart of the activity A_l (Burda et al. 2015) of every latent dimension, largest first, log scale."""
+    act = np.asarray(torch.as_tensor(act).detach().cpu(), dtype=np.float64)
+    order = np.argsort(-act)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.25 * len(act) + 2), 3.6))
+    colors = ["C0" if a > threshold else "0.6" for a in act[order]]
+    ax.bar(range(len(act)), np.maximum(act[order], 1e-8), color=colors)
+    ax.axhline(threshold, color="C3", ls="--", lw=1, label=f"active above {threshold:g}")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(act)), [f"z{l + 1}" for l in order], rotation=90, fontsize=7)
+    ax.set_xlabel("latent dimension (ordered by activity)")
+    ax.set_ylabel("activity Var_x(E_q[z_l | x])")
+    ax.legend(fontsize=8)
+    ax.set_title(title or f"{int((act > threshold).sum())} of {len(act)} latent dimensions active")
+    return _save(fig, path)
+
+
+def plot_latent_map(coords, path, *, labels=None, axis_names=("dimension 1", "dimension 2"), title=None):
+    """Scatter 2-D coordinates of codes (N, 2), coloured by integer ``labels`` (N,) when given; returns the path."""
+    coords = np.asarray(coords)
+    fig, ax = plt.subplots(figsize=(6.2, 5.2))
+    if labels is None:
+        ax.scatter(coords[:, 0], coords[:, 1], s=5, alpha=0.6, linewidths=0)
+    else:
+        labels = np.asarray(torch.as_tensor(labels).cpu())[: len(coords)]
+        values = np.unique(labels)
+        cmap = plt.get_cmap("tab10" if len(values) <= 10 else "tab20")
+        for i, v in enumerate(values):
+            sel = labels == v
+            ax.scatter(coords[sel, 0], coords[sel, 1], s=5, alpha=0.7, linewidths=0, color=cmap(i % cmap.N), label=str(v))
+        ax.legend(title="label", markerscale=3, fontsize=7, loc="best", ncol=2 if len(values) > 10 else 1)
+    ax.set_xlabel(axis_names[0])
+    ax.set_ylabel(axis_names[1])
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save(fig, path)

@@ -10,6 +10,9 @@
   cache folder (``$PPLM_CACHE``, default ``~/.cache/ppl-models``), never next to
   the originals, so a read-only data folder works. Nothing downloads unless
   ``download=True``.
+* ``sprites``: 6,144 procedurally generated 32x32 binary sprites with known
+  factors (:mod:`ppl_models.sprites`), labelled by shape; a 90/10 split drawn
+  with ``split_seed``.
 * a path to a ``.npz`` file of your own with ``x`` (and optionally ``y``), or
   ``x_train``/``x_test`` (and ``y_train``/``y_test``).
 
@@ -36,7 +39,10 @@ import torch
 
 from inference.errors import UsageError
 
-DATASETS = ("digits", "mnist", "fashion-mnist")
+from .sprites import SIZE as SPRITE_SIZE
+from .sprites import load_sprites_arrays
+
+DATASETS = ("digits", "mnist", "fashion-mnist", "sprites")
 BINARIZE = ("none", "fixed", "dynamic")
 EVAL_BINARIZE_SEED = 12345
 
@@ -249,6 +255,9 @@ def load_dataset(name="digits", *, data_root=None, binarize="none", download=Fal
     if name == "digits":
         x_tr, y_tr, x_te, y_te = load_digits_arrays(split_seed)
         shape = (1, 8, 8)
+    elif name == "sprites":
+        x_tr, y_tr, x_te, y_te, _, _ = load_sprites_arrays(split_seed)
+        shape = (1, SPRITE_SIZE, SPRITE_SIZE)
     elif name in _TORCHVISION:
         x_tr, y_tr, x_te, y_te = _load_torchvision(name, data_root, download)
         shape = (1, 28, 28)

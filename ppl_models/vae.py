@@ -12,6 +12,14 @@ Guide (amortised, mean-field over datapoints)::
 
     q_phi(z_n | x_n) = N(z_n; mu_phi(x_n), diag sigma_phi(x_n)^2)
 
+or, with ``guide="iaf:K"`` / ``"spline:K"``, that Gaussian pushed through K
+conditional autoregressive flow steps whose context is the encoder's features
+(inverse autoregressive flow, Kingma et al. 2016; neural spline flows, Durkan
+et al. 2019; see :mod:`ppl_models.flows`). The guide site is then a
+reparameterised ``TransformedDistribution`` whose ``log_prob`` includes the
+flow's log-Jacobian, so every ELBO spec and the importance weights of
+:func:`inference.evaluate` use the exact log q(z | x).
+
 Objective, per datapoint::
 
     ELBO_beta(x) = E_q[log p(x | z)] - beta * KL(q(z | x) || p(z))
@@ -40,9 +48,11 @@ import torch
 import torch.nn as nn
 
 from inference.errors import UsageError
+from inference.latent import posterior_moments
 
 from . import nets
 from .base import Configurable, ModelConfig
+from .flows import ConditionalFlow, parse_guide
 from .likelihoods import make_likelihood
 
 
@@ -58,6 +68,16 @@ class VAEConfig(ModelConfig):
     arch: str
     image_shape: Sequence[int] | None
     activation: str
+    guide: str
+    flow_hidden: Sequence[int] | None
+
+    def to_dict(self):
+        """The fields as a JSON-ready dict; the guide's fields only when not the diagonal Gaussian's defaults,
+        so a diagonal-guide VAE writes the same config as before flow guides existed."""
+        out = super().to_dict()
+        if out["guide"] == "diag" and out["flow_hidden"] is None:
+            del out["guide"], out["flow_hidden"]
+        return out
 
 
 class VAE(Configurable, nn.Module):
@@ -69,6 +89,9 @@ class VAE(Configurable, nn.Module):
     :param likelihood: observation family spec (see :mod:`ppl_models.likelihoods`).
     :param beta: weight of the KL term (1 gives the ELBO).
     :param arch: ``"mlp"`` or ``"conv"`` (needs ``image_shape`` with H, W divisible by 4).
+    :param guide: ``"diag"`` (diagonal Gaussian), ``"iaf:K"`` or ``"spline:K"`` (K flow steps on top of it).
+    :param flow_hidden: MADE hidden widths of each flow step (default max(4 L, 64)).
+    :raises UsageError: a bad ``beta``, ``arch`` or ``guide`` spec.
     """
 
     max_plate_nesting = 1
@@ -83,11 +106,14 @@ class VAE(Configurable, nn.Module):
         arch="mlp",
         image_shape=None,
         activation="relu",
+        guide="diag",
+        flow_hidden=None,
     ):
         super().__init__()
         self.cfg = VAEConfig.from_arguments(locals())
         if not beta > 0:
             raise UsageError(f"beta must be positive, got {beta}")
+        flow_kind, flow_steps = parse_guide(guide)
         self.latent_dim = latent_dim
         self.beta = float(beta)
         self.likelihood = make_likelihood(likelihood, x_dim)
@@ -103,6 +129,9 @@ class VAE(Configurable, nn.Module):
         else:
             raise UsageError(f"unknown arch {arch!r}; use 'mlp' or 'conv'")
         self.encoder_head = nets.GaussianHead(body_out, latent_dim)
+        # created last, so that a diag (or K = 0) VAE initialises exactly as before under the same seed
+        self.flow = None if flow_kind == "diag" else ConditionalFlow(flow_kind, flow_steps, latent_dim, body_out,
+                                                                       flow_hidden)
 
     def _kl_scale(self):
         return poutine.scale(scale=self.beta) if self.beta != 1.0 else nullcontext()
@@ -120,9 +149,16 @@ class VAE(Configurable, nn.Module):
 
     # ---- conveniences ------------------------------------------------------------------
     def encode(self, x):
-        """q(z | x) as a distribution with event shape (L,)."""
-        loc, scale = self.encoder_head(self.encoder_body(x))
-        return dist.Normal(loc, scale).to_event(1)
+        """q(z | x) as a distribution with event shape (L,) (a ``TransformedDistribution`` for a flow guide)."""
+        h = self.encoder_body(x)
+        loc, scale = self.encoder_head(h)
+        base = dist.Normal(loc, scale).to_event(1)
+        return base if self.flow is None else self.flow(base, h)
+
+    @torch.no_grad()
+    def posterior_moments(self, x, *, samples=256):
+        """(mean, sd) of q(z | x), each (N, L): exact for the diagonal guide, from ``samples`` draws for a flow."""
+        return posterior_moments(self.encode(x), samples=samples)
 
     def decode(self, z):
         """p(x | z) as a distribution with event shape (x_dim,)."""
@@ -141,5 +177,5 @@ class VAE(Configurable, nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, x):
-        """E[x | z = mean of q(z | x)]."""
-        return self.decode(self.encode(x).mean).mean
+        """E[x | z = mean of q(z | x)] (the mean estimated by Monte Carlo for a flow guide)."""
+        return self.decode(self.posterior_moments(x)[0]).mean

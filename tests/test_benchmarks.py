@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import bounds, clustering, multimodal, throughput
+from benchmarks import bounds, clustering, disentanglement, multimodal, throughput
 from ppl_models.data import load_digits_arrays
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -61,9 +61,25 @@ def test_bounds(tmp_path, device):
 def test_bounds_on_mnist_skipping_the_exact_table(tmp_path):
     bounds.main(["--dataset", "mnist", "--data-root", str(SHARED), "--epochs", "1", "--limit", "300", "100",
                  "--eval-particles", "25", "--elbos", "trace", "--snr-samples", "2", "--skip-exact", "--threads", "1",
-                 "--out", str(tmp_path)])
+                 "--guide", "diag", "iaf:1", "--out", str(tmp_path)])
     record = _record(tmp_path)
     assert record["exact"] == [] and record["results"][0]["test_elbo"] < 0
+    assert [r["guide"] for r in record["results"]] == ["diag", "iaf:1"]
+    (cmp,) = record["guide_comparison"]  # the flow guide against the diagonal one, paired over the same points
+    flow, diag = record["results"][1], record["results"][0]
+    assert cmp["log_likelihood_gain"] == pytest.approx(flow["test_log_likelihood"] - diag["test_log_likelihood"])
+    assert all(r["elbo_iwae_gap"] >= 0 for r in record["results"])  # same particles: log-mean-exp >= mean
+
+
+def test_disentanglement(tmp_path):
+    disentanglement.main(["--betas", "1", "4", "--seeds", "0", "--epochs", "1", "--latent-dim", "3", "--hidden", "32",
+                          "--batch-size", "128", "--lr", "1e-3", "--device", "cpu", "--threads", "1",
+                          "--name", "tiny", "--out", str(tmp_path)])
+    record = _record(tmp_path)
+    assert [r["beta"] for r in record["results"]] == [1.0, 4.0]
+    for row in record["results"]:
+        assert 0 <= row["mig"] <= 1 and 0 <= row["beta_vae_accuracy"] <= 1 and row["test_kl"] >= 0
+        assert row["test_elbo"] == pytest.approx(row["test_reconstruction"] - row["test_kl"])
 
 
 def test_bounds_quick_means_digits_on_the_cpu():
@@ -185,7 +201,7 @@ def test_throughput_on_mnist(tmp_path):
     assert {r["model"] for r in _record(tmp_path)["results"]} == {"vae-mlp-mnist"}
 
 
-@pytest.mark.parametrize("script", [bounds, clustering, multimodal, throughput], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("script", [bounds, clustering, disentanglement, multimodal, throughput], ids=lambda m: m.__name__)
 def test_every_option_is_exercised(script, capsys):
     with pytest.raises(SystemExit):
         script.main(["--help"])

@@ -1,11 +1,15 @@
 """``pplm train vae``: the VAE's options and its run recipe (figures: prior samples, test reconstructions)."""
 
+import argparse
 from dataclasses import dataclass
 
 import torch
 
+from inference.errors import UsageError
+
 from inference.plots import save_image_grid
 
+from ..flows import parse_guide
 from ..vae import VAE
 from .options import add_data_options, positive_float, positive_int
 from .recipe import Recipe, default_list
@@ -18,6 +22,16 @@ class VAEOptions:
     hidden: list = default_list([256])
     arch: str = "mlp"
     beta: float = 1.0
+    guide: str = "diag"
+
+
+def guide_spec(text):
+    """argparse type of ``--guide``: a spec :func:`ppl_models.flows.parse_guide` accepts."""
+    try:
+        parse_guide(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def add_options(p):
@@ -28,6 +42,9 @@ def add_options(p):
     p.add_argument("--hidden", type=positive_int, nargs="+", default=d.hidden, help="MLP hidden widths")
     p.add_argument("--arch", choices=("mlp", "conv"), default=d.arch)
     p.add_argument("--beta", type=positive_float, default=d.beta, help="KL weight (beta != 1 is not a bound on log p(x))")
+    p.add_argument("--guide", type=guide_spec, default=d.guide,
+                   help="q(z|x): diag (Gaussian), iaf:K (K inverse-autoregressive-flow steps, Kingma et al. 2016) "
+                        "or spline:K (neural spline flow steps, Durkan et al. 2019)")
 
 
 class VAERecipe(Recipe):
@@ -49,6 +66,7 @@ class VAERecipe(Recipe):
             beta=o.beta,
             arch=o.arch,
             image_shape=train.image_shape,
+            guide=o.guide,
         )
 
     def figures(self, run_dir, module, train, test, run):
