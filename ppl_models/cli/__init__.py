@@ -5,14 +5,11 @@
     pplm sample DIR -n N --out FILE.png          a grid of samples from a run's model
     pplm generate DIR --given MOD[,MOD] --target MOD --out FILE.png
                                                  cross-modal generation from a multimodal run
-<<<<<<< HEAD
     pplm impute DIR --dataset FILE.npz --out FILLED.npz
                                                  fill a file's missing modalities from an mvae run
-=======
     pplm embed DIR --split test --out codes.npz  a run's latent codes (posterior means and sds; .csv too)
     pplm explore DIR [--out DIR]                 figures of a run's latent space (traversals, interpolations,
                                                  manifold, 2-D map, activity)
->>>>>>> i16
 
 Bad input (an unknown name, a missing data folder, data outside a likelihood's
 support, a corrupt checkpoint, a folder that already holds a run, a path that
@@ -27,13 +24,9 @@ import warnings
 
 from inference.errors import NonFiniteLossError, UsageError
 
-<<<<<<< HEAD
 from .. import __version__
-from .options import Parser, add_training_options, out_path, positive_int, run_config, seed, suppress_defaults
-=======
 from .latent import MAP_METHODS, SPLITS, embed_run, explore_run
-from .options import Parser, add_training_options, positive_int, run_config
->>>>>>> i16
+from .options import Parser, add_training_options, out_path, positive_int, run_config, seed, suppress_defaults
 from .recipes import ADD_OPTIONS, RECIPES
 from .runs import evaluate_run, generate_run, impute_run, print_metrics, sample_run, train_run
 
@@ -79,7 +72,6 @@ def build_parser():
     gen.add_argument("--device", default="auto")
     gen.set_defaults(func=_generate)
 
-<<<<<<< HEAD
     imp = sub.add_parser("impute", help="fill the missing modalities of a .npz file from an mvae run")
     imp.add_argument("run_dir")
     imp.add_argument("--dataset", required=True, help=".npz file with the run's modalities (x_NAME, mask_NAME)")
@@ -87,13 +79,13 @@ def build_parser():
     imp.add_argument("--seed", type=seed, default=0)
     imp.add_argument("--device", default="auto")
     imp.set_defaults(func=_impute)
-=======
+
     em = sub.add_parser("embed", help="write a run's latent codes (posterior means and sds) to .npz or .csv")
     em.add_argument("run_dir")
     em.add_argument("--split", choices=SPLITS, default="test")
-    em.add_argument("--out", required=True, help=".npz or .csv file")
+    em.add_argument("--out", type=out_path, required=True, help=".npz or .csv file")
     em.add_argument("--samples", type=positive_int, default=256, help="draws per point for a flow guide's moments")
-    em.add_argument("--seed", type=int, default=0)
+    em.add_argument("--seed", type=seed, default=0)
     em.add_argument("--device", default="auto")
     em.set_defaults(func=_embed)
 
@@ -104,10 +96,9 @@ def build_parser():
     ex.add_argument("--index", type=int, default=0, help="the datapoint whose code is traversed")
     ex.add_argument("--map", choices=MAP_METHODS, default="pca", help="2-D map of the codes")
     ex.add_argument("--samples", type=positive_int, default=256, help="draws per point for a flow guide's moments")
-    ex.add_argument("--seed", type=int, default=0)
+    ex.add_argument("--seed", type=seed, default=0)
     ex.add_argument("--device", default="auto")
     ex.set_defaults(func=_explore)
->>>>>>> i16
     return parser
 
 
@@ -131,15 +122,6 @@ def _generate(ns):
     print(f"generation grid written to {path}")
 
 
-<<<<<<< HEAD
-def _impute(ns):
-    filled = impute_run(ns.run_dir, ns.dataset, ns.out, device=ns.device, seed=ns.seed)
-    print(f"{filled} missing entries filled; written to {ns.out}")
-
-
-def _warning_line(message, category, filename, lineno, file=None, line=None):
-    print(f"pplm: warning: {category.__name__}: {message}", file=file or sys.stderr)
-=======
 def _embed(ns):
     path = embed_run(ns.run_dir, ns.out, split=ns.split, samples=ns.samples, device=ns.device, seed=ns.seed)
     print(f"codes written to {path}")
@@ -149,7 +131,15 @@ def _explore(ns):
     paths = explore_run(ns.run_dir, ns.out, split=ns.split, index=ns.index, method=ns.map, samples=ns.samples,
                         device=ns.device, seed=ns.seed)
     print(f"figures written to {paths[0].parent}: {', '.join(p.name for p in paths)}")
->>>>>>> i16
+
+
+def _impute(ns):
+    filled = impute_run(ns.run_dir, ns.dataset, ns.out, device=ns.device, seed=ns.seed)
+    print(f"{filled} missing entries filled; written to {ns.out}")
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None):
+    print(f"pplm: warning: {category.__name__}: {message}", file=file or sys.stderr)
 
 
 def main(argv=None):
