@@ -45,8 +45,8 @@ from pathlib import Path
 import pyro
 import torch
 
-from benchmarks.common import RESULTS, environment, machine_tag, markdown_table, write_results
-from inference import evaluate, fit, gradient_snr, khat_summary, make_elbo, psis_khat, resolve_device
+from benchmarks.common import RESULTS, environment, machine_tag, markdown_table, start, write_results
+from inference import evaluate, fit, gradient_snr, khat_summary, make_elbo, psis_khat
 from inference.errors import UsageError
 from ppl_models.data import BINARIZE, load_dataset
 from ppl_models.flows import parse_guide
@@ -309,9 +309,7 @@ def checks(exact_rows):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = start(args)
     t_start = time.perf_counter()
     train, test = load_dataset(args.dataset, data_root=args.data_root, binarize=args.binarize)
     if args.limit:

@@ -46,8 +46,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS, environment, machine_tag, markdown_table, write_results
-from inference import fit, resolve_device
+from benchmarks.common import RESULTS, environment, machine_tag, markdown_table, start, write_results
+from inference import fit
 from inference.errors import UsageError
 from inference.metrics import clustering_scores
 from ppl_models.data import load_dataset
@@ -251,9 +251,7 @@ def figure(results, methods, path, title):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = start(args)
     key = "mnist" if args.dataset in ("mnist", "fashion-mnist") else "digits"
     s = dict(DEFAULTS[key])
     methods = [m.strip() for m in (args.methods or s.pop("methods")).split(",") if m.strip()]

@@ -12,9 +12,18 @@ import numpy
 import pyro
 import torch
 
+from inference import resolve_device
+
 # where a benchmark writes by default: a folder of the current directory, ignored by git (the committed
 # results in benchmarks/results/ are written only when asked for with --out benchmarks/results)
 RESULTS = Path("benchmark-results")
+
+
+def start(args):
+    """The device of a benchmark run, after setting its torch threads (``--threads``, ``--device``)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return resolve_device(args.device)
 
 
 def environment(device):

@@ -28,8 +28,8 @@ from pathlib import Path
 import pyro
 import torch
 
-from benchmarks.common import RESULTS, environment, machine_tag, markdown_table, write_results
-from inference import fit, resolve_device
+from benchmarks.common import RESULTS, environment, machine_tag, markdown_table, start, write_results
+from inference import fit
 from inference.disentanglement import beta_vae_score, mig
 from inference.latent import ACTIVE_THRESHOLD, activity, traversal_codes
 from inference.plots import save_labelled_grid
@@ -128,9 +128,7 @@ def plot_sweep(rows, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = start(args)
     t_start = time.perf_counter()
     x_tr, _, x_te, _, _, _ = load_sprites_arrays(0)
     x_all, f_all = make_sprites(0)  # all 6,144 sprites (test split first, then train)

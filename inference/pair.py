@@ -61,7 +61,6 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
