@@ -209,3 +209,12 @@ def test_every_option_is_exercised(script, capsys):
     text = Path(__file__).read_text()
     missing = sorted(o for o in options if f'"{o}"' not in text)
     assert not missing, f"{script.__name__} offers options no test passes: {missing}"
+
+
+@pytest.mark.parametrize("script", [bounds, clustering, disentanglement])
+def test_benchmarks_never_write_into_the_committed_results_by_default(script):
+    """The default --out is ./benchmark-results (ignored by git), never the package's benchmarks/results/."""
+    committed = (Path(bounds.__file__).resolve().parent / "results").resolve()
+    out = Path(script.parse_args([]).out).resolve()
+    assert out != committed and committed not in out.parents
+    assert out.name == "benchmark-results"
