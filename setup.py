@@ -1,15 +1,20 @@
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
+HERE = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "ppl_models" / "_version.py").read_text()).group(1)
+
 setup(
     name="ppl-models",
-    version="0.1.0",
+    version=VERSION,
+    license="MIT",
     description=(
         "Deep generative models as Pyro model/guide pairs, trained with "
         "stochastic variational inference"
     ),
-    long_description=Path(__file__).with_name("README.md").read_text(),
+    long_description=(HERE / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["ppl_models*", "inference*", "benchmarks*"]),

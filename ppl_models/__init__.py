@@ -4,9 +4,9 @@ from .data import DataSplit, load_dataset
 from .gmm import GMM, em
 from .multimodal import MultimodalVAE
 from .multimodal_data import load_multimodal
+from ._version import __version__
 from .ppca import PPCA
 from .vade import VaDE
 from .vae import VAE
 
-__version__ = "0.1.0"
-__all__ = ["GMM", "PPCA", "VAE", "DataSplit", "MultimodalVAE", "VaDE", "em", "load_dataset", "load_multimodal"]
+__all__ = ["__version__", "GMM", "PPCA", "VAE", "DataSplit", "MultimodalVAE", "VaDE", "em", "load_dataset", "load_multimodal"]
