@@ -32,7 +32,7 @@ setup(
     # arviz-stats (ArviZ 1.x's PSIS) is tested beside ArviZ 0.x where both install
     extras_require={
         "tensorboard": ["tensorboard"],
-        "test": ["pytest", "arviz-stats", "tensorboard"],
+        "test": ["pytest", "arviz-stats", "tensorboard", "ruff>=0.5"],
     },
     entry_points={"console_scripts": ["pplm=ppl_models.cli:main"]},
 )

@@ -51,7 +51,14 @@ from pyro.infer import RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, T
 from pyro.infer.util import get_dependent_plate_dims, is_validation_enabled, torch_sum
 from pyro.util import warn_if_nan
 
-from .diagnostics import MonteCarloKLWarning, NotABoundWarning, check_bound, external_stacklevel, meanfield_mc_sites, warn_global_latents
+from .diagnostics import (
+    MonteCarloKLWarning,
+    NotABoundWarning,
+    check_bound,
+    external_stacklevel,
+    meanfield_mc_sites,
+    warn_global_latents,
+)
 from .errors import UsageError
 
 ELBO_SPECS = (

@@ -61,11 +61,10 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from pyro.distributions.torch_distribution import MaskedDistribution
+from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoGuide
 from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.messenger import Messenger

@@ -21,10 +21,10 @@ Learned scales are ``softplus(r_d) + min_scale`` (min_scale = 1e-3), so the
 density stays bounded even on pixels that never vary (digits' corners).
 """
 
+import pyro.distributions as dist
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import pyro.distributions as dist
 
 from inference.errors import UsageError
 

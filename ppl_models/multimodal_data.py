@@ -44,11 +44,11 @@ the views differ in more than texture. Everything is drawn from
 """
 
 import re
-import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import tomllib
 import torch
 
 from inference.errors import UsageError

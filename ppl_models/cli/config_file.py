@@ -14,8 +14,9 @@ the model is refused in one line naming it.
 
 import argparse
 import json
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 from inference.errors import UsageError
 
