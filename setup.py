@@ -18,6 +18,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["ppl_models*", "inference*", "benchmarks*"]),
+    package_data={"ppl_models": ["py.typed"], "inference": ["py.typed"]},
     install_requires=[
         "torch>=2.1",
         "torchvision",
@@ -32,7 +33,7 @@ setup(
     # arviz-stats (ArviZ 1.x's PSIS) is tested beside ArviZ 0.x where both install
     extras_require={
         "tensorboard": ["tensorboard"],
-        "test": ["pytest", "arviz-stats", "tensorboard", "ruff>=0.5"],
+        "test": ["pytest", "arviz-stats", "tensorboard", "ruff>=0.5", "mypy>=1.10"],
     },
     entry_points={"console_scripts": ["pplm=ppl_models.cli:main"]},
 )

@@ -21,6 +21,8 @@ Learned scales are ``softplus(r_d) + min_scale`` (min_scale = 1e-3), so the
 density stays bounded even on pixels that never vary (digits' corners).
 """
 
+from typing import Any
+
 import pyro.distributions as dist
 import torch
 import torch.nn as nn
@@ -83,7 +85,7 @@ class ContinuousBernoulli(Likelihood):
 
 
 class _LocationScale(Likelihood):
-    family = None
+    family: Any = None  # a torch.distributions location-scale class, set by each subclass
 
     def __init__(self, dim, scale=None, min_scale=1e-3):
         super().__init__(dim)

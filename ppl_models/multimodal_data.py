@@ -79,8 +79,8 @@ class MultimodalSplit:
     modalities: list
     binarize: str = "none"
     grey: dict = field(default_factory=dict)
-    sources: dict = None  # PolyMNIST-like: {view: indices of its MNIST images in the source split}
-    mask: torch.Tensor = None
+    sources: dict | None = None  # PolyMNIST-like: {view: indices of its MNIST images in the source split}
+    mask: torch.Tensor | None = None
     scaling: dict = field(default_factory=dict)
 
     def _with_mask(self, x):
