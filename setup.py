@@ -33,7 +33,8 @@ setup(
     # arviz-stats (ArviZ 1.x's PSIS) is tested beside ArviZ 0.x where both install
     extras_require={
         "tensorboard": ["tensorboard"],
-        "test": ["pytest", "arviz-stats", "tensorboard", "ruff>=0.5", "mypy>=1.10"],
+        "docs": ["mkdocs>=1.6", "mkdocs-material", "mkdocstrings[python]"],
+        "test": ["pytest", "arviz-stats", "tensorboard", "ruff>=0.5", "mypy>=1.10", "mkdocs>=1.6", "mkdocs-material", "mkdocstrings[python]"],
     },
     entry_points={"console_scripts": ["pplm=ppl_models.cli:main"]},
 )
