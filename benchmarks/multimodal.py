@@ -45,8 +45,15 @@ from inference import metrics as M
 from inference.plots import generation_grid
 from inference.train import resolve_device
 from ppl_models.multimodal import MultimodalVAE
-from ppl_models.multimodal_data import (MULTIMODAL_DATASETS, load_multimodal, load_multimodal_file,
-                                       parse_assignments, parse_weights, read_spec, with_missing)
+from ppl_models.multimodal_data import (
+    MULTIMODAL_DATASETS,
+    load_multimodal,
+    load_multimodal_file,
+    parse_assignments,
+    parse_weights,
+    read_spec,
+    with_missing,
+)
 
 DEFAULT_RULES = ("poe", "moe", "mopoe", "code:0", "code:0.2", "code:0.4", "code:0.6")
 

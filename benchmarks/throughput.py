@@ -148,7 +148,8 @@ def mopoe_hand_loss(m, batch, spec):
 def vae_pythae(m):
     """pythae's VAE around the same encoder/decoder modules (None when pythae does not import)."""
     try:
-        from pythae.models import VAE as PVAE, VAEConfig
+        from pythae.models import VAE as PVAE
+        from pythae.models import VAEConfig
         from pythae.models.base.base_utils import ModelOutput
         from pythae.models.nn import BaseDecoder, BaseEncoder
     except Exception:

@@ -50,7 +50,7 @@ def _constraint_classes():
 # only) NumPy's RNG state array
 SAFE_GLOBALS = [
     *_constraint_classes(),
-    np._core.multiarray._reconstruct,
+    np._core.multiarray._reconstruct,  # type: ignore[attr-defined]  # NumPy 2 names it _core
     np.ndarray,
     np.dtype,
     type(np.dtype(np.uint32)),

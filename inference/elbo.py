@@ -45,13 +45,21 @@ When is it a bound? (checks in :mod:`inference.diagnostics`)
 
 import math
 import warnings
+from typing import Any
 
 import torch
-from pyro.infer import RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import get_dependent_plate_dims, is_validation_enabled, torch_sum
 from pyro.util import warn_if_nan
 
-from .diagnostics import MonteCarloKLWarning, NotABoundWarning, check_bound, external_stacklevel, meanfield_mc_sites, warn_global_latents
+from .diagnostics import (
+    MonteCarloKLWarning,
+    NotABoundWarning,
+    check_bound,
+    external_stacklevel,
+    meanfield_mc_sites,
+    warn_global_latents,
+)
 from .errors import UsageError
 
 ELBO_SPECS = (
@@ -178,7 +186,7 @@ def _int(text, what, spec):
     return value
 
 
-def make_elbo(spec, *, max_plate_nesting=None):
+def make_elbo(spec: str, *, max_plate_nesting: int | None = None) -> ELBO:
     """Build a Pyro ELBO from a spec string such as ``"trace"``, ``"iwae:50"`` or ``"renyi:0.5:5"``.
 
     ``max_plate_nesting`` is passed to the ELBO when given (enumeration and
@@ -199,7 +207,7 @@ def make_elbo(spec, *, max_plate_nesting=None):
     }
     if name in simple and len(rest) <= 1:
         k = _int(rest[0], "the number of particles", spec) if rest else 1
-        cls = simple[name]
+        cls: Any = simple[name]  # a concrete Pyro ELBO class
         if name == "enum" and "max_plate_nesting" not in kwargs:
             raise UsageError("ELBO spec 'enum' needs max_plate_nesting (the model's number of plates)")
         return cls(num_particles=k, vectorize_particles=k > 1, **kwargs)

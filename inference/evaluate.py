@@ -40,6 +40,7 @@ which is used as is (per-datapoint).
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import pyro
 import pyro.poutine as poutine
@@ -79,11 +80,11 @@ class Evaluation:
     log_likelihood: float
     log_likelihood_se: float
     particles: int
-    elbo_per_point: torch.Tensor = None
-    log_likelihood_per_point: torch.Tensor = None
-    log_weights: torch.Tensor = None  # when asked for with keep_log_weights=True
+    elbo_per_point: torch.Tensor | None = None
+    log_likelihood_per_point: torch.Tensor | None = None
+    log_weights: torch.Tensor | None = None  # when asked for with keep_log_weights=True
     scope: str = PER_DATAPOINT
-    num_data: int = None
+    num_data: int | None = None
 
     def as_dict(self):
         return {
@@ -312,17 +313,17 @@ def _whole_data_scores(lw, n):
 
 
 def evaluate(
-    module=None,
-    data=None,
+    module: Any = None,
+    data: Any = None,
     *,
-    model=None,
-    guide=None,
-    particles=1000,
-    batch_size=None,
-    max_elements=DEFAULT_MAX_ELEMENTS,
-    keep_log_weights=False,
-    progress=False,
-):
+    model: Any = None,
+    guide: Any = None,
+    particles: int = 1000,
+    batch_size: int | None = None,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    keep_log_weights: bool = False,
+    progress: bool = False,
+) -> Evaluation:
     """Score a model/guide pair on ``data``: ELBO and importance-weighted log-likelihood, in nats per datapoint.
 
     ``module``: anything :func:`inference.pair.as_pair` accepts (an object with ``model``/``guide``,

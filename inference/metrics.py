@@ -17,7 +17,6 @@ from .errors import UsageError
 from .evaluate import evaluate
 from .train import fit
 
-
 # =====================================================================================
 # Clustering: unsupervised accuracy (Hungarian matching), NMI, ARI
 # =====================================================================================

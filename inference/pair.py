@@ -60,11 +60,12 @@ import numbers
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import pyro.poutine as poutine
 import torch
-from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from pyro.distributions.torch_distribution import MaskedDistribution
+from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoGuide
 from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.messenger import Messenger
@@ -86,7 +87,7 @@ class ModelGuidePair(typing.Protocol):
     def guide(self, *args, **kwargs): ...
 
 
-def as_pair(obj=None, *, model=None, guide=None):
+def as_pair(obj: Any = None, *, model: Any = None, guide: Any = None) -> "Pair":
     """The :class:`Pair` for ``obj``, or for ``model=``/``guide=`` given as keywords.
 
     ``obj`` may be: a :class:`Pair` (returned as is); an object with ``model``
@@ -464,7 +465,7 @@ def _sample_sites(trace):
     return {n: s for n, s in trace.nodes.items() if s["type"] == "sample" and not site_is_subsample(s)}
 
 
-def inspect_pair(pair, batch, *, max_plate_nesting=None, rows=None):
+def inspect_pair(pair: Any, batch: Any, *, max_plate_nesting: int | None = None, rows: Any = None) -> "PairInfo":
     """Trace the pair once on ``batch`` and classify every sample site: a :class:`PairInfo`.
 
     The guide is traced, then the model replayed against it (as every ELBO
@@ -691,7 +692,7 @@ def valid_objectives(info):
     return tuple(kind for kind in OBJECTIVES if _refusal(info, kind) is None)
 
 
-def check_objective(info, elbo, *, spec=None):
+def check_objective(info: "PairInfo", elbo: Any, *, spec: str | None = None) -> None:
     """Raise :class:`UsageError` in one line when objective ``elbo`` cannot train the pair described by ``info``.
 
     ``elbo`` is a spec string (see :func:`inference.elbo.make_elbo`) or a Pyro

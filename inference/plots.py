@@ -174,7 +174,7 @@ def plot_activity(act, path, *, threshold=1e-2, title=None):
     ax.bar(range(len(act)), np.maximum(act[order], 1e-8), color=colors)
     ax.axhline(threshold, color="C3", ls="--", lw=1, label=f"active above {threshold:g}")
     ax.set_yscale("log")
-    ax.set_xticks(range(len(act)), [f"z{l + 1}" for l in order], rotation=90, fontsize=7)
+    ax.set_xticks(range(len(act)), [f"z{j + 1}" for j in order], rotation=90, fontsize=7)
     ax.set_xlabel("latent dimension (ordered by activity)")
     ax.set_ylabel("activity Var_x(E_q[z_l | x])")
     ax.legend(fontsize=8)

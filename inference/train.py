@@ -12,9 +12,11 @@ import copy
 import math
 import time
 import warnings
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyro
 import pyro.poutine as poutine
@@ -74,12 +76,12 @@ class FitResult:
     """
 
     history: list = field(default_factory=list)
-    checkpoint: Path = None
-    device: torch.device = None
+    checkpoint: Path | None = None
+    device: torch.device | None = None
     elbo: object = None
     loss: object = None
     train_seconds: float = 0.0
-    best_epoch: int = None
+    best_epoch: int | None = None
     stopped_early: bool = False
 
 
@@ -437,7 +439,7 @@ class Trainer:
         return math.isfinite(float(self.parameters_max()))
 
     # ---- the loop ------------------------------------------------------------------------
-    def run(self, epochs, *, callbacks=(), progress=True):
+    def run(self, epochs: int, *, callbacks: Iterable[Any] = (), progress: bool = True) -> "FitResult":
         """Train until epoch ``epochs`` (or an early stop); returns a :class:`FitResult`."""
         _positive("epochs", epochs, int)
         self.epochs = epochs
@@ -560,19 +562,19 @@ def _read(window):
 
 
 def fit(
-    pair=None,
-    train=None,
+    pair: Any = None,
+    train: Any = None,
     *,
-    epochs,
-    validation=None,
-    patience=None,
-    checkpoint_dir=None,
-    resume=False,
-    tensorboard=None,
-    callbacks=(),
-    progress=True,
-    **trainer_options,
-):
+    epochs: int,
+    validation: Any = None,
+    patience: int | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    tensorboard: str | Path | None = None,
+    callbacks: Iterable[Any] = (),
+    progress: bool = True,
+    **trainer_options: Any,
+) -> FitResult:
     """Train a model/guide pair by SVI; returns a :class:`FitResult`.
 
     ``pair`` is an object with ``model`` and ``guide`` methods (an ``nn.Module``),

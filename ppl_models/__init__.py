@@ -1,5 +1,6 @@
 """Deep generative models as Pyro model/guide pairs."""
 
+from ._version import __version__
 from .data import DataSplit, load_dataset
 from .gmm import GMM, em
 from .multimodal import MultimodalVAE
@@ -8,5 +9,4 @@ from .ppca import PPCA
 from .vade import VaDE
 from .vae import VAE
 
-__version__ = "0.1.0"
-__all__ = ["GMM", "PPCA", "VAE", "DataSplit", "MultimodalVAE", "VaDE", "em", "load_dataset", "load_multimodal"]
+__all__ = ["__version__", "GMM", "PPCA", "VAE", "DataSplit", "MultimodalVAE", "VaDE", "em", "load_dataset", "load_multimodal"]

@@ -72,10 +72,10 @@ class DataSplit:
 
     name: str
     x: torch.Tensor
-    y: torch.Tensor = None
-    image_shape: tuple = None
+    y: torch.Tensor | None = None
+    image_shape: tuple | None = None
     binarize: str = "none"
-    grey: torch.Tensor = None  # grey levels kept for dynamic binarisation
+    grey: torch.Tensor | None = None  # grey levels kept for dynamic binarisation
 
     @property
     def data(self):
@@ -248,10 +248,14 @@ def _load_npz(path):
     return x[train], None if y is None else y[train], x[test], None if y is None else y[test]
 
 
-def load_dataset(name="digits", *, data_root=None, binarize="none", download=False, split_seed=0):
+def load_dataset(
+    name: str = "digits", *, data_root: str | None = None, binarize: str = "none", download: bool = False,
+    split_seed: int = 0,
+) -> tuple[DataSplit, DataSplit]:
     """Load a dataset by name (or .npz path): returns ``(train, test)`` :class:`DataSplit` on the CPU."""
     if binarize not in BINARIZE:
         raise UsageError(f"unknown binarization {binarize!r}; valid: {', '.join(BINARIZE)}")
+    shape: tuple[int, ...]
     if name == "digits":
         x_tr, y_tr, x_te, y_te = load_digits_arrays(split_seed)
         shape = (1, 8, 8)

@@ -43,8 +43,8 @@ draw per component, has lower variance; it is not implemented here.)
 import itertools
 import math
 
-import torch
 import pyro.distributions as dist
+import torch
 from pyro.distributions.torch_distribution import TorchDistribution
 from torch.distributions import constraints
 
@@ -188,10 +188,10 @@ class GaussianMixture(TorchDistribution):
 
     def expand(self, batch_shape, _instance=None):
         batch_shape = torch.Size(batch_shape)
-        c, l = self.loc.shape[-2:]
+        c, d = self.loc.shape[-2:]
         return GaussianMixture(
-            self.loc.expand(batch_shape + (c, l)),
-            self.scale.expand(batch_shape + (c, l)),
+            self.loc.expand(batch_shape + (c, d)),
+            self.scale.expand(batch_shape + (c, d)),
             self.log_weights.expand(batch_shape + (c,)),
         )
 

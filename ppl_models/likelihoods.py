@@ -21,10 +21,12 @@ Learned scales are ``softplus(r_d) + min_scale`` (min_scale = 1e-3), so the
 density stays bounded even on pixels that never vary (digits' corners).
 """
 
+from typing import Any
+
+import pyro.distributions as dist
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import pyro.distributions as dist
 
 from inference.errors import UsageError
 
@@ -83,7 +85,7 @@ class ContinuousBernoulli(Likelihood):
 
 
 class _LocationScale(Likelihood):
-    family = None
+    family: Any = None  # a torch.distributions location-scale class, set by each subclass
 
     def __init__(self, dim, scale=None, min_scale=1e-3):
         super().__init__(dim)

@@ -44,11 +44,11 @@ the views differ in more than texture. Everything is drawn from
 """
 
 import re
-import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import tomllib
 import torch
 
 from inference.errors import UsageError
@@ -79,8 +79,8 @@ class MultimodalSplit:
     modalities: list
     binarize: str = "none"
     grey: dict = field(default_factory=dict)
-    sources: dict = None  # PolyMNIST-like: {view: indices of its MNIST images in the source split}
-    mask: torch.Tensor = None
+    sources: dict | None = None  # PolyMNIST-like: {view: indices of its MNIST images in the source split}
+    mask: torch.Tensor | None = None
     scaling: dict = field(default_factory=dict)
 
     def _with_mask(self, x):

@@ -1,20 +1,18 @@
 """The training engine's callbacks: validation split, early stopping, LR schedules, TensorBoard, stopping hooks."""
 
 import copy
-import math
 
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
 import torch.nn as nn
+from conftest import interrupt_on_call
 
 from inference import Callback, Trainer, fit
 from inference.checkpoint import load_checkpoint
 from inference.errors import UsageError
 from ppl_models.vae import VAE
-
-from conftest import interrupt_on_call
 
 
 class GaussianMean(nn.Module):

@@ -133,7 +133,7 @@ def test_each_models_options_are_its_recipes_fields():
         ns = build_parser().parse_args(["train", name, "--out", "x"])
         shared = {f.name for f in dataclasses.fields(RunConfig)} - {"options", "validate", "given"}
         fields = {f.name for f in dataclasses.fields(recipe.Options)}
-        assert set(vars(ns)) == shared | fields | {"no_validate", "command", "model", "func"}, name
+        assert set(vars(ns)) == shared | fields | {"no_validate", "command", "model", "func", "config", "log_level"}, name
         assert not shared & fields, name
         run = run_config(ns, recipe)
         assert run.options == recipe.Options(), name

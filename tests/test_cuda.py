@@ -85,9 +85,9 @@ def _same_device(t, device):
 
 @pytest.fixture(scope="module")
 def small_digits():
-    from ppl_models.data import load_dataset
-
     from dataclasses import replace
+
+    from ppl_models.data import load_dataset
 
     train, _ = load_dataset("digits", binarize="dynamic")
     cut = lambda t: None if t is None else t[:64]  # noqa: E731

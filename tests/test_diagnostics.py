@@ -11,7 +11,6 @@ from inference import MonteCarloKLWarning, NotABoundWarning, UsageError, gradien
 from ppl_models.ppca import PPCA
 from ppl_models.vae import VAE
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster
 
 

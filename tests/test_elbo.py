@@ -3,7 +3,7 @@
 import pyro
 import pytest
 import torch
-from pyro.infer import RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO
+from pyro.infer import RenyiELBO, Trace_ELBO, TraceEnum_ELBO
 
 from inference.elbo import DifferentiableRenyiELBO, DifferentiableTraceGraphELBO, ReportingMeanFieldELBO, make_elbo
 from inference.errors import UsageError

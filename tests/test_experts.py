@@ -14,10 +14,10 @@ RULES = [("poe", {}), ("poe", {"prior_expert": True}), ("moe", {}), ("mopoe", {}
 TOL = dict(rtol=1e-10, atol=1e-10)
 
 
-def random_experts(*lead, m=3, l=4, seed=0):
+def random_experts(*lead, m=3, d=4, seed=0):
     g = torch.Generator().manual_seed(seed)
-    loc = torch.randn(*lead, m, l, generator=g, dtype=torch.float64) * 2
-    scale = torch.rand(*lead, m, l, generator=g, dtype=torch.float64) * 2 + 0.05
+    loc = torch.randn(*lead, m, d, generator=g, dtype=torch.float64) * 2
+    scale = torch.rand(*lead, m, d, generator=g, dtype=torch.float64) * 2 + 0.05
     return loc, scale
 
 
@@ -57,7 +57,7 @@ def test_code_rho_zero_is_poe_without_prior(mask):
 def test_code_matches_matrix_inverse(m, rho_fraction):
     # rho spans the valid interval (-1/(m-1), 1): negative values scale its lower end
     rho = rho_fraction / (m - 1) if rho_fraction < 0 else rho_fraction
-    loc, scale = random_experts(m=m, l=6, seed=m)
+    loc, scale = random_experts(m=m, d=6, seed=m)
     q = experts.code(loc, scale, rho=rho)
     mean, var = code_reference(loc, scale, rho)
     assert torch.allclose(q.mean, mean, **TOL)
@@ -68,7 +68,7 @@ def test_code_matches_matrix_inverse(m, rho_fraction):
 
 
 def test_code_with_mask_matches_reference_on_present_experts():
-    loc, scale = random_experts(m=4, l=3, seed=7)
+    loc, scale = random_experts(m=4, d=3, seed=7)
     mask = torch.tensor([True, False, True, True])
     loc_nan = loc.clone()
     loc_nan[1] = float("nan")  # an absent expert's values are never read
@@ -142,7 +142,7 @@ def test_poe_closed_form_and_variance_below_smallest_expert(prior_expert):
 
 
 def test_moe_moments_log_prob_and_sampling():
-    loc, scale = random_experts(2, m=3, l=2)
+    loc, scale = random_experts(2, m=3, d=2)
     q = experts.moe(loc, scale)
     mean = loc.mean(-2)
     var = scale.pow(2).mean(-2) + loc.var(-2, unbiased=False)  # mean of variances + variance of means
@@ -160,7 +160,7 @@ def test_moe_moments_log_prob_and_sampling():
 
 
 def test_mixture_rsample_is_differentiable_in_locs_and_scales():
-    loc, scale = random_experts(m=3, l=2)
+    loc, scale = random_experts(m=3, d=2)
     loc.requires_grad_(True)
     scale.requires_grad_(True)
     z = experts.moe(loc, scale).rsample((50,))

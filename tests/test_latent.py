@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from inference.errors import UsageError
-from inference.latent import activity, encode_batches, lerp, manifold_grid, map_2d, posterior_moments, slerp, traversal_codes
+from inference.latent import (
+    activity,
+    encode_batches,
+    lerp,
+    manifold_grid,
+    map_2d,
+    posterior_moments,
+    slerp,
+    traversal_codes,
+)
 from ppl_models.cli import main
 from ppl_models.cli.latent import read_codes
 from ppl_models.cli.runs import load_module, open_run

@@ -8,6 +8,7 @@ from inference import metrics as M
 from inference.errors import UsageError
 from ppl_models.multimodal_data import load_multimodal
 
+
 class Oracle(torch.nn.Module):
     """'Generates' each tuple's own true target modality; joint draws are the first n real tuples."""
 

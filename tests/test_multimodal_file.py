@@ -10,8 +10,7 @@ import torch
 from inference.errors import UsageError
 from inference.metrics import PRESENT
 from ppl_models.cli import main
-from ppl_models.multimodal_data import (load_multimodal, load_multimodal_file, parse_weights, read_spec,
-                                       with_missing)
+from ppl_models.multimodal_data import load_multimodal, load_multimodal_file, parse_weights, read_spec, with_missing
 
 MODS = {"img": "bernoulli", "val": "normal", "label": "categorical:3"}
 FAST = ["--epochs", "1", "--particles", "4", "--hidden", "8", "--latent-dim", "2", "--quiet", "--no-validate",

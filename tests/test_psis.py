@@ -6,11 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from inference import UsageError, evaluate
-from inference import psis
+from inference import UsageError, evaluate, psis
 from inference.psis import khat_summary, min_particles, psis_khat
 from ppl_models.ppca import PPCA
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster
 

@@ -3,9 +3,9 @@
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
-from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

@@ -8,13 +8,12 @@ import pyro.distributions as dist
 import pytest
 import torch
 import torch.nn as nn
+from conftest import interrupt_on_call
 
 from inference import evaluate, fit
 from inference.checkpoint import load_checkpoint, save_checkpoint
 from inference.errors import CheckpointError, NonFiniteLossError, UsageError
 from ppl_models.vae import VAE
-
-from conftest import interrupt_on_call
 
 
 def small_vae(train):

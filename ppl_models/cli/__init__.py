@@ -1,6 +1,8 @@
 """``pplm``: train, evaluate and sample from the library's models.
 
+    pplm [--verbose | --quiet] COMMAND ...     the library's log lines: debug too / warnings only
     pplm train <model> --out DIR [options]      train, evaluate, write the run folder
+    pplm train <model> --config FILE --out DIR  options from a TOML/JSON file (or a run's config.json)
     pplm evaluate DIR [--particles K]            recompute a run's test metrics
     pplm sample DIR -n N --out FILE.png          a grid of samples from a run's model
     pplm generate DIR --given MOD[,MOD] --target MOD --out FILE.png
@@ -18,6 +20,7 @@ on disk is changed; so does a run that diverges (its last good checkpoint is
 kept). Warnings are shown once each, in one line.
 """
 
+import argparse
 import logging
 import sys
 import warnings
@@ -25,6 +28,7 @@ import warnings
 from inference.errors import NonFiniteLossError, UsageError
 
 from .. import __version__
+from .config_file import expand_config
 from .latent import MAP_METHODS, SPLITS, embed_run, explore_run
 from .options import Parser, add_training_options, out_path, positive_int, run_config, seed, suppress_defaults
 from .recipes import ADD_OPTIONS, RECIPES
@@ -36,6 +40,12 @@ DESCRIPTION = "pplm: train, evaluate and sample from the library's models."
 def build_parser():
     parser = Parser(prog="pplm", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"pplm {__version__}")
+    level = parser.add_mutually_exclusive_group()
+    level.add_argument("-v", "--verbose", dest="log_level", action="store_const", const=logging.DEBUG,
+                       default=logging.INFO, help="log the library's debug lines too")
+    level.add_argument("-q", "--quiet", dest="log_level", action="store_const", const=logging.WARNING,
+                       help="only warnings and errors (no lines for long phases; a command's own --quiet "
+                            "switches its progress bars off)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     train = sub.add_parser("train", help="train a model and write a run folder")
@@ -138,6 +148,14 @@ def _impute(ns):
     print(f"{filled} missing entries filled; written to {ns.out}")
 
 
+def _train_parser(model):
+    """The argparse parser of ``pplm train MODEL``."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    models = next(a for a in commands.choices["train"]._actions if isinstance(a, argparse._SubParsersAction))
+    return models.choices[model]
+
+
 def _warning_line(message, category, filename, lineno, file=None, line=None):
     print(f"pplm: warning: {category.__name__}: {message}", file=file or sys.stderr)
 
@@ -145,14 +163,20 @@ def _warning_line(message, category, filename, lineno, file=None, line=None):
 def main(argv=None):
     """``pplm`` with the arguments ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        argv = expand_config(argv, _train_parser)
+    except (UsageError, OSError) as exc:
+        print(f"pplm: error: {exc}", file=sys.stderr)
+        return 2
     ns = build_parser().parse_args(argv)
     # the options the command line names (what --resume compares with the stored run)
-    ns.named_options = set(vars(suppress_defaults(build_parser()).parse_args(argv))) - {"command", "model", "func"}
+    ns.named_options = set(vars(suppress_defaults(build_parser()).parse_args(argv))) - {
+        "command", "model", "func", "log_level", "config"}
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("pplm: %(message)s"))
     logger = logging.getLogger("ppl_models")
     logger.addHandler(handler)
-    level, logger.level = logger.level, logging.INFO
+    level, logger.level = logger.level, ns.log_level
     try:
         with warnings.catch_warnings():
             # after any filter already set (a test's "error" stays an error): each warning once, in one line

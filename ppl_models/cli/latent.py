@@ -19,7 +19,16 @@ import torch
 from inference import resolve_device
 from inference.checkpoint import atomic_write
 from inference.errors import UsageError
-from inference.latent import ACTIVE_THRESHOLD, activity, encode_batches, lerp, manifold_grid, map_2d, slerp, traversal_codes
+from inference.latent import (
+    ACTIVE_THRESHOLD,
+    activity,
+    encode_batches,
+    lerp,
+    manifold_grid,
+    map_2d,
+    slerp,
+    traversal_codes,
+)
 from inference.plots import plot_activity, plot_latent_map, save_labelled_grid
 
 from ..vae import VAE
@@ -67,7 +76,7 @@ def embed_run(run_dir, out_file, *, split="test", samples=256, device="auto", se
     else:
         latent = arrays["mean"].shape[1]
         header = ["index"] + (["label"] if "y" in arrays else [])
-        header += [f"mean_{l + 1}" for l in range(latent)] + [f"sd_{l + 1}" for l in range(latent)]
+        header += [f"mean_{j + 1}" for j in range(latent)] + [f"sd_{j + 1}" for j in range(latent)]
         text = io.StringIO()
         writer = csv.writer(text)
         writer.writerow(header)

@@ -24,8 +24,15 @@ from inference.plots import generation_grid, save_image_grid
 from ..data import BINARIZE
 from ..experts import RULES
 from ..multimodal import OBJECTIVES, SUBSET_WEIGHTS, MultimodalVAE
-from ..multimodal_data import (MULTIMODAL_DATASETS, impute_file, load_multimodal, load_multimodal_file,
-                               parse_assignments, parse_weights, read_spec)
+from ..multimodal_data import (
+    MULTIMODAL_DATASETS,
+    impute_file,
+    load_multimodal,
+    load_multimodal_file,
+    parse_assignments,
+    parse_weights,
+    read_spec,
+)
 from .options import number, positive_float, positive_int
 from .recipe import Recipe, default_list
 

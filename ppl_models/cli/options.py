@@ -146,6 +146,9 @@ def add_training_options(p, recipe):
     p.add_argument("--tensorboard", default=None, metavar="DIR", help="write TensorBoard event files to DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bars (long phases still say one line each)")
     p.add_argument("--out", type=out_path, required=True, help="run folder")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="read options from a TOML or JSON file (keys: these options' names; a run folder's "
+                        "config.json repeats that run); options given here override the file's")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint (options not given are the stored run's)")

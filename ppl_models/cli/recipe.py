@@ -140,6 +140,11 @@ def lr_scheduler(spec, epochs):
     return lambda opt: sched.ReduceLROnPlateau(opt, patience=patience, factor=factor)
 
 
+@dataclass
+class NoOptions:
+    """No model options (the ``Options`` of a recipe that declares none)."""
+
+
 class Recipe:
     """Base class: the pieces of a run that differ between models.
 
@@ -149,18 +154,16 @@ class Recipe:
     ``default_*`` are the defaults of the shared options for this model.
     """
 
-    name = None
+    name: str | None = None
     help = ""
-    model_class = None
+    model_class: Any = None
     default_elbo = "trace"
     default_epochs = 100
     default_batch_size = 64
     default_lr = 1e-3
     default_binarize = "none"
 
-    @dataclass
-    class Options:
-        """No model options."""
+    Options: Any = NoOptions
 
     def options_from_dict(self, stored):
         """``Options`` from a stored dict; keys it does not know are ignored, missing ones take their defaults."""

@@ -58,7 +58,7 @@ REPLACED = ".pplm-replaced"  # inside --out: the old run's files while the new o
 IMAGE_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "tif", "tiff", "webp", "eps", "ps")
 # multiply-adds per step (batch x parameters) below which one CPU thread is fastest
 SMALL_WORK = 5e7
-log = logging.getLogger("ppl_models")
+log = logging.getLogger(__name__)
 CONFIG_FORMAT = "ppl-models/run/2"
 READABLE_FORMATS = ("ppl-models/run/1", CONFIG_FORMAT)
 

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 import torch
 
 from inference.errors import UsageError
-
 from inference.plots import save_image_grid
 
 from ..flows import parse_guide
