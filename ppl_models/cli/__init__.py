@@ -56,60 +56,49 @@ def build_parser():
         add_training_options(p, recipe)
         p.set_defaults(func=_train)
 
-    ev = sub.add_parser("evaluate", help="recompute a run's test metrics (into evaluation.json beside metrics.json)")
-    ev.add_argument("run_dir")
+    ev = _run_command(sub, "evaluate", "recompute a run's test metrics (into evaluation.json beside metrics.json)",
+                      _evaluate, with_seed=False)
     ev.add_argument("--particles", type=positive_int, default=None, help="importance samples (default: the run's)")
     ev.add_argument("--out", type=out_path, default=None, help="JSON file (default: RUN_DIR/evaluation.json)")
-    ev.add_argument("--device", default="auto")
     ev.add_argument("--quiet", action="store_true")
-    ev.set_defaults(func=_evaluate)
 
-    sm = sub.add_parser("sample", help="save a grid of samples from a run's model")
-    sm.add_argument("run_dir")
+    sm = _run_command(sub, "sample", "save a grid of samples from a run's model", _sample)
     sm.add_argument("-n", type=positive_int, default=64)
     sm.add_argument("--out", type=out_path, required=True, help="image file (.png, .pdf, .svg, ...)")
-    sm.add_argument("--seed", type=seed, default=0)
-    sm.add_argument("--device", default="auto")
-    sm.set_defaults(func=_sample)
 
-    gen = sub.add_parser("generate", help="cross-modal generation grid from a multimodal (mvae) run")
-    gen.add_argument("run_dir")
+    gen = _run_command(sub, "generate", "cross-modal generation grid from a multimodal (mvae) run", _generate)
     gen.add_argument("--given", required=True, help="comma-separated modalities to condition on")
     gen.add_argument("--target", required=True, help="comma-separated modalities to generate")
     gen.add_argument("-n", type=positive_int, default=10, help="test tuples (columns)")
     gen.add_argument("--out", type=out_path, required=True, help="image file (.png, .pdf, .svg, ...)")
-    gen.add_argument("--seed", type=seed, default=0)
-    gen.add_argument("--device", default="auto")
-    gen.set_defaults(func=_generate)
 
-    imp = sub.add_parser("impute", help="fill the missing modalities of a .npz file from an mvae run")
-    imp.add_argument("run_dir")
+    imp = _run_command(sub, "impute", "fill the missing modalities of a .npz file from an mvae run", _impute)
     imp.add_argument("--dataset", required=True, help=".npz file with the run's modalities (x_NAME, mask_NAME)")
     imp.add_argument("--out", type=out_path, required=True, help=".npz file to write")
-    imp.add_argument("--seed", type=seed, default=0)
-    imp.add_argument("--device", default="auto")
-    imp.set_defaults(func=_impute)
 
-    em = sub.add_parser("embed", help="write a run's latent codes (posterior means and sds) to .npz or .csv")
-    em.add_argument("run_dir")
+    em = _run_command(sub, "embed", "write a run's latent codes (posterior means and sds) to .npz or .csv", _embed)
     em.add_argument("--split", choices=SPLITS, default="test")
     em.add_argument("--out", type=out_path, required=True, help=".npz or .csv file")
     em.add_argument("--samples", type=positive_int, default=256, help="draws per point for a flow guide's moments")
-    em.add_argument("--seed", type=seed, default=0)
-    em.add_argument("--device", default="auto")
-    em.set_defaults(func=_embed)
 
-    ex = sub.add_parser("explore", help="figures of a run's latent space: traversals, interpolations, maps")
-    ex.add_argument("run_dir")
+    ex = _run_command(sub, "explore", "figures of a run's latent space: traversals, interpolations, maps", _explore)
     ex.add_argument("--out", default=None, help="folder for the figures (default RUN/explore)")
     ex.add_argument("--split", choices=SPLITS, default="test")
     ex.add_argument("--index", type=int, default=0, help="the datapoint whose code is traversed")
     ex.add_argument("--map", choices=MAP_METHODS, default="pca", help="2-D map of the codes")
     ex.add_argument("--samples", type=positive_int, default=256, help="draws per point for a flow guide's moments")
-    ex.add_argument("--seed", type=seed, default=0)
-    ex.add_argument("--device", default="auto")
-    ex.set_defaults(func=_explore)
     return parser
+
+
+def _run_command(sub, name, help, func, *, with_seed=True):
+    """A subcommand acting on a finished run: its folder RUN_DIR, ``--device`` and (with_seed) ``--seed``."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("run_dir")
+    p.add_argument("--device", default="auto")
+    if with_seed:
+        p.add_argument("--seed", type=seed, default=0)
+    p.set_defaults(func=func)
+    return p
 
 
 def _train(ns):
