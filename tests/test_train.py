@@ -211,3 +211,21 @@ def test_data_holding_no_modality_is_one_usage_error():
 
 def small_vae_for(dim):
     return VAE(dim, latent_dim=2, hidden=(4,))
+
+
+def test_ctrl_c_during_a_checkpoint_write_waits_for_the_file_to_be_whole(tmp_path):
+    """A SIGINT that arrives inside the write is held until the file is complete, then raised as a
+    KeyboardInterrupt (inside torch.save it used to surface as a RuntimeError and could cut the file)."""
+    import os
+    import signal
+
+    from inference.checkpoint import atomic_write
+
+    def write(f):
+        f.write(b"first half ")
+        os.kill(os.getpid(), signal.SIGINT)
+        f.write(b"second half")
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / "c.bin", write)
+    assert (tmp_path / "c.bin").read_bytes() == b"first half second half"
