@@ -84,7 +84,7 @@ def to_device(data: Any, device: str | torch.device) -> Any:
     return _map(data, lambda v: v.to(device))
 
 
-def data_device(data: Any) -> Any:
+def data_device(data: Any) -> torch.device:
     return _items(fixed_view(data))[0][1].device
 
 
@@ -101,12 +101,13 @@ def _stop(n, batch_size, drop_last):
     return n - n % batch_size if drop_last and n >= batch_size else n
 
 
-def num_batches(n: int, batch_size: int, *, drop_last: bool = False) -> Any:
+def num_batches(n: int, batch_size: int, *, drop_last: bool = False) -> int:
     """How many batches :func:`batch_indices` makes."""
     return -(-_stop(n, batch_size, drop_last) // batch_size)
 
 
-def batch_indices(n: int, batch_size: int, *, shuffle: bool, device: str | torch.device, drop_last: bool = False) -> list[Any]:
+def batch_indices(n: int, batch_size: int, *, shuffle: bool, device: str | torch.device,
+                  drop_last: bool = False) -> list[Any]:
     """Index tensors for one pass over ``n`` points; shuffling draws from the device's RNG."""
     if shuffle:
         order = torch.randperm(n, device=device)

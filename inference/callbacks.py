@@ -57,7 +57,7 @@ class Callback:
     def on_fit_start(self, trainer: Trainer) -> None:
         pass
 
-    def on_steps(self, trainer: Trainer, steps: int, loss_sum: Any, points: Any) -> None:
+    def on_steps(self, trainer: Trainer, steps: int, loss_sum: float, points: int) -> None:
         pass
 
     def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
@@ -83,7 +83,7 @@ class LambdaCallback(Callback):
         self.fn(record)
 
 
-def as_callback(obj: Any) -> Any:
+def as_callback(obj: Any) -> Callback:
     """A :class:`Callback` from a callback object or a plain function of the epoch record."""
     if isinstance(obj, Callback):
         return obj
@@ -114,7 +114,7 @@ class ProgressBar(Callback):
             dynamic_ncols=True,
         )
 
-    def on_steps(self, trainer: Trainer, steps: int, loss_sum: Any, points: Any) -> None:
+    def on_steps(self, trainer: Trainer, steps: int, loss_sum: float, points: int) -> None:
         self.bar.update(steps)
         self.bar.set_postfix({"epoch": trainer.epoch + 1, "loss": f"{loss_sum / max(points, 1):.3f}"}, refresh=False)
 
@@ -151,6 +151,7 @@ class EarlyStopping(Callback):
         if not (isinstance(min_delta, (int, float)) and min_delta >= 0):
             raise UsageError(f"min_delta must be a non-negative number, got {min_delta!r}")
         self.patience, self.min_delta, self.monitor = patience, float(min_delta), monitor
+        self.best_state: dict[str, Any] | None
         self.best, self.best_epoch, self.wait, self.best_state = -math.inf, None, 0, None
 
     def setup(self, trainer: Trainer) -> None:
@@ -261,7 +262,7 @@ class Checkpoint(Callback):
         # kept in memory until the next read of the losses shows its parameters finite and its next loss finite
         self.pending = _serialise(trainer.state_dict())
 
-    def on_steps(self, trainer: Trainer, steps: int, loss_sum: Any, points: Any) -> None:
+    def on_steps(self, trainer: Trainer, steps: int, loss_sum: float, points: int) -> None:
         self._write_pending()
 
     def on_fit_end(self, trainer: Trainer) -> None:

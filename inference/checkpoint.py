@@ -103,7 +103,7 @@ def _sigint_deferred():
         raise KeyboardInterrupt
 
 
-def get_rng_state() -> Any:
+def get_rng_state() -> dict[str, Any]:
     """Every RNG state as tensors and plain values (loadable with ``weights_only=True``)."""
     # numpy's stub types get_state() as the dict form too, which only legacy=False returns
     kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -132,7 +132,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def model_name(module: torch.nn.Module) -> Any:
+def model_name(module: torch.nn.Module) -> str:
     return type(module).__name__
 
 
@@ -146,7 +146,8 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda f: dump_checkpoint(f, state))
 
 
-def load_checkpoint(path: str | Path, *, expect_model: Any = None, map_location: str | torch.device | None = "cpu") -> Any:
+def load_checkpoint(path: str | Path, *, expect_model: Any = None,
+                    map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint`.
 
     Read with ``torch.load(weights_only=True)`` and the allow-list

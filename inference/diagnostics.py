@@ -42,6 +42,7 @@ import warnings
 from typing import Any
 
 import torch
+from pyro.poutine import Trace
 from torch.distributions import kl_divergence
 
 from .errors import UsageError
@@ -62,7 +63,7 @@ def _latent_sites(model_trace, guide_trace):
                 yield name, site, guide_trace.nodes[name]
 
 
-def meanfield_mc_sites(model_trace: Any, guide_trace: Any) -> Any:
+def meanfield_mc_sites(model_trace: Trace, guide_trace: Trace) -> Any:
     """Names of the latent sites whose KL(q || p) has no closed form (so TraceMeanField_ELBO samples it)."""
     out = []
     with torch.no_grad():
@@ -80,7 +81,7 @@ def _is_one(scale):
     return scale == 1
 
 
-def check_bound(model_trace: Any, guide_trace: Any, spec: str = "iwae/renyi", *, data_plate: str = "data") -> Any:
+def check_bound(model_trace: Trace, guide_trace: Trace, spec: str = "iwae/renyi", *, data_plate: str = "data") -> Any:
     """Raise or warn when importance-weighted objectives are not per-datapoint bounds (module docstring).
 
     Returns the names of the latent sites outside the ``data_plate`` (empty when

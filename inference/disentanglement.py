@@ -54,7 +54,7 @@ def discretise(z: torch.Tensor, bins: int = 20) -> Any:
     return out
 
 
-def mutual_information_matrix(z: torch.Tensor, v: Any, bins: int = 20) -> Any:
+def mutual_information_matrix(z: torch.Tensor, v: Any, bins: int = 20) -> np.ndarray:
     """I(z_j; v_k) in nats, (L, K), from the discretised codes (plug-in estimate)."""
     from sklearn.metrics import mutual_info_score
 
@@ -95,7 +95,8 @@ def _votes(z, v, n, batch, rng):
     return x, y
 
 
-def beta_vae_score(z: torch.Tensor, v: Any, *, batch: int = 64, train_votes: int = 1000, test_votes: int = 500, seed: int = 0) -> dict[str, Any]:
+def beta_vae_score(z: torch.Tensor, v: Any, *, batch: int = 64, train_votes: int = 1000, test_votes: int = 500,
+                   seed: int = 0) -> dict[str, Any]:
     """The beta-VAE metric (Higgins et al. 2017): accuracy of a linear classifier that names the fixed factor.
 
     Returns ``{"train_accuracy", "accuracy", "chance"}`` (chance = 1/K).

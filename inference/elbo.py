@@ -94,7 +94,8 @@ class DifferentiableRenyiELBO(RenyiELBO):
     def _spec(self):
         return f"iwae:{self.num_particles}" if self.alpha == 0 else f"renyi:{self.alpha:g}:{self.num_particles}"
 
-    def log_weights(self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def log_weights(self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any,
+                    **kwargs: Any) -> torch.Tensor:
         """log w = log p(x, z) - log q(z | x): shape (K, *batch) for vectorised particles."""
         particles: list[torch.Tensor] = []
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
@@ -116,7 +117,8 @@ class DifferentiableRenyiELBO(RenyiELBO):
             return particles[0]
         return torch.stack(particles)
 
-    def differentiable_loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def differentiable_loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any,
+                            **kwargs: Any) -> torch.Tensor:
         log_w = (1.0 - self.alpha) * self.log_weights(model, guide, *args, **kwargs)
         bound = (torch.logsumexp(log_w, dim=0) - math.log(self.num_particles)) / (1.0 - self.alpha)
         loss = -bound.sum()
@@ -137,7 +139,8 @@ class DifferentiableTraceGraphELBO(TraceGraph_ELBO):
     unbiased estimate of the gradient of -ELBO, as Pyro's ``loss_and_grads``.
     """
 
-    def differentiable_loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def differentiable_loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any,
+                            **kwargs: Any) -> torch.Tensor:
         elbo, surrogate_loss = self._loss_and_surrogate_loss(model, guide, args, kwargs)
         elbo, surrogate_loss = torch.as_tensor(elbo), torch.as_tensor(surrogate_loss)
         loss = -elbo.detach() + (surrogate_loss - surrogate_loss.detach())

@@ -54,14 +54,14 @@ def encode_batches(encode: Any, x: torch.Tensor, *, batch_size: int = 1024, samp
     return torch.cat([m for m, _ in parts]), torch.cat([s for _, s in parts])
 
 
-def activity(means: torch.Tensor) -> Any:
+def activity(means: torch.Tensor) -> torch.Tensor:
     """A_l = variance over the data of the posterior means, (N, L) -> (L,) (Burda et al. 2015, sec. 5.2)."""
     if means.dim() != 2 or means.shape[0] < 2:
         raise UsageError(f"activity needs posterior means of shape (N >= 2, L), got {tuple(means.shape)}")
     return means.var(0, unbiased=False)
 
 
-def traversal_codes(z: torch.Tensor, dims: Sequence[int], values: Any) -> Any:
+def traversal_codes(z: torch.Tensor, dims: Sequence[int], values: Any) -> torch.Tensor:
     """Codes (len(dims), len(values), L): ``z`` (L,) with dimension ``dims[i]`` set to ``values[j]``."""
     z = torch.as_tensor(z)
     values = torch.as_tensor(values, dtype=z.dtype, device=z.device)
@@ -81,7 +81,7 @@ def _weights(steps, ref):
     return torch.linspace(0.0, 1.0, steps, dtype=ref.dtype, device=ref.device)
 
 
-def lerp(z0: torch.Tensor, z1: torch.Tensor, steps: int) -> Any:
+def lerp(z0: torch.Tensor, z1: torch.Tensor, steps: int) -> torch.Tensor:
     """(1 - t) z0 + t z1 for t = 0, 1/(steps-1), ..., 1: (..., L), (..., L) -> (..., steps, L); endpoints exact."""
     t = _weights(steps, z0).unsqueeze(-1)
     path = (1 - t) * z0.unsqueeze(-2) + t * z1.unsqueeze(-2)
@@ -89,7 +89,7 @@ def lerp(z0: torch.Tensor, z1: torch.Tensor, steps: int) -> Any:
     return path
 
 
-def slerp(z0: torch.Tensor, z1: torch.Tensor, steps: int, eps: float = 1e-7) -> Any:
+def slerp(z0: torch.Tensor, z1: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
     """Spherical interpolation (White 2016): sin((1-t) w) / sin w * z0 + sin(t w) / sin w * z1, w = angle(z0, z1).
 
     Shapes as :func:`lerp`; falls back to :func:`lerp` where the codes are

@@ -76,7 +76,7 @@ SUPPORTED = (DifferentiableRenyiELBO, TraceMeanField_ELBO, Trace_ELBO)  # most s
 CHECK_RTOL = 1e-4
 
 
-def supports(elbo: Any) -> Any:
+def supports(elbo: Any) -> bool:
     """True when :class:`StepLoss` has a specialised path for this ELBO object.
 
     That is an instance of one of :data:`SUPPORTED` whose class keeps that
@@ -245,11 +245,12 @@ class StepLoss:
         return f"StepLoss({type(self.elbo).__name__}, jit={self.jit})"
 
     @property
-    def compiled(self) -> Any:
+    def compiled(self) -> list[Any]:
         return list(self._graphs)
 
     # ---- the loss --------------------------------------------------------------------
-    def eager_loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def eager_loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any,
+                   **kwargs: Any) -> torch.Tensor:
         """The loss computed eagerly through Pyro's traces (the reference for the compiled graph)."""
         elbo = self.elbo
         if isinstance(elbo, DifferentiableRenyiELBO):
@@ -264,7 +265,8 @@ class StepLoss:
             warn_if_nan(loss, "loss")
         return loss
 
-    def differentiable_loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def differentiable_loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any,
+                            **kwargs: Any) -> torch.Tensor:
         if not self.jit or kwargs:
             return self.eager_loss(model, guide, *args, **kwargs)
         tensors, spec = _flatten(args)

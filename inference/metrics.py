@@ -12,6 +12,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn as nn
+from numpy.typing import ArrayLike
 
 from .checkpoint import get_rng_state, set_rng_state
 from .errors import UsageError
@@ -61,7 +62,7 @@ def _pair(y_true, y_pred):
     return y_true, y_pred
 
 
-def contingency(y_true: Any, y_pred: Any) -> tuple[Any, ...]:
+def contingency(y_true: ArrayLike, y_pred: ArrayLike) -> tuple[Any, ...]:
     """Table C (clusters x classes) with C[k, j] = #{n : y_pred_n = k, y_true_n = j}, and the two label sets."""
     y_true, y_pred = _pair(y_true, y_pred)
     classes, t = np.unique(y_true, return_inverse=True)
@@ -71,7 +72,7 @@ def contingency(y_true: Any, y_pred: Any) -> tuple[Any, ...]:
     return table, clusters, classes
 
 
-def cluster_matching(y_true: Any, y_pred: Any) -> dict[str, Any]:
+def cluster_matching(y_true: ArrayLike, y_pred: ArrayLike) -> dict[str, Any]:
     """The accuracy-maximising one-to-one map {cluster id: class label} (Hungarian algorithm)."""
     from scipy.optimize import linear_sum_assignment
 
@@ -80,7 +81,7 @@ def cluster_matching(y_true: Any, y_pred: Any) -> dict[str, Any]:
     return {clusters[r].item(): classes[c].item() for r, c in zip(rows, cols)}
 
 
-def cluster_accuracy(y_true: Any, y_pred: Any) -> float:
+def cluster_accuracy(y_true: ArrayLike, y_pred: ArrayLike) -> float:
     """Unsupervised clustering accuracy in [0, 1] under the best one-to-one matching of ids to labels."""
     from scipy.optimize import linear_sum_assignment
 
@@ -89,21 +90,21 @@ def cluster_accuracy(y_true: Any, y_pred: Any) -> float:
     return float(table[rows, cols].sum() / table.sum())
 
 
-def nmi(y_true: Any, y_pred: Any) -> float:
+def nmi(y_true: ArrayLike, y_pred: ArrayLike) -> float:
     """Normalised mutual information (arithmetic normalisation), in [0, 1]."""
     from sklearn.metrics import normalized_mutual_info_score
 
     return float(normalized_mutual_info_score(*_pair(y_true, y_pred)))
 
 
-def ari(y_true: Any, y_pred: Any) -> float:
+def ari(y_true: ArrayLike, y_pred: ArrayLike) -> float:
     """Adjusted Rand index: 1 for identical partitions, 0 in expectation under chance."""
     from sklearn.metrics import adjusted_rand_score
 
     return float(adjusted_rand_score(*_pair(y_true, y_pred)))
 
 
-def clustering_scores(y_true: Any, y_pred: Any) -> dict[str, Any]:
+def clustering_scores(y_true: ArrayLike, y_pred: ArrayLike) -> dict[str, Any]:
     """``{"acc", "nmi", "ari"}`` of a clustering against reference labels."""
     return {"acc": cluster_accuracy(y_true, y_pred), "nmi": nmi(y_true, y_pred), "ari": ari(y_true, y_pred)}
 
@@ -211,7 +212,8 @@ class CNNClassifier:
     :raises UsageError: the images are not square with a side divisible by 4.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 4, seed: int = 0, progress: bool = False) -> None:
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 4, seed: int = 0,
+                 progress: bool = False) -> None:
         side = int(round(x.shape[1] ** 0.5))
         if side * side != x.shape[1] or side % 4:
             raise UsageError(f"the cnn classifier needs square images with side divisible by 4, got {x.shape[1]} values")
@@ -262,7 +264,8 @@ def fit_classifier(x: Any, y: Any, *, kind: str = "logistic", seed: int = 0) -> 
     return clf.fit(x, y)
 
 
-def modality_classifiers(train: Any, y_train: Any, test: Any, y_test: Any, *, kind: str = "logistic", seed: int = 0) -> tuple[Any, ...]:
+def modality_classifiers(train: Any, y_train: ArrayLike, test: Any, y_test: ArrayLike, *, kind: str = "logistic",
+                         seed: int = 0) -> tuple[Any, ...]:
     """One classifier per modality fitted on ``train``; returns (classifiers, their test accuracies).
 
     With a presence mask (:data:`PRESENT`) each modality's classifier is fitted and scored on the
@@ -288,7 +291,8 @@ def _module_device(module):
     return next(module.parameters()).device
 
 
-def coherence(module: Any, data: Any, y: torch.Tensor, classifiers: Any, *, given_sizes: Any = None, batch_size: int = 500) -> Any:
+def coherence(module: Any, data: Any, y: Any, classifiers: Any, *, given_sizes: Any = None,
+              batch_size: int = 500) -> Any:
     """Cross-modal coherence for every non-empty subset S of modalities and every target t not in S.
 
     Returns a list of ``{"given": "a+b", "size": |S|, "target": t, "coherence": acc, "n": rows}``;
@@ -335,7 +339,7 @@ def joint_coherence(module: Any, classifiers: Any, n: int = 1000) -> float:
     return float((preds == preds[:1]).all(0).mean())
 
 
-def linear_probe(train_features: Any, y_train: Any, test_features: Any, y_test: Any) -> float:
+def linear_probe(train_features: Any, y_train: ArrayLike, test_features: Any, y_test: ArrayLike) -> float:
     """Test accuracy of a logistic regression fitted to (train_features, y_train)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -357,7 +361,8 @@ def embeddings(module: Any, data: Any, batch_size: int = 1000) -> torch.Tensor:
     ])
 
 
-def cca_probe(view1_train: Any, view2_train: Any, y_train: Any, view1_test: Any, view2_test: Any, y_test: Any, n_components: int = 8) -> dict[str, Any]:
+def cca_probe(view1_train: Any, view2_train: Any, y_train: ArrayLike, view1_test: Any, view2_test: Any,
+              y_test: ArrayLike, n_components: int = 8) -> dict[str, Any]:
     """Linear CCA (scikit-learn) on two views, then linear probes on the canonical variates.
 
     Returns accuracies from view 1's variates, view 2's, and their average (the
@@ -380,7 +385,8 @@ def cca_probe(view1_train: Any, view2_train: Any, y_train: Any, view1_test: Any,
     }
 
 
-def conditional_log_likelihood(module: Any, data: Any, given: Any, target: Any, *, particles: int = 1000, batch_size: int | None = None) -> tuple[Any, ...]:
+def conditional_log_likelihood(module: Any, data: Any, given: Any, target: Any, *, particles: int = 1000,
+                               batch_size: int | None = None) -> tuple[Any, ...]:
     """log p(x_target | X_given) estimated as log p(X_given, x_target) - log p(X_given), per datapoint.
 
     Both terms are importance-weighted estimates (:func:`inference.evaluate`)
@@ -401,8 +407,9 @@ def conditional_log_likelihood(module: Any, data: Any, given: Any, target: Any, 
     return float(per.mean()), float(per.std() / per.numel() ** 0.5), per
 
 
-def multimodal_metrics(module: Any, train: Any, y_train: Any, test: Any, y_test: Any, classifiers: Any, *, particles: int = 100, joint_samples: int = 1000,
-                       log_likelihood: bool = False, seed: int = 0) -> Any:
+def multimodal_metrics(module: Any, train: Any, y_train: ArrayLike, test: Any, y_test: ArrayLike, classifiers: Any, *,
+                       particles: int = 100, joint_samples: int = 1000, log_likelihood: bool = False,
+                       seed: int = 0) -> dict[str, Any]:
     """The multimodal scores of a trained model: coherence, joint coherence, probes, conditional log-likelihoods.
 
     ``train``/``test``: dicts {modality: tensor} with labels ``y_train``/``y_test``;

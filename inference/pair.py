@@ -147,7 +147,7 @@ class Pair:
         return f"Pair(model={_name_of(self.model)}, guide={_name_of(self.guide)})"
 
     @property
-    def name(self) -> Any:
+    def name(self) -> str:
         """The owner's class name, or the model's name for a plain pair."""
         return type(self.owner).__name__ if self.owner is not None else _name_of(self.model)
 
@@ -160,7 +160,7 @@ class Pair:
                 found.append(obj)
         return found
 
-    def parameters(self) -> Any:
+    def parameters(self) -> list[torch.Tensor]:
         """The parameters of :meth:`modules`, deduplicated, in order.
 
         An autoguide creates its parameters on its first call (run
@@ -180,7 +180,7 @@ class Pair:
             module.train(mode)
         return self
 
-    def eval(self) -> Any:
+    def eval(self) -> Pair:
         return self.train(False)
 
     def to(self, device: str | torch.device) -> Pair:
@@ -221,7 +221,7 @@ class Pair:
             return (), dict(batch)
         return (batch,), {}
 
-    def bind(self, batch: Any, index: torch.Tensor | None = None, info: Any = None) -> tuple[Any, ...]:
+    def bind(self, batch: Any, index: torch.Tensor | None = None, info: PairInfo | None = None) -> tuple[Any, ...]:
         """``(model, guide, args, kwargs)`` for one step on the rows ``index`` of ``batch``.
 
         * When ``info`` (a :class:`PairInfo`) says the pair subsamples its own
@@ -361,35 +361,35 @@ class PairInfo:
         return tuple(name for name, site in self.sites.items() if keep(site))
 
     @property
-    def latents(self) -> Any:
+    def latents(self) -> tuple[str, ...]:
         """Latent sites (not observed), in trace order: the guide's first, then model-only ones."""
         return self._names(lambda s: not s.observed)
 
     @property
-    def observed(self) -> Any:
+    def observed(self) -> tuple[str, ...]:
         return self._names(lambda s: s.observed)
 
     @property
-    def enumerated(self) -> Any:
+    def enumerated(self) -> tuple[str, ...]:
         return self._names(lambda s: s.enumerated)
 
     @property
-    def model_only_latents(self) -> Any:
+    def model_only_latents(self) -> tuple[str, ...]:
         """Latents of the model that the guide does not sample."""
         return self._names(lambda s: not s.observed and s.in_model and not s.in_guide)
 
     @property
-    def global_latents(self) -> Any:
+    def global_latents(self) -> tuple[str, ...]:
         """Latents outside the data plate (guide-only auxiliary latents of autoguides included)."""
         return self._names(lambda s: not s.observed and not s.local)
 
     @property
-    def non_reparameterized(self) -> Any:
+    def non_reparameterized(self) -> tuple[str, ...]:
         """Guide latents sampled without ``rsample`` (not enumerated): they need score-function terms."""
         return self._names(lambda s: not s.observed and s.in_guide and not s.enumerated and not s.reparameterized)
 
     @property
-    def scaled(self) -> Any:
+    def scaled(self) -> tuple[str, ...]:
         return self._names(lambda s: s.scaled)
 
 
@@ -626,7 +626,7 @@ def _classify(model_trace, guide_trace, mpn):
     )
 
 
-def site_with_log_prob_shape(site: dict[str, Any]) -> Any:
+def site_with_log_prob_shape(site: dict[str, Any]) -> dict[str, Any]:
     """A shallow copy of ``site`` whose ``log_prob`` has the shape Pyro's shape check needs (no density computed)."""
     fn, value = site["fn"], site["value"]
     shape = torch.broadcast_shapes(fn.batch_shape, value.shape[: value.dim() - fn.event_dim] if torch.is_tensor(value) else ())
@@ -637,7 +637,7 @@ OBJECTIVES = ("trace", "meanfield", "enum", "tracegraph", "iwae", "renyi")
 _SPEC_OF = {"trace": "trace[:K]", "meanfield": "meanfield[:K]", "enum": "enum[:K]", "tracegraph": "tracegraph[:K]", "iwae": "iwae:K", "renyi": "renyi:ALPHA:K"}
 
 
-def objective_kind(elbo: Any) -> Any:
+def objective_kind(elbo: Any) -> str | None:
     """The objective family of a spec string or a Pyro ELBO object (one of :data:`OBJECTIVES`), or None if unknown."""
     if isinstance(elbo, str):
         name = elbo.strip().lower().split(":")[0]
@@ -689,7 +689,7 @@ def _refusal(info, kind):
     return None
 
 
-def valid_objectives(info: Any) -> Any:
+def valid_objectives(info: PairInfo) -> tuple[str, ...]:
     """The objective families (of :data:`OBJECTIVES`) that are valid for the pair described by ``info``."""
     return tuple(kind for kind in OBJECTIVES if _refusal(info, kind) is None)
 
@@ -727,7 +727,7 @@ def check_objective(info: "PairInfo", elbo: Any, *, spec: str | None = None) -> 
     raise UsageError(f"objective {shown!r} refused: {reason}; {tail}")
 
 
-def check_minibatching(pair: Any, info: Any, *, num_data: int, batch_size: int) -> None:
+def check_minibatching(pair: Pair, info: PairInfo, *, num_data: int, batch_size: int) -> None:
     """Raise :class:`UsageError` when minibatches of ``batch_size`` out of ``num_data`` rows cannot train the pair.
 
     A Pyro autoguide keeps parameters for every latent it saw on its first call;

@@ -69,7 +69,7 @@ def _backend(name=None):
     return "arviz", lambda lw: np.asarray(arviz.psislw(lw, reff=1.0)[1])
 
 
-def min_particles() -> Any:
+def min_particles() -> int:
     """The smallest K whose PSIS tail (ceil(min(K/5, 3 sqrt K)) weights) has the 5 a Pareto fit needs."""
     k = 1
     while math.ceil(min(k / 5, 3 * math.sqrt(k))) < 5:
@@ -77,7 +77,8 @@ def min_particles() -> Any:
     return k
 
 
-def psis_khat(log_weights: torch.Tensor, *, constant_tol: float = DEFAULT_CONSTANT_TOL, backend: str | None = None) -> Any:
+def psis_khat(log_weights: torch.Tensor, *, constant_tol: float = DEFAULT_CONSTANT_TOL,
+              backend: str | None = None) -> torch.Tensor:
     """Pareto k-hat per datapoint of importance log weights ``log_weights`` (N, K): returns (N,) float64.
 
     ``log_weights[n, k] = log p(x_n, z_k) - log q(z_k | x_n)``, as

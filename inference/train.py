@@ -30,7 +30,7 @@ from .checkpoint import get_rng_state, set_rng_state
 from .errors import DivergenceError, NonFiniteLossError, UsageError
 from .evaluate import evaluate
 from .loss import make_step_loss
-from .pair import as_pair, check_minibatching, check_objective, inspect_pair
+from .pair import Pair, PairInfo, as_pair, check_minibatching, check_objective, inspect_pair
 
 # a step's loss per datapoint this far above the epoch's first (in units of max(|first|, 1 nat)) is divergence
 GROWTH = 1e3
@@ -87,7 +87,7 @@ class FitResult:
     stopped_early: bool = False
 
 
-def collect_params(pair: Any, objective: Any, batch: Any, info: Any = None) -> Any:
+def collect_params(pair: Pair, objective: Any, batch: Any, info: PairInfo | None = None) -> list[torch.Tensor]:
     """The tensors to optimise: the pair's module parameters plus any ``pyro.param`` it touches.
 
     Parameters kept in Pyro's param store (``pyro.param``) and an autoguide's
@@ -337,7 +337,7 @@ class Trainer:
         """True when the pair's data plate scales each minibatch to the full data (its full size is N, not B)."""
         return self.info.subsampled or (self.info.num_data is not None and self.info.num_data != self.info.batch_size)
 
-    def points_per_step(self, size: int) -> Any:
+    def points_per_step(self, size: int) -> int:
         """How many datapoints a step's loss stands for: N when scaled to the full data, else its ``size`` rows."""
         return self.num_data if self.scaled_to_full_data else size
 
@@ -373,7 +373,7 @@ class Trainer:
         for i, m in enumerate(self.pair.modules()):
             m.load_state_dict(state[str(i)])
 
-    def parameters_state(self) -> Any:
+    def parameters_state(self) -> dict[str, Any]:
         """Copies of the modules' and the param store's state (what early stopping keeps of its best epoch)."""
         return copy.deepcopy({"module": self._modules_state(), "param_store": pyro.get_param_store().get_state()})
 
@@ -423,12 +423,12 @@ class Trainer:
                 cb.load_state_dict(saved[type(cb).__name__])
 
     # ---- the step: loss_of (no host read), then update ----------------------------------------
-    def loss_of(self, data: Any, index: torch.Tensor) -> Any:
+    def loss_of(self, data: Any, index: torch.Tensor) -> torch.Tensor:
         """The step's loss on rows ``index`` of ``data`` (the negative objective): a device tensor, no host read."""
         model, guide, args, kwargs = self.pair.bind(data, index, self.info)
         return self.loss.differentiable_loss(model, guide, *args, **kwargs)
 
-    def update(self, loss: torch.Tensor, points: Any) -> None:
+    def update(self, loss: torch.Tensor, points: int) -> None:
         """One optimiser step on ``loss / points`` (the per-datapoint objective)."""
         (loss / points).backward()
         if self.clip_norm is not None:
@@ -442,7 +442,7 @@ class Trainer:
         """The largest absolute value over all parameters (a device scalar, no host read; NaN if any is NaN)."""
         return torch.stack(torch._foreach_norm([p.detach() for p in self._nonempty], math.inf)).max()
 
-    def parameters_finite(self) -> Any:
+    def parameters_finite(self) -> bool:
         """Whether every parameter is finite (one host read)."""
         return math.isfinite(float(self.parameters_max()))
 

@@ -38,7 +38,7 @@ class ModelConfig:
         """The config of one constructor call: each field taken from ``arguments`` (e.g. ``locals()``)."""
         return cls(**{f.name: arguments[f.name] for f in dataclasses.fields(cls)})
 
-    def to_dict(self) -> Any:
+    def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict."""
         return json_ready(dataclasses.asdict(self))
 
@@ -49,7 +49,7 @@ class Configurable:
     cfg: ModelConfig
 
     @property
-    def config(self) -> Any:
+    def config(self) -> dict[str, Any]:
         """The constructor arguments as a JSON-ready dict (see the module docstring)."""
         return self.cfg.to_dict()
 

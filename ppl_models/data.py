@@ -78,10 +78,10 @@ class DataSplit:
     grey: torch.Tensor | None = None  # grey levels kept for dynamic binarisation
 
     @property
-    def data(self) -> Any:
+    def data(self) -> torch.Tensor:
         return self.x
 
-    def epoch(self) -> Any:
+    def epoch(self) -> torch.Tensor:
         if self.binarize == "dynamic" and self.grey is not None:
             return torch.bernoulli(self.grey)
         return self.x
@@ -90,14 +90,14 @@ class DataSplit:
         return self.x.shape[0]
 
     @property
-    def dim(self) -> Any:
+    def dim(self) -> int:
         return self.x.shape[1]
 
-    def to(self, device: str | torch.device) -> Any:
+    def to(self, device: str | torch.device) -> "DataSplit":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return replace(self, x=self.x.to(device), y=move(self.y), grey=move(self.grey))
 
-    def rows(self, index: torch.Tensor) -> Any:
+    def rows(self, index: torch.Tensor) -> "DataSplit":
         """The datapoints ``index`` (an index tensor) of this split, as a split of the same kind."""
         pick = lambda t: None if t is None else t[index.to(t.device)]  # noqa: E731
         return replace(self, x=self.x[index.to(self.x.device)], y=pick(self.y), grey=pick(self.grey))

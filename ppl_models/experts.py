@@ -97,7 +97,8 @@ def _precisions(loc, scale, mask):
     return prec, torch.where(mask, loc, loc.new_zeros(())) * prec
 
 
-def poe(loc: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None = None, prior_expert: bool = False, checked: bool = False) -> dist.TorchDistribution:
+def poe(loc: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None = None, prior_expert: bool = False,
+        checked: bool = False) -> dist.TorchDistribution:
     """Product of Gaussian experts: N(sum_S mu_m t_m / T, 1/T), t_m = s_m^-2, T = sum_S t_m (+1 with the prior).
 
     With ``prior_expert=True`` the standard-normal prior joins as an expert
@@ -147,7 +148,8 @@ def code_weights(scale: torch.Tensor, mask: torch.Tensor | None = None, rho: flo
     return u / u.sum(-2, keepdim=True)
 
 
-def code(loc: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None = None, rho: float = 0.0, checked: bool = False) -> dist.TorchDistribution:
+def code(loc: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None = None, rho: float = 0.0,
+         checked: bool = False) -> dist.TorchDistribution:
     r"""Consensus of dependent experts (CoDE; Mancisidor, Jenssen, Kampffmeyer & Yu 2024, Lemma 2).
 
     Per latent dimension the experts' estimates mu_j of z have errors with
@@ -181,7 +183,8 @@ class GaussianMixture(TorchDistribution):
     support = constraints.real_vector
     has_rsample = True
 
-    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, log_weights: torch.Tensor, validate_args: bool | None = None) -> None:
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, log_weights: torch.Tensor,
+                 validate_args: bool | None = None) -> None:
         self.loc, self.scale = loc, scale
         self.log_weights = log_weights - torch.logsumexp(log_weights, -1, keepdim=True)
         batch_shape = torch.broadcast_shapes(loc.shape[:-2], scale.shape[:-2], log_weights.shape[:-1])
@@ -223,7 +226,8 @@ class GaussianMixture(TorchDistribution):
         return torch.logsumexp(per + self.log_weights, dim=-1)
 
 
-def moe(loc: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None = None, checked: bool = False) -> Any:
+def moe(loc: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None = None,
+        checked: bool = False) -> "GaussianMixture":
     """Uniform mixture of the present experts, (1/n) sum_S N(mu_m, diag s_m^2)."""
     mask, _ = _mask(mask, loc, checked)
     scale = torch.where(mask[..., None], scale, scale.new_ones(()))  # absent: finite placeholders, weight 0
@@ -231,7 +235,8 @@ def moe(loc: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None = None
     return GaussianMixture(loc, scale, torch.where(mask, 0.0, -math.inf).to(loc.dtype))
 
 
-def mopoe(loc: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None = None, prior_expert: bool = False, checked: bool = False) -> torch.Tensor:
+def mopoe(loc: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None = None, prior_expert: bool = False,
+          checked: bool = False) -> torch.Tensor:
     """Uniform mixture over the non-empty subsets of the present experts of each subset's PoE (Sutter et al. 2021).
 
     With n present experts there are 2^n - 1 components; a single expert passes
@@ -251,7 +256,8 @@ def mopoe(loc: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None = No
     return GaussianMixture(num / safe, safe.rsqrt(), torch.where(valid, 0.0, -math.inf).to(loc.dtype))
 
 
-def fuse(rule: str, loc: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None = None, *, rho: float = 0.0, prior_expert: bool = False, checked: bool = False) -> Any:
+def fuse(rule: str, loc: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None = None, *, rho: float = 0.0,
+         prior_expert: bool = False, checked: bool = False) -> Any:
     """Apply the rule named ``rule`` (one of :data:`RULES`); ``checked``: see the module docstring."""
     if rule == "poe":
         return poe(loc, scale, mask, prior_expert=prior_expert, checked=checked)

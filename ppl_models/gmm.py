@@ -69,7 +69,8 @@ def _check_covariance(covariance):
         raise UsageError(f"unknown covariance {covariance!r}; valid: {', '.join(COVARIANCES)}")
 
 
-def component_log_prob(x: torch.Tensor, means: torch.Tensor, covariances: torch.Tensor, covariance: str = "diag") -> dist.TorchDistribution:
+def component_log_prob(x: torch.Tensor, means: torch.Tensor, covariances: torch.Tensor,
+                       covariance: str = "diag") -> dist.TorchDistribution:
     """log N(x_n; mu_k, Sigma_k) for every pair: (N, K).
 
     ``covariances`` are variances (K, D) for ``"diag"`` and matrices (K, D, D) for ``"full"``.
@@ -80,7 +81,8 @@ def component_log_prob(x: torch.Tensor, means: torch.Tensor, covariances: torch.
     return dist.MultivariateNormal(means, scale_tril=torch.linalg.cholesky(covariances)).log_prob(xs)
 
 
-def mixture_log_joint(x: torch.Tensor, weights: Any, means: torch.Tensor, covariances: torch.Tensor, covariance: str = "diag") -> torch.Tensor:
+def mixture_log_joint(x: torch.Tensor, weights: Any, means: torch.Tensor, covariances: torch.Tensor,
+                      covariance: str = "diag") -> torch.Tensor:
     """log pi_k + log N(x_n; mu_k, Sigma_k): (N, K)."""
     return weights.log() + component_log_prob(x, means, covariances, covariance)
 
@@ -116,7 +118,7 @@ class EMResult:
         return self._joint(x).argmax(-1).to(x.device)
 
 
-def kmeans_pp(x: torch.Tensor, k: int, *, seed: int = 0) -> Any:
+def kmeans_pp(x: torch.Tensor, k: int, *, seed: int = 0) -> torch.Tensor:
     """k-means++ seeding (Arthur & Vassilvitskii 2007): k rows of ``x`` spread over the data, seeded."""
     _check_x(x)
     if not 1 <= k <= x.shape[0]:
@@ -154,7 +156,8 @@ def _m_step(x, resp, covariance, reg):
     return weights, means, cov
 
 
-def em(x: torch.Tensor, n_components: int, *, covariance: str = "diag", restarts: int = 5, max_iter: int = 200, tol: float = 1e-6, reg: float = 1e-6, seed: int = 0) -> Any:
+def em(x: torch.Tensor, n_components: int, *, covariance: str = "diag", restarts: int = 5, max_iter: int = 200,
+       tol: float = 1e-6, reg: float = 1e-6, seed: int = 0) -> Any:
     """Fit a Gaussian mixture by expectation-maximisation, keeping the best of ``restarts`` runs.
 
     Each run starts from k-means++ means, the pooled per-dimension variance (or
@@ -281,7 +284,7 @@ class GMM(Configurable, nn.Module):
         self.proposal = "exact"
 
     @classmethod
-    def from_em(cls, result: Any, *, min_scale: float | None = None) -> Any:
+    def from_em(cls, result: Any, *, min_scale: float | None = None) -> GMM:
         """A point-estimate GMM holding the parameters of an :class:`EMResult` (float32).
 
         ``min_scale`` defaults to min(1e-3, half the smallest standard deviation / Cholesky diagonal),
@@ -326,7 +329,7 @@ class GMM(Configurable, nn.Module):
             return torch.diag_embed(self._scales())
         return torch.tril(self.tril_raw, -1) + torch.diag_embed(self._scales())
 
-    def covariances(self) -> Any:
+    def covariances(self) -> torch.Tensor:
         """Variances (K, D) for "diag", matrices (K, D, D) for "full"."""
         if self.covariance == "diag":
             return self._scales().pow(2)

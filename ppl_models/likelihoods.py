@@ -46,14 +46,14 @@ class Likelihood(nn.Module):
         self.dim = dim
 
     @property
-    def out_features(self) -> Any:
+    def out_features(self) -> int:
         return self.dim
 
     def check(self, x: torch.Tensor) -> None:
         if x.is_floating_point() and not torch.isfinite(x).all():
             raise UsageError(f"data for the {self.spec} likelihood holds NaN or infinite values")
 
-    def mean(self, h: torch.Tensor) -> Any:
+    def mean(self, h: torch.Tensor) -> torch.Tensor:
         return self(h).mean
 
 
@@ -141,7 +141,7 @@ def _check_fixed_scale(spec, scale):
                          "(positive and finite at float32 precision)")
 
 
-def make_likelihood(spec: Any, dim: int) -> Any:
+def make_likelihood(spec: Any, dim: int) -> "Likelihood":
     """Build an observation family from its spec (see the module docstring)."""
     name, _, arg = str(spec).lower().partition(":")
     lik: Likelihood

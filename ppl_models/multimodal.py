@@ -95,7 +95,8 @@ OBJECTIVES = ("joint", "subset", "cross")
 SUBSET_WEIGHTS = ("uniform", "learned")
 
 
-def modality(name: str, dim: int, likelihood: str = "bernoulli", image_shape: tuple[int, ...] | None = None) -> dict[str, Any]:
+def modality(name: str, dim: int, likelihood: str = "bernoulli",
+             image_shape: tuple[int, ...] | None = None) -> dict[str, Any]:
     """A modality spec: ``dim`` values per datapoint (for ``categorical``: the number of classes)."""
     return {"name": name, "dim": int(dim), "likelihood": likelihood,
             "image_shape": None if image_shape is None else list(image_shape)}
@@ -125,7 +126,7 @@ class MultimodalVAEConfig(ModelConfig):
         if isinstance(self.rho, (int, float)):
             self.rho = float(self.rho)
 
-    def to_dict(self) -> Any:
+    def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict; ``weights`` only when set, so an unweighted model's config reads
         as the versions' before likelihood weights (from_config gives a missing key its default)."""
         out = super().to_dict()
@@ -230,7 +231,7 @@ class MultimodalVAE(Configurable, nn.Module):
             self.subset_logits = nn.Parameter(torch.zeros(len(self.all_subsets)))
 
     # ---- pieces ------------------------------------------------------------------------
-    def present(self, batch: Any) -> Any:
+    def present(self, batch: Any) -> list[str]:
         """Names of the modalities present in ``batch`` (a dict; absent or None means missing)."""
         if not isinstance(batch, dict):
             raise UsageError(f"a multimodal batch is a dict {{modality: tensor}} with keys among {self.names}")
@@ -242,7 +243,7 @@ class MultimodalVAE(Configurable, nn.Module):
             raise UsageError(f"the batch holds no modality; expected some of {self.names}")
         return names
 
-    def presence(self, batch: Any, names: Sequence[str]) -> Any:
+    def presence(self, batch: Any, names: Sequence[str]) -> torch.Tensor | None:
         """The batch's presence mask restricted to ``names``, (B, |names|) bool, or None (all present)."""
         mask = batch.get(PRESENT)
         if mask is None:
@@ -253,7 +254,7 @@ class MultimodalVAE(Configurable, nn.Module):
                              f"(columns {self.names}), got {mask.dtype} {tuple(mask.shape)}")
         return mask if list(names) == self.names else mask[:, [self.names.index(m) for m in names]]
 
-    def observed(self, batch: Any, names: Sequence[str], mask: torch.Tensor) -> Any:
+    def observed(self, batch: Any, names: Sequence[str], mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """{name: data} with the entries under an absent mask replaced by zeros (never read, may be NaN)."""
         if mask is None:
             return {m: batch[m] for m in names}
@@ -279,7 +280,8 @@ class MultimodalVAE(Configurable, nn.Module):
         locs, scales = zip(*(self.heads[n](feats[n]) for n in names))
         return torch.stack(locs, -2), torch.stack(scales, -2), feats
 
-    def fuse(self, loc: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None = None, checked: bool = False) -> Any:
+    def fuse(self, loc: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None = None,
+             checked: bool = False) -> Any:
         return experts.fuse(self.rule, loc, scale, mask, rho=self.rho, prior_expert=self.prior_expert,
                             checked=checked)
 
@@ -330,7 +332,7 @@ class MultimodalVAE(Configurable, nn.Module):
         return x if x.is_floating_point() else x.new_zeros((), dtype=self._dtype())
 
     # ---- model and guide -----------------------------------------------------------------
-    def copies(self, names: Sequence[str], mask: torch.Tensor, n: int) -> tuple[Any, ...]:
+    def copies(self, names: Sequence[str], mask: torch.Tensor | None, n: int) -> tuple[Any, ...]:
         """The copies of the subset/cross objective: (subsets, weights, guide mask, entropy, valid).
 
         ``subsets``: the K subsets of ``names`` (cross: the singletons); ``weights``: (K, 1), or (K, B)
@@ -443,7 +445,7 @@ class MultimodalVAE(Configurable, nn.Module):
             self.likelihoods[m].check(batch[m] if mask is None else batch[m][mask[:, i]])  # type: ignore[operator]
 
     # ---- evaluation and generation --------------------------------------------------------
-    def log_weights(self, batch: Any, num_particles: int) -> Any:
+    def log_weights(self, batch: Any, num_particles: int) -> torch.Tensor:
         """log p(X_P, z, w) - log q(z, w | X_P) for K draws from the joint posterior: shape (K, B).
 
         Per datapoint with a presence mask (P_n its present modalities); the likelihood weights are not
@@ -468,7 +470,7 @@ class MultimodalVAE(Configurable, nn.Module):
         return total
 
     @torch.no_grad()
-    def embed(self, batch: Any) -> Any:
+    def embed(self, batch: Any) -> torch.Tensor:
         """Posterior mean of the shared z given the present modalities: (B, L)."""
         return self.posterior(batch).mean
 
@@ -532,7 +534,7 @@ class MultimodalVAE(Configurable, nn.Module):
         return {m: self._emit(m, z, None, mean) for m in self.names}
 
 
-def likelihood_weights(weights: Any, specs: Any) -> Any:
+def likelihood_weights(weights: Any, specs: Any) -> dict[str, float]:
     """{name: lambda_m} from ``None`` (all 1), ``"auto"`` (max_k D_k / D_m, a label counting 1) or a dict.
 
     :raises UsageError: an unknown modality, a weight that is not a positive finite number, or another value.

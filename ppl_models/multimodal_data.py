@@ -88,10 +88,10 @@ class MultimodalSplit:
         return x if self.mask is None else {**x, PRESENT: self.mask}
 
     @property
-    def data(self) -> Any:
+    def data(self) -> dict[str, torch.Tensor]:
         return self._with_mask(self.x)
 
-    def epoch(self) -> Any:
+    def epoch(self) -> dict[str, torch.Tensor]:
         if self.binarize != "dynamic" or not self.grey:
             return self.data
         return self._with_mask({k: torch.bernoulli(self.grey[k]) if k in self.grey else v for k, v in self.x.items()})
@@ -107,12 +107,12 @@ class MultimodalSplit:
         """The dict restricted to ``names`` (the other modalities absent)."""
         return {k: self.x[k] for k in names}
 
-    def to(self, device: str | torch.device) -> Any:
+    def to(self, device: str | torch.device) -> "MultimodalSplit":
         move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
         opt = lambda v: None if v is None else v.to(device)  # noqa: E731
         return replace(self, x=move(self.x), y=opt(self.y), grey=move(self.grey), mask=opt(self.mask))
 
-    def rows(self, index: torch.Tensor) -> Any:
+    def rows(self, index: torch.Tensor) -> "MultimodalSplit":
         """The tuples ``index`` (an index tensor) of this split, as a split of the same kind."""
         pick = lambda d: {k: v[index.to(v.device)] for k, v in d.items()}  # noqa: E731
         opt = lambda v: None if v is None else v[index.to(v.device)]  # noqa: E731
@@ -168,7 +168,7 @@ def _split(name, images, labels, y, shapes, mode, train, label_classes=10):
     return MultimodalSplit(name=name, x=x, y=yt, modalities=specs, binarize=mode, grey=grey)
 
 
-def texture(rng: np.random.Generator, size: int = 96, components: int = 4) -> Any:
+def texture(rng: np.random.Generator, size: int = 96, components: int = 4) -> np.ndarray:
     """A procedural texture in [0, 0.4]: oriented gratings of random frequency and phase plus smoothed noise."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) / size
     img = np.zeros((size, size))
@@ -214,7 +214,8 @@ def polymnist_views(images: Any, labels: Any, views: Any, rng: np.random.Generat
     return out, sources
 
 
-def load_multimodal(name: str, *, data_root: str | Path | None = None, views: int = 3, binarize: str = "none", seed: int = 0, max_train: int | None = None, max_test: int | None = None,
+def load_multimodal(name: str, *, data_root: str | Path | None = None, views: int = 3, binarize: str = "none",
+                    seed: int = 0, max_train: int | None = None, max_test: int | None = None,
                     download: bool = False) -> Any:
     """Load a multimodal dataset (module docstring): returns ``(train, test)`` :class:`MultimodalSplit`.
 
@@ -287,7 +288,7 @@ def parse_likelihood(spec: Any) -> tuple[Any, ...]:
     return str(spec).strip().lower(), None
 
 
-def parse_shape(text: str) -> Any:
+def parse_shape(text: str) -> tuple[int, ...]:
     """An image shape from ``HxW`` or ``CxHxW`` (a list of 2 or 3 ints), as (C, H, W)."""
     parts = str(text).lower().split("x") if isinstance(text, str) else list(text)
     try:
@@ -386,7 +387,8 @@ def _read_npz(path):
         raise DataError(f"cannot read {path} as .npz ({type(exc).__name__})") from None
 
 
-def check_arrays(arrays: Any, modalities: Any, shapes: Any = None, *, suffix: str = "", where: str = "data") -> tuple[Any, ...]:
+def check_arrays(arrays: Any, modalities: Any, shapes: Any = None, *, suffix: str = "",
+                 where: str = "data") -> tuple[Any, ...]:
     """Check one set of a file's arrays and build its modality data; every failure is one line.
 
     ``arrays``: {array name: numpy array}; ``modalities``: {name: likelihood spec} (see
@@ -496,8 +498,9 @@ def _merge_info(train, test, path):
     return out
 
 
-def load_multimodal_file(path: str | Path, modalities: Any, *, shapes: Any = None, standardize: bool = False, seed: int = 0, test_fraction: float = 0.2,
-                         max_train: int | None = None, max_test: int | None = None) -> Any:
+def load_multimodal_file(path: str | Path, modalities: Any, *, shapes: Any = None, standardize: bool = False,
+                         seed: int = 0, test_fraction: float = 0.2, max_train: int | None = None,
+                         max_test: int | None = None) -> Any:
     """Your own multimodal data (module docstring): returns ``(train, test)`` :class:`MultimodalSplit`.
 
     ``modalities``: {name: likelihood spec}, in the order the model takes them; every ``x_<name>``
@@ -583,7 +586,8 @@ def _file_split(name, x, mask, y, specs, scaling, complete):
                            scaling={k: (torch.as_tensor(a), torch.as_tensor(b)) for k, (a, b) in scaling.items()})
 
 
-def impute_file(module: Any, path: str | Path, out: Any, modalities: Any, *, shapes: Any = None, scaling: Any = None, batch_size: int = 1000) -> Any:
+def impute_file(module: Any, path: str | Path, out: Any, modalities: Any, *, shapes: Any = None, scaling: Any = None,
+                batch_size: int = 1000) -> Any:
     """Fill a file's absent entries by cross-modal generation (:meth:`MultimodalVAE.impute`) and write ``out``.
 
     ``path``'s arrays (``x_<name>``, optional ``mask_<name>``; a ``_test`` set is filled too) are

@@ -17,17 +17,17 @@ from inference.errors import UsageError
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "gelu": nn.GELU, "softplus": nn.Softplus}
 
 
-def activation_class(name: str) -> Any:
+def activation_class(name: str) -> type[nn.Module]:
     """The ``torch.nn`` class of an activation named in :data:`ACTIVATIONS`."""
     if name not in ACTIVATIONS:
         raise UsageError(f"unknown activation {name!r}; valid: {', '.join(ACTIVATIONS)}")
     return ACTIVATIONS[name]
 
 
-def mlp(sizes: Sequence[int], activation: str = "relu") -> Any:
+def mlp(sizes: Sequence[int], activation: str = "relu") -> nn.Sequential:
     """Linear layers through ``sizes`` with ``activation`` between them (none after the last)."""
     act = activation_class(activation)
-    layers = []
+    layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
@@ -97,7 +97,8 @@ def _chw(image_shape, factor):
     return c, h, w
 
 
-def conv_encoder_body(image_shape: tuple[int, ...], channels: tuple[Any, ...] = (32, 64), activation: str = "relu") -> tuple[Any, ...]:
+def conv_encoder_body(image_shape: tuple[int, ...], channels: tuple[Any, ...] = (32, 64),
+                      activation: str = "relu") -> tuple[Any, ...]:
     """(.., C*H*W) -> (.., features): stride-2 4x4 convolutions, each halving H and W."""
     factor = 2 ** len(channels)
     c, h, w = _chw(image_shape, factor)
@@ -111,7 +112,8 @@ def conv_encoder_body(image_shape: tuple[int, ...], channels: tuple[Any, ...] = 
     return Flat(nn.Sequential(*layers), image_shape), features
 
 
-def conv_decoder(in_features: int, image_shape: tuple[int, ...], channels: tuple[Any, ...] = (64, 32), activation: str = "relu", out_per_pixel: int = 1) -> Any:
+def conv_decoder(in_features: int, image_shape: tuple[int, ...], channels: tuple[Any, ...] = (64, 32),
+                 activation: str = "relu", out_per_pixel: int = 1) -> "Flat":
     """(.., in_features) -> (.., out_per_pixel*C*H*W): a linear layer then transposed convolutions."""
     factor = 2 ** len(channels)
     c, h, w = _chw(image_shape, factor)

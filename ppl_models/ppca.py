@@ -75,7 +75,8 @@ class PPCA(Configurable, nn.Module):
 
     max_plate_nesting = 1
 
-    def __init__(self, x_dim: int, latent_dim: int, *, guide: str = "diag", sigma: Any = None, min_sigma: float = 1e-3) -> None:
+    def __init__(self, x_dim: int, latent_dim: int, *, guide: str = "diag", sigma: Any = None,
+                 min_sigma: float = 1e-3) -> None:
         super().__init__()
         self.cfg = PPCAConfig.from_arguments(locals())
         if guide not in GUIDES:
@@ -103,7 +104,7 @@ class PPCA(Configurable, nn.Module):
             return self.sigma_fixed
         return F.softplus(self.sigma_raw) + self.min_sigma
 
-    def guide_scale_tril(self) -> Any:
+    def guide_scale_tril(self) -> torch.Tensor:
         """S with q's covariance S S^T: (L, L)."""
         diag = torch.diag_embed(F.softplus(self.q_scale_raw) + self.min_sigma)
         if self.guide_type == "diag":
@@ -139,7 +140,7 @@ class PPCA(Configurable, nn.Module):
         """p(x) = N(mu, W W^T + sigma^2 I) as a low-rank multivariate normal."""
         return dist.LowRankMultivariateNormal(self.mu, self.W, self.sigma.pow(2).expand(self.x_dim))
 
-    def log_marginal(self, x: torch.Tensor) -> Any:
+    def log_marginal(self, x: torch.Tensor) -> torch.Tensor:
         """Exact log p(x_n) per datapoint: (N,)."""
         return self.marginal().log_prob(x)
 

@@ -32,7 +32,7 @@ FACTOR_SIZES = (len(SHAPES), len(SCALES), len(ROTATIONS_DEG), len(POSITIONS), le
 SIZE = 32
 
 
-def factor_grid() -> Any:
+def factor_grid() -> np.ndarray:
     """Every combination of factor indices, (6144, 5) int64, in C order (shape slowest, y fastest)."""
     return np.stack(np.meshgrid(*[np.arange(n) for n in FACTOR_SIZES], indexing="ij"), -1).reshape(-1, 5)
 

@@ -146,7 +146,7 @@ class VaDE(VAE):
         return self.mixture_logits.softmax(-1)
 
     @property
-    def mixture_scales(self) -> Any:
+    def mixture_scales(self) -> torch.Tensor:
         """sigma_c, shape (K, L), each >= min_scale."""
         return F.softplus(self.mixture_raw_scales) + self.min_scale
 
@@ -168,7 +168,7 @@ class VaDE(VAE):
     # guide: the VAE's q(z | x)
 
     # ---- clustering --------------------------------------------------------------------
-    def log_responsibilities_z(self, z: torch.Tensor) -> Any:
+    def log_responsibilities_z(self, z: torch.Tensor) -> torch.Tensor:
         """log p(c | z) for z of shape (..., L): shape (..., K) (Bayes' rule, log pi_c added once)."""
         joint = self.mixture_logits.log_softmax(-1) + self.components().log_prob(z.unsqueeze(-2))
         return joint.log_softmax(-1)
@@ -193,7 +193,7 @@ class VaDE(VAE):
         return torch.cat([self.encode(x[i : i + batch_size]).mean for i in range(0, x.shape[0], batch_size)])
 
     @torch.no_grad()
-    def sample(self, n: int, *, component: Any = None, mean: bool = True) -> Any:
+    def sample(self, n: int, *, component: Any = None, mean: bool = True) -> torch.Tensor:
         """n draws x ~ p(x), or x ~ p(x | c = component) when ``component`` is given.
 
         ``mean=True`` returns E[x | z] instead of a draw of x.

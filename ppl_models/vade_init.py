@@ -177,7 +177,8 @@ class AlignmentPair(nn.Module):
 
 
 # ---- stage 1: pretraining --------------------------------------------------------------------
-def pretrain(vade: Any, x: torch.Tensor, *, epochs: int = 50, batch_size: int = 256, lr: float = 1e-3, dropout: float = 0.0, weight_decay: float = 0.0, seed: int = 0, progress: bool = False) -> dict[str, Any]:
+def pretrain(vade: Any, x: torch.Tensor, *, epochs: int = 50, batch_size: int = 256, lr: float = 1e-3,
+             dropout: float = 0.0, weight_decay: float = 0.0, seed: int = 0, progress: bool = False) -> dict[str, Any]:
     """Train VaDE's encoder mean and decoder as a (denoising) autoencoder (module docstring, stage 1).
 
     :class:`AutoencoderPair` trained by :func:`inference.fit` for ``epochs``
@@ -204,7 +205,8 @@ def pretrain(vade: Any, x: torch.Tensor, *, epochs: int = 50, batch_size: int = 
 
 
 # ---- stage 2: the initial mixture ------------------------------------------------------------
-def fit_diag_gmm(z: torch.Tensor, n_components: int, *, restarts: int = 5, seed: int = 0, max_iter: int = 500, reg: float = 1e-6) -> Any:
+def fit_diag_gmm(z: torch.Tensor, n_components: int, *, restarts: int = 5, seed: int = 0, max_iter: int = 500,
+                 reg: float = 1e-6) -> Any:
     """Diagonal-covariance GMM by EM (scikit-learn), best of ``restarts`` k-means-initialised runs.
 
     :param z: (N, L) tensor or array.
@@ -280,7 +282,8 @@ def set_mixture_from_responsibilities(vade: Any, z: torch.Tensor, r: Any) -> flo
 
 
 @torch.no_grad()
-def init_mixture(vade: Any, x: torch.Tensor, *, restarts: int = 5, seed: int = 0, method: str = "gmm", embed: str = "codes", embed_points: int = 10000, perplexity: float = 30.0) -> tuple[Any, ...]:
+def init_mixture(vade: Any, x: torch.Tensor, *, restarts: int = 5, seed: int = 0, method: str = "gmm",
+                 embed: str = "codes", embed_points: int = 10000, perplexity: float = 30.0) -> tuple[Any, ...]:
     """Set VaDE's pi, mu_c, sigma_c from the codes mu_phi(x) of its (pretrained) encoder (module docstring, stage 2).
 
     ``method="gmm"``: the best of ``restarts`` diagonal-GMM EM fits to the codes
@@ -348,7 +351,8 @@ def init_mixture(vade: Any, x: torch.Tensor, *, restarts: int = 5, seed: int = 0
 
 
 # ---- stage 3: alignment ----------------------------------------------------------------------
-def align(vade: Any, x: torch.Tensor, r: Any, *, epochs: int = 5, weight: float = 100.0, lr: float = 1e-3, batch_size: int = 256, seed: int = 0, progress: bool = False) -> dict[str, Any]:
+def align(vade: Any, x: torch.Tensor, r: Any, *, epochs: int = 5, weight: float = 100.0, lr: float = 1e-3,
+          batch_size: int = 256, seed: int = 0, progress: bool = False) -> dict[str, Any]:
     r"""Pull the codes towards the clusters ``r`` (N, K): train all of VaDE on l_AE + ``weight`` * CE (stage 3).
 
     :class:`AlignmentPair` trained by :func:`inference.fit` for ``epochs`` (Adam,
@@ -385,11 +389,11 @@ def _cross_entropy(vade, x, r):
 
 
 # ---- all stages, and the choice among candidates -----------------------------------------------
-def initialise(
-    vade: Any, x: torch.Tensor, *, pretrain_epochs: int = 50, batch_size: int = 256, lr: float = 1e-3, dropout: float = 0.0, weight_decay: float = 0.0, restarts: int = 5, seed: int = 0,
-    progress: bool = False, candidates: int = 1, select_epochs: int = 10, select_lr: float = 2e-3, select_particles: int = 10, init: str = "gmm",
-    embed: str = "codes", embed_points: int = 10000, perplexity: float = 30.0, align_epochs: int = 0, align_weight: float = 100.0,
-) -> Any:
+def initialise(vade: Any, x: torch.Tensor, *, pretrain_epochs: int = 50, batch_size: int = 256, lr: float = 1e-3,
+               dropout: float = 0.0, weight_decay: float = 0.0, restarts: int = 5, seed: int = 0,
+               progress: bool = False, candidates: int = 1, select_epochs: int = 10, select_lr: float = 2e-3,
+               select_particles: int = 10, init: str = "gmm", embed: str = "codes", embed_points: int = 10000,
+               perplexity: float = 30.0, align_epochs: int = 0, align_weight: float = 100.0) -> Any:
     """Initialise ``vade`` on ``x``: :func:`pretrain`, :func:`init_mixture`, then :func:`align` (module docstring).
 
     ``pretrain_epochs``, ``lr``, ``dropout``, ``weight_decay`` go to

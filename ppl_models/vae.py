@@ -71,7 +71,7 @@ class VAEConfig(ModelConfig):
     guide: str
     flow_hidden: Sequence[int] | None
 
-    def to_dict(self) -> Any:
+    def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict; the guide's fields only when not the diagonal Gaussian's defaults,
         so a diagonal-guide VAE writes the same config as before flow guides existed."""
         out = super().to_dict()
@@ -117,6 +117,7 @@ class VAE(Configurable, nn.Module):
         self.latent_dim = latent_dim
         self.beta = float(beta)
         self.likelihood = make_likelihood(likelihood, x_dim)
+        self.decoder: nn.Module
         if arch == "mlp":
             self.encoder_body, body_out = nets.mlp_encoder_body(x_dim, hidden, activation)
             self.decoder = nets.mlp([latent_dim, *reversed(hidden), self.likelihood.out_features], activation)
@@ -168,7 +169,7 @@ class VAE(Configurable, nn.Module):
         self.likelihood.check(x)
 
     @torch.no_grad()
-    def sample(self, n: int, *, mean: bool = True) -> Any:
+    def sample(self, n: int, *, mean: bool = True) -> torch.Tensor:
         """n draws x ~ p(x) (z from the prior); ``mean=True`` returns E[x | z] instead of a draw."""
         ref = next(self.parameters())
         z = torch.randn(n, self.latent_dim, device=ref.device, dtype=ref.dtype)
@@ -176,6 +177,6 @@ class VAE(Configurable, nn.Module):
         return px.mean if mean else px.sample()
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> Any:
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """E[x | z = mean of q(z | x)] (the mean estimated by Monte Carlo for a flow guide)."""
         return self.decode(self.posterior_moments(x)[0]).mean

@@ -26,7 +26,6 @@ import argparse
 import logging
 import sys
 import warnings
-from typing import Any
 
 from inference.errors import NonFiniteLossError, UsageError
 
@@ -40,7 +39,7 @@ from .runs import evaluate_run, generate_run, impute_run, print_metrics, sample_
 DESCRIPTION = "pplm: train, evaluate and sample from the library's models."
 
 
-def build_parser() -> Any:
+def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="pplm", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"pplm {__version__}")
     level = parser.add_mutually_exclusive_group()

@@ -83,7 +83,7 @@ class GMMRecipe(Recipe):
             return {"init": "em"}
         return {"init": "kmeans++"}
 
-    def metrics(self, module: Any, train: Any, test: Any, run: RunConfig) -> Any:
+    def metrics(self, module: Any, train: Any, test: Any, run: RunConfig) -> dict[str, Any]:
         """Exact test log-likelihood of the SVI fit and of EM's (same reg), and label agreement on the test set."""
         from sklearn.metrics import adjusted_rand_score
 

@@ -56,7 +56,8 @@ def _open(run_dir, split, device, command):
     return module, data.to(dev), train.image_shape
 
 
-def embed_run(run_dir: str | Path, out_file: str | Path, *, split: str = "test", samples: int = 256, device: str | torch.device = "auto", seed: int = 0) -> Any:
+def embed_run(run_dir: str | Path, out_file: str | Path, *, split: str = "test", samples: int = 256,
+              device: str | torch.device = "auto", seed: int = 0) -> Any:
     """Write the codes of a run's ``split`` to ``out_file`` (``.npz`` or ``.csv``); returns the path.
 
     ``.npz``: ``mean`` and ``sd`` (N, L) float32, ``index`` (N,) (row in the split) and ``y`` (N,) when
@@ -123,7 +124,8 @@ def _pairs(y, n, n_pairs):
 
 
 @torch.no_grad()
-def explore_run(run_dir: str | Path, out_dir: Path | None = None, *, split: str = "test", index: int = 0, method: str = "pca", samples: int = 256, device: str | torch.device = "auto", seed: int = 0,
+def explore_run(run_dir: str | Path, out_dir: Path | None = None, *, split: str = "test", index: int = 0,
+                method: str = "pca", samples: int = 256, device: str | torch.device = "auto", seed: int = 0,
                 steps: int = 10, n_pairs: int = 4, traverse: int = 10) -> Any:
     """Figures of a run's latent space in ``out_dir`` (default ``RUN/explore``); returns the written paths.
 

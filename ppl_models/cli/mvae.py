@@ -179,7 +179,7 @@ class MVAERecipe(Recipe):
             weights=source["weights"] if source else parse_weights(args.weights),
         )
 
-    def metrics(self, module: Any, train: Any, test: Any, run: RunConfig) -> Any:
+    def metrics(self, module: Any, train: Any, test: Any, run: RunConfig) -> dict[str, Any]:
         out = {"likelihood_weights": module.weights}
         if train.scaling:
             out["standardized"] = {k: {"mean": m.tolist(), "std": s.tolist()} for k, (m, s) in train.scaling.items()}
@@ -210,7 +210,7 @@ class MVAERecipe(Recipe):
             written = ["generation.png", "samples.png"]
         return written
 
-    def save_samples(self, module: Any, n: int, path: str | Path, module_config: Any = None) -> Any:
+    def save_samples(self, module: Any, n: int, path: str | Path, module_config: dict[str, Any] | None = None) -> Any:
         """Joint draws from the prior: one row per image modality (those sharing the first one's shape)."""
         images = [m for m in module.names if module.specs[m]["image_shape"]]
         if not images:
@@ -221,7 +221,8 @@ class MVAERecipe(Recipe):
         return save_image_grid(torch.cat([draws[m].cpu() for m in same]), shape, path, nrow=n, row_labels=same,
                                title="joint draws from the prior (E[x|z])")
 
-    def generate(self, module: Any, run: RunConfig, given: Any, target: Any, out_file: str | Path, *, n: int = 10, seed: int = 0) -> Any:
+    def generate(self, module: Any, run: RunConfig, given: Any, target: Any, out_file: str | Path, *, n: int = 10,
+                 seed: int = 0) -> Any:
         """``pplm generate``: a grid of the run's first ``n`` test tuples' ``given`` modalities and ``target``
         generated from them. ``given`` and ``target`` are comma-separated modality names; anything else
         raises UsageError (before the data are loaded)."""

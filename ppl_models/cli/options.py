@@ -33,7 +33,7 @@ class Parser(argparse.ArgumentParser):
         return action
 
 
-def suppress_defaults(parser: argparse.ArgumentParser) -> Any:
+def suppress_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Set every option's default of ``parser`` and its subparsers to ``SUPPRESS``, so that parsing gives the
     options the command line names, and only those (what ``--resume`` compares with the stored run)."""
     for action in parser._actions:
@@ -64,7 +64,7 @@ non_negative_int = _int_at_least(0, "non-negative")
 MAX_SEED = 2**32 - 1
 
 
-def seed(text: str) -> Any:
+def seed(text: str) -> int:
     """A seed in 0 .. 2^32 - 1 (what ``pyro.set_rng_seed`` and NumPy accept)."""
     try:
         value = int(text)
@@ -75,14 +75,14 @@ def seed(text: str) -> Any:
     return value
 
 
-def out_path(text: str) -> Any:
+def out_path(text: str) -> str:
     """A non-empty path."""
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a path, got an empty one")
     return text
 
 
-def positive_float(text: str) -> Any:
+def positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -99,7 +99,7 @@ def number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
-def fraction(text: str) -> Any:
+def fraction(text: str) -> float:
     """A number in [0, 1)."""
     try:
         value = float(text)
@@ -110,7 +110,7 @@ def fraction(text: str) -> Any:
     return value
 
 
-def lr_schedule(text: str) -> Any:
+def lr_schedule(text: str) -> str:
     """argparse type of ``--lr-schedule``: the spec, checked by :func:`~ppl_models.cli.recipe.lr_scheduler`."""
     try:
         lr_scheduler(text, 1)
@@ -159,7 +159,7 @@ def add_training_options(p: Any, recipe: Recipe) -> None:
                    help="replace the run in --out (once the new run has finished its first epoch)")
 
 
-def run_config(ns: Any, recipe: Recipe) -> Any:
+def run_config(ns: Any, recipe: Recipe) -> RunConfig:
     """The typed configuration of ``pplm train`` from argparse's namespace ``ns`` (the CLI boundary)."""
     shared = {f.name: getattr(ns, f.name) for f in dataclasses.fields(RunConfig) if f.name not in ("options", "validate", "given")}
     options = recipe.Options(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(recipe.Options)})

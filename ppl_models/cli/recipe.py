@@ -84,7 +84,8 @@ class RunConfig:
     def stored(self) -> dict[str, Any]:
         """The JSON-able record of this run for ``config.json``: ``{"run": {...}, "options": {...}}``."""
         # typeshed narrows is_dataclass() to an instance or a dataclass type; options is always an instance
-        options = dataclasses.asdict(self.options) if dataclasses.is_dataclass(self.options) else {}  # type: ignore[arg-type]
+        options = (dataclasses.asdict(self.options)  # type: ignore[arg-type]
+                   if dataclasses.is_dataclass(self.options) else {})
         return {"run": {k: getattr(self, k) for k in self.STORED}, "options": options}
 
 
@@ -187,7 +188,7 @@ class Recipe:
         """A fresh module for this run and this training data."""
         raise NotImplementedError
 
-    def rebuild(self, module_config: Any) -> Any:
+    def rebuild(self, module_config: dict[str, Any]) -> Any:
         """The module of a finished run, from its ``config.json``'s ``"module"`` entry."""
         return self.model_class.from_config(module_config)
 
@@ -203,7 +204,7 @@ class Recipe:
         """Write the model's PNG figures into ``run_dir`` (loss.png is written for every model); returns their names."""
         return []
 
-    def save_samples(self, module: Any, n: int, path: str | Path, module_config: Any = None) -> Any:
+    def save_samples(self, module: Any, n: int, path: str | Path, module_config: dict[str, Any] | None = None) -> Any:
         """``pplm sample``: a grid of ``n`` draws from the model (``module.sample(n)``) saved to ``path``."""
         shape = (module_config or {}).get("image_shape")
         if not hasattr(module, "sample") or not shape:

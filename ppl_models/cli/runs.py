@@ -88,7 +88,7 @@ def _jsonable(value):
     return float(value)
 
 
-def read_config(run_dir: str | Path) -> Any:
+def read_config(run_dir: str | Path) -> dict[str, Any]:
     """The dict in ``run_dir/config.json``; UsageError without one, CheckpointError if it is no run config
     of a format this version reads."""
     path = Path(run_dir) / "config.json"
@@ -106,7 +106,7 @@ def read_config(run_dir: str | Path) -> Any:
     return config
 
 
-def read_run_config(config: dict[str, Any], recipe: Recipe, **changes: Any) -> Any:
+def read_run_config(config: dict[str, Any], recipe: Recipe, **changes: Any) -> RunConfig:
     """The :class:`RunConfig` a run folder's ``config`` (from :func:`read_config`) was trained with, with ``changes``."""
     if config["format"] == "ppl-models/run/1":
         shared = dict(config["args"])
@@ -119,7 +119,7 @@ def read_run_config(config: dict[str, Any], recipe: Recipe, **changes: Any) -> A
     return RunConfig(**{**shared, **changes}, options=recipe.options_from_dict(options))
 
 
-def write_history(path: str | Path, history: Any) -> None:
+def write_history(path: str | Path, history: list[dict[str, Any]]) -> None:
     keys = []
     for record in history:
         keys += [k for k in record if k not in keys]
@@ -146,7 +146,7 @@ def load_module(recipe: Recipe, config: dict[str, Any], run_dir: str | Path, dev
     return module.to(device).eval()
 
 
-def prepare_training(module: Any, train: Any, test: Any, run: RunConfig, device: str | torch.device) -> Any:
+def prepare_training(module: Any, train: Any, test: Any, run: RunConfig, device: str | torch.device) -> Trainer:
     """Every check of the data, the model and the objective, each once, before the run folder is touched.
 
     The test set is checked here (finite, accepted by the model's ``check_data``);
@@ -232,7 +232,7 @@ def _option(name):
     return "--" + {"validate": "no-validate"}.get(name, name).replace("_", "-")
 
 
-def resumed_run(config: dict[str, Any], recipe: Recipe, run: RunConfig) -> Any:
+def resumed_run(config: dict[str, Any], recipe: Recipe, run: RunConfig) -> RunConfig:
     """The :class:`RunConfig` of ``--resume``: the stored run's, with the options that may change
     (``RunConfig.RESUME_OVERRIDES``) taken from ``run`` where its command line gave them; any other option
     the command line gave that differs from the stored run is refused, naming it."""
@@ -260,7 +260,7 @@ def _run_file_names(folder):
     return set(RUN_FILES) | {EVALUATION} | {str(n) for n in outputs if isinstance(n, str)}
 
 
-def check_output_file(path: str | Path, *, image: bool = False) -> Any:
+def check_output_file(path: str | Path, *, image: bool = False) -> Path:
     """Refuse an empty path, a folder, an unknown image format (``image=True``) and a path naming a file of a run.
 
     :raises inference.errors.UsageError: naming the path.
@@ -343,7 +343,7 @@ class _Commit(Callback):
             self.done = True
 
 
-def train_run(recipe: Recipe, run: RunConfig) -> Any:
+def train_run(recipe: Recipe, run: RunConfig) -> dict[str, Any]:
     """Train ``recipe``'s model as the :class:`RunConfig` ``run`` says, into the folder ``run.out``.
 
     Refuses, before writing anything, a folder that already holds a run unless
@@ -485,7 +485,8 @@ def _psis_metrics(ev):
     return khat_summary(psis_khat(ev.log_weights))
 
 
-def evaluate_run(run_dir: str | Path, *, particles: int | None = None, device: str | torch.device = "auto", quiet: bool = False, out: Any = None) -> Any:
+def evaluate_run(run_dir: str | Path, *, particles: int | None = None, device: str | torch.device = "auto",
+                 quiet: bool = False, out: Any = None) -> dict[str, Any]:
     """Reload a finished run and recompute its test metrics into ``out`` (default: ``evaluation.json`` in the
     run folder, beside the training-time ``metrics.json``, which is kept). Returns the metrics."""
     target = check_output_file(out) if out is not None else Path(run_dir) / EVALUATION
@@ -500,7 +501,8 @@ def evaluate_run(run_dir: str | Path, *, particles: int | None = None, device: s
     return metrics
 
 
-def sample_run(run_dir: str | Path, n: int, out_file: str | Path, *, device: str | torch.device = "auto", seed: int = 0) -> Any:
+def sample_run(run_dir: str | Path, n: int, out_file: str | Path, *, device: str | torch.device = "auto",
+               seed: int = 0) -> Any:
     """Draw ``n`` samples from a finished run's model and save them as an image grid."""
     if n < 1:
         raise UsageError(f"-n must be positive, got {n}")
@@ -511,7 +513,8 @@ def sample_run(run_dir: str | Path, n: int, out_file: str | Path, *, device: str
     return recipe.save_samples(module, n, out_file, config["module"])
 
 
-def generate_run(run_dir: str | Path, given: Any, target: Any, out_file: str | Path, *, n: int = 10, device: str | torch.device = "auto", seed: int = 0) -> Any:
+def generate_run(run_dir: str | Path, given: Any, target: Any, out_file: str | Path, *, n: int = 10,
+                 device: str | torch.device = "auto", seed: int = 0) -> Any:
     """``pplm generate``: a grid of the run's test tuples' ``given`` modalities and ``target`` generated from them."""
     check_output_file(out_file, image=True)
     recipe, config, run = open_run(run_dir)
@@ -522,7 +525,8 @@ def generate_run(run_dir: str | Path, given: Any, target: Any, out_file: str | P
     return recipe.generate(module, run, given, target, out_file, n=n, seed=seed)
 
 
-def impute_run(run_dir: str | Path, dataset: Any, out_file: str | Path, *, device: str | torch.device = "auto", seed: int = 0) -> Any:
+def impute_run(run_dir: str | Path, dataset: Any, out_file: str | Path, *, device: str | torch.device = "auto",
+               seed: int = 0) -> Any:
     """``pplm impute``: fill the missing entries of ``dataset`` by cross-modal generation from a run's model."""
     recipe, config, run = open_run(run_dir)
     if getattr(recipe, "impute", None) is None:

@@ -144,7 +144,7 @@ class VaDERecipe(Recipe):
             info["init_train_acc"] = cluster_accuracy(train.y, module.cluster(x))
         return info
 
-    def metrics(self, module: Any, train: Any, test: Any, run: RunConfig) -> Any:
+    def metrics(self, module: Any, train: Any, test: Any, run: RunConfig) -> dict[str, Any]:
         """Clustering accuracy (Hungarian), NMI and ARI of q(c | x) on the training and test sets."""
         device = next(module.parameters()).device
         out = {"cluster_weights": module.mixture_weights.detach().cpu().tolist()}

@@ -28,7 +28,7 @@ class VAEOptions:
     guide: str = "diag"
 
 
-def guide_spec(text: str) -> Any:
+def guide_spec(text: str) -> str:
     """argparse type of ``--guide``: a spec :func:`ppl_models.flows.parse_guide` accepts."""
     try:
         parse_guide(text)
