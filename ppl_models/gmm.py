@@ -70,7 +70,7 @@ def _check_covariance(covariance):
 
 
 def component_log_prob(x: torch.Tensor, means: torch.Tensor, covariances: torch.Tensor,
-                       covariance: str = "diag") -> dist.TorchDistribution:
+                       covariance: str = "diag") -> torch.Tensor:
     """log N(x_n; mu_k, Sigma_k) for every pair: (N, K).
 
     ``covariances`` are variances (K, D) for ``"diag"`` and matrices (K, D, D) for ``"full"``.

@@ -352,7 +352,9 @@ def train_run(recipe: Recipe, run: RunConfig) -> dict[str, Any]:
     during its final evaluation is completed) or ``run.overwrite`` (replace it,
     once the new run has written its first checkpoint). Returns the metrics dict.
     """
-    out = Path(run.out)  # type: ignore[arg-type]  # RunConfig.out is optional; a train run always sets it
+    if run.out is None:
+        raise UsageError("a training run needs its output folder (--out)")
+    out = Path(run.out)
     if run.resume and run.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
     if out.exists() and not out.is_dir():
