@@ -9,20 +9,20 @@ fresh view per training epoch, e.g. dynamic binarisation) and ``.rows(index)``
 :class:`ppl_models.data.DataSplit`. Batches are formed by indexing device tensors
 with device index tensors, so the hot path makes no host-to-device copies.
 """
-
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 from .errors import UsageError
 
 
-def fixed_view(data):
+def fixed_view(data: Any) -> Any:
     """The fixed tensor (or mapping) behind ``data``, for evaluation."""
     return data.data if hasattr(data, "epoch") else data
 
 
-def epoch_view(data):
+def epoch_view(data: Any) -> Any:
     """The tensor (or mapping) to train on for one epoch."""
     return data.epoch() if hasattr(data, "epoch") else data
 
@@ -45,7 +45,7 @@ def _items(data, what="data"):
     return [(what, data)]
 
 
-def length(data):
+def length(data: Any) -> Any:
     """The number of datapoints: the common first dimension of every tensor in ``data``."""
     data = fixed_view(data)
     if not isinstance(data, (Mapping, tuple, list)):
@@ -61,12 +61,12 @@ def length(data):
     return sizes.pop()
 
 
-def take(data, index):
+def take(data: Any, index: torch.Tensor) -> Any:
     """Rows ``index`` (a slice or an index tensor) of a tensor, or of every tensor in a mapping or tuple."""
     return _map(data, lambda v: v[index])
 
 
-def subset(data, index):
+def subset(data: Any, index: torch.Tensor) -> Any:
     """The datapoints ``index`` (an index tensor) of ``data``, as data of the same kind.
 
     Data objects (with ``.epoch()``) provide ``rows(index)``; tensors and mappings are indexed.
@@ -78,17 +78,17 @@ def subset(data, index):
     return take(data, index)
 
 
-def to_device(data, device):
+def to_device(data: Any, device: str | torch.device) -> Any:
     if hasattr(data, "to") and hasattr(data, "epoch"):
         return data.to(device)
     return _map(data, lambda v: v.to(device))
 
 
-def data_device(data):
+def data_device(data: Any) -> torch.device:
     return _items(fixed_view(data))[0][1].device
 
 
-def check_finite(data, what="data"):
+def check_finite(data: Any, what: str = "data") -> None:
     """Raise :class:`UsageError` if any floating-point value is NaN or infinite."""
     for name, value in _items(fixed_view(data), what):
         if value.is_floating_point() and not torch.isfinite(value).all():
@@ -101,12 +101,13 @@ def _stop(n, batch_size, drop_last):
     return n - n % batch_size if drop_last and n >= batch_size else n
 
 
-def num_batches(n, batch_size, *, drop_last=False):
+def num_batches(n: int, batch_size: int, *, drop_last: bool = False) -> int:
     """How many batches :func:`batch_indices` makes."""
     return -(-_stop(n, batch_size, drop_last) // batch_size)
 
 
-def batch_indices(n, batch_size, *, shuffle, device, drop_last=False):
+def batch_indices(n: int, batch_size: int, *, shuffle: bool, device: str | torch.device,
+                  drop_last: bool = False) -> list[Any]:
     """Index tensors for one pass over ``n`` points; shuffling draws from the device's RNG."""
     if shuffle:
         order = torch.randperm(n, device=device)

@@ -23,15 +23,21 @@ holds every other callback's state after the epoch. A plain function
 ``f(record)`` is accepted as a callback and called at each epoch's end.
 """
 
+from __future__ import annotations
+
 import io
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
 from .checkpoint import FILENAME, atomic_write, dump_checkpoint, load_checkpoint
 from .errors import CheckpointError, DivergenceError, UsageError
+
+if TYPE_CHECKING:  # the trainer imports this module; the name is needed by the annotations only
+    from .train import Trainer
 
 
 def _check_folder(path, what):
@@ -45,39 +51,39 @@ class Callback:
 
     order = 0
 
-    def setup(self, trainer):
+    def setup(self, trainer: Trainer) -> None:
         pass
 
-    def on_fit_start(self, trainer):
+    def on_fit_start(self, trainer: Trainer) -> None:
         pass
 
-    def on_steps(self, trainer, steps, loss_sum, points):
+    def on_steps(self, trainer: Trainer, steps: int, loss_sum: float, points: int) -> None:
         pass
 
-    def on_epoch_end(self, trainer, record):
+    def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         pass
 
-    def on_fit_end(self, trainer):
+    def on_fit_end(self, trainer: Trainer) -> None:
         pass
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         return {}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
 
 class LambdaCallback(Callback):
     """``fn(record)`` called at the end of every epoch (observes; cannot stop training)."""
 
-    def __init__(self, fn):
+    def __init__(self, fn: Any) -> None:
         self.fn = fn
 
-    def on_epoch_end(self, trainer, record):
+    def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         self.fn(record)
 
 
-def as_callback(obj):
+def as_callback(obj: Any) -> Callback:
     """A :class:`Callback` from a callback object or a plain function of the epoch record."""
     if isinstance(obj, Callback):
         return obj
@@ -93,11 +99,11 @@ class ProgressBar(Callback):
 
     order = -100
 
-    def __init__(self, enabled=True):
+    def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
-        self.bar = None
+        self.bar: Any = None  # the tqdm bar, made by on_fit_start
 
-    def on_fit_start(self, trainer):
+    def on_fit_start(self, trainer: Trainer) -> None:
         left = max(trainer.epochs - trainer.epoch, 0)
         self.bar = tqdm(
             total=left * trainer.steps_per_epoch,
@@ -108,17 +114,17 @@ class ProgressBar(Callback):
             dynamic_ncols=True,
         )
 
-    def on_steps(self, trainer, steps, loss_sum, points):
+    def on_steps(self, trainer: Trainer, steps: int, loss_sum: float, points: int) -> None:
         self.bar.update(steps)
         self.bar.set_postfix({"epoch": trainer.epoch + 1, "loss": f"{loss_sum / max(points, 1):.3f}"}, refresh=False)
 
-    def on_epoch_end(self, trainer, record):
+    def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         post = {"epoch": record["epoch"], "loss": f"{record['train_loss']:.3f}"}
         if "val_elbo" in record:
             post["val_elbo"] = f"{record['val_elbo']:.3f}"
         self.bar.set_postfix(post, refresh=False)
 
-    def on_fit_end(self, trainer):
+    def on_fit_end(self, trainer: Trainer) -> None:
         if self.bar is not None:
             self.bar.close()
 
@@ -139,20 +145,21 @@ class EarlyStopping(Callback):
 
     order = 10
 
-    def __init__(self, patience, *, min_delta=0.0, monitor="val_elbo"):
+    def __init__(self, patience: int, *, min_delta: float = 0.0, monitor: str = "val_elbo") -> None:
         if not (isinstance(patience, int) and not isinstance(patience, bool) and patience >= 1):
             raise UsageError(f"patience must be a positive integer, got {patience!r}")
         if not (isinstance(min_delta, (int, float)) and min_delta >= 0):
             raise UsageError(f"min_delta must be a non-negative number, got {min_delta!r}")
         self.patience, self.min_delta, self.monitor = patience, float(min_delta), monitor
+        self.best_state: dict[str, Any] | None
         self.best, self.best_epoch, self.wait, self.best_state = -math.inf, None, 0, None
 
-    def setup(self, trainer):
+    def setup(self, trainer: Trainer) -> None:
         if trainer.validation is None:
             raise UsageError("early stopping watches the validation ELBO, and there is no validation data "
                              "(fit(validation=FRACTION or data); pplm --validation FRACTION)")
 
-    def on_epoch_end(self, trainer, record):
+    def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         value = record[self.monitor]
         if value > self.best + self.min_delta:
             self.best, self.best_epoch, self.wait = value, record["epoch"], 0
@@ -163,15 +170,15 @@ class EarlyStopping(Callback):
                 trainer.should_stop = True
                 record["stopped"] = True
 
-    def on_fit_end(self, trainer):
+    def on_fit_end(self, trainer: Trainer) -> None:
         if self.best_state is not None:
             trainer.load_parameters_state(self.best_state)
             trainer.best_epoch = self.best_epoch
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait, "best_state": self.best_state}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.best_epoch, self.wait = state["best"], state["best_epoch"], state["wait"]
         self.best_state = state["best_state"]
 
@@ -187,14 +194,14 @@ class TensorBoard(Callback):
     order = 20
     TAGS = {"train_loss": "train/loss", "val_elbo": "val/elbo", "lr": "lr", "seconds": "time/epoch_seconds"}
 
-    def __init__(self, log_dir):
+    def __init__(self, log_dir: str | Path) -> None:
         self.log_dir = Path(log_dir)
-        self.writer = None
+        self.writer: Any = None  # the SummaryWriter, made by on_fit_start
 
-    def setup(self, trainer):
+    def setup(self, trainer: Trainer) -> None:
         _check_folder(self.log_dir, "the TensorBoard folder")
 
-    def on_fit_start(self, trainer):
+    def on_fit_start(self, trainer: Trainer) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -202,13 +209,13 @@ class TensorBoard(Callback):
         # a resumed run continues its curves: events past the resumed epoch are dropped
         self.writer = SummaryWriter(str(self.log_dir), purge_step=trainer.epoch + 1 if trainer.epoch else None)
 
-    def on_epoch_end(self, trainer, record):
+    def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         for key, tag in self.TAGS.items():
             if key in record:
                 self.writer.add_scalar(tag, record[key], record["epoch"])
         self.writer.flush()
 
-    def on_fit_end(self, trainer):
+    def on_fit_end(self, trainer: Trainer) -> None:
         if self.writer is not None:
             self.writer.close()
 
@@ -234,12 +241,12 @@ class Checkpoint(Callback):
     order = 100
     MATCH = ("elbo", "batch_size", "seed", "validation")
 
-    def __init__(self, directory, *, resume=False):
+    def __init__(self, directory: str | Path, *, resume: bool = False) -> None:
         self.path = Path(directory) / FILENAME
         self.resume = resume
-        self.pending = None
+        self.pending: Path | None = None
 
-    def setup(self, trainer):
+    def setup(self, trainer: Trainer) -> None:
         _check_folder(self.path.parent, "checkpoint_dir")
         trainer.checkpoint_path = self.path
         if not (self.resume and self.path.exists()):
@@ -251,14 +258,14 @@ class Checkpoint(Callback):
                 raise CheckpointError(f"cannot resume: the checkpoint was trained with {key}={stored!r}, not {now!r}")
         trainer.load_state_dict(state)
 
-    def on_epoch_end(self, trainer, record):
+    def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         # kept in memory until the next read of the losses shows its parameters finite and its next loss finite
         self.pending = _serialise(trainer.state_dict())
 
-    def on_steps(self, trainer, steps, loss_sum, points):
+    def on_steps(self, trainer: Trainer, steps: int, loss_sum: float, points: int) -> None:
         self._write_pending()
 
-    def on_fit_end(self, trainer):
+    def on_fit_end(self, trainer: Trainer) -> None:
         if trainer.best_epoch is not None and trainer.history and trainer.best_epoch != trainer.history[-1]["epoch"]:
             self.pending = _serialise(trainer.state_dict())
         if self.pending is not None and not trainer.parameters_finite():

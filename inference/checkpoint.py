@@ -15,7 +15,6 @@ Pyro's param store, and NumPy's array reconstruction for the RNG state of
 checkpoints of format 1 (format 2 stores NumPy's state as a tensor). A file
 holding anything else is refused with :class:`~inference.errors.CheckpointError`.
 """
-
 import contextlib
 import inspect
 import os
@@ -25,6 +24,7 @@ import signal
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyro.distributions.constraints as pyro_constraints
@@ -63,7 +63,7 @@ def _umask():
     return mask
 
 
-def atomic_write(path, write):
+def atomic_write(path: str | Path, write: Any) -> None:
     """Call ``write(file_object)`` on a temporary file beside ``path``, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,12 +103,14 @@ def _sigint_deferred():
         raise KeyboardInterrupt
 
 
-def get_rng_state():
+def get_rng_state() -> dict[str, Any]:
     """Every RNG state as tensors and plain values (loadable with ``weights_only=True``)."""
+    # numpy's stub types get_state() as the dict form too, which only legacy=False returns
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),  # type: ignore[attr-defined]
+                  "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
     }
@@ -117,7 +119,7 @@ def get_rng_state():
     return state
 
 
-def set_rng_state(state):
+def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     numpy_state = state["numpy"]
     if isinstance(numpy_state, dict):
@@ -130,21 +132,22 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def model_name(module):
+def model_name(module: torch.nn.Module) -> str:
     return type(module).__name__
 
 
-def dump_checkpoint(file, state):
+def dump_checkpoint(file: str | Path, state: dict[str, Any]) -> None:
     """``torch.save`` ``state`` (a dict) with the format tag added to ``file`` (an open binary file)."""
     torch.save(dict(state, format=FORMAT), file)
 
 
-def save_checkpoint(path, state):
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Atomically write ``state`` (a dict) with the format tag added."""
     atomic_write(path, lambda f: dump_checkpoint(f, state))
 
 
-def load_checkpoint(path, *, expect_model=None, map_location="cpu"):
+def load_checkpoint(path: str | Path, *, expect_model: Any = None,
+                    map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint`.
 
     Read with ``torch.load(weights_only=True)`` and the allow-list

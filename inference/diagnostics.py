@@ -35,12 +35,14 @@ Gradient signal-to-noise ratio
     (Rainforth et al. 2018, "Tighter variational bounds are not necessarily
     better"), and summarises it per group of parameters (encoder, decoder).
 """
-
 import math
 import sys
+import types
 import warnings
+from typing import Any
 
 import torch
+from pyro.poutine import Trace
 from torch.distributions import kl_divergence
 
 from .errors import UsageError
@@ -61,7 +63,7 @@ def _latent_sites(model_trace, guide_trace):
                 yield name, site, guide_trace.nodes[name]
 
 
-def meanfield_mc_sites(model_trace, guide_trace):
+def meanfield_mc_sites(model_trace: Trace, guide_trace: Trace) -> Any:
     """Names of the latent sites whose KL(q || p) has no closed form (so TraceMeanField_ELBO samples it)."""
     out = []
     with torch.no_grad():
@@ -79,7 +81,7 @@ def _is_one(scale):
     return scale == 1
 
 
-def check_bound(model_trace, guide_trace, spec="iwae/renyi", *, data_plate="data"):
+def check_bound(model_trace: Trace, guide_trace: Trace, spec: str = "iwae/renyi", *, data_plate: str = "data") -> Any:
     """Raise or warn when importance-weighted objectives are not per-datapoint bounds (module docstring).
 
     Returns the names of the latent sites outside the ``data_plate`` (empty when
@@ -109,16 +111,17 @@ def check_bound(model_trace, guide_trace, spec="iwae/renyi", *, data_plate="data
     return outside
 
 
-def external_stacklevel():
+def external_stacklevel() -> int:
     """The ``stacklevel`` that attributes a warning to the first caller outside pyro, torch and inference."""
-    level, frame = 1, sys._getframe(1)
+    level = 1
+    frame: types.FrameType | None = sys._getframe(1)
     while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("pyro", "torch", "inference"):
         frame = frame.f_back
         level += 1
     return level
 
 
-def warn_global_latents(outside, spec):
+def warn_global_latents(outside: Any, spec: Any) -> None:
     warnings.warn(
         f"{spec}: latent site(s) {', '.join(map(repr, outside))} lie outside the 'data' plate, so each particle's "
         "log weight sums over the whole batch: the objective bounds the batch's joint log p(x_1..x_B), not each "
@@ -146,7 +149,7 @@ def _groups(module, groups):
     return out
 
 
-def gradient_snr(module, elbo, batch, *, samples=100, groups=None):
+def gradient_snr(module: torch.nn.Module, elbo: Any, batch: Any, *, samples: int = 100, groups: Any = None) -> Any:
     """Per-parameter gradient signal-to-noise ratio of an objective, summarised per parameter group.
 
     ``samples`` independent gradients g_s of the loss ``-objective(batch) / B``

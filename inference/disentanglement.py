@@ -25,6 +25,7 @@ Both take codes ``z`` (N, L) (e.g. posterior means) and integer factor values
   data, so the data should contain every value of each factor with the other
   factors varied (a full factorial grid, as :mod:`ppl_models.sprites` is).
 """
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ def _arrays(z, v):
     return z, v
 
 
-def discretise(z, bins=20):
+def discretise(z: torch.Tensor, bins: int = 20) -> Any:
     """Each column of ``z`` (N, L) cut into ``bins`` equal-width bins over its range: (N, L) int."""
     out = np.zeros(z.shape, dtype=np.int64)
     for j in range(z.shape[1]):
@@ -53,7 +54,7 @@ def discretise(z, bins=20):
     return out
 
 
-def mutual_information_matrix(z, v, bins=20):
+def mutual_information_matrix(z: torch.Tensor, v: Any, bins: int = 20) -> np.ndarray:
     """I(z_j; v_k) in nats, (L, K), from the discretised codes (plug-in estimate)."""
     from sklearn.metrics import mutual_info_score
 
@@ -62,7 +63,7 @@ def mutual_information_matrix(z, v, bins=20):
     return np.array([[mutual_info_score(v[:, k], zd[:, j]) for k in range(v.shape[1])] for j in range(z.shape[1])])
 
 
-def mig(z, v, *, bins=20):
+def mig(z: torch.Tensor, v: Any, *, bins: int = 20) -> dict[str, Any]:
     """The mutual information gap (Chen et al. 2018). Returns ``{"mig", "per_factor", "mutual_information",
     "entropy"}``: the score, the normalised gap of each factor (K,), I(z_j; v_k) (L, K) and H(v_k) (K,).
 
@@ -94,7 +95,8 @@ def _votes(z, v, n, batch, rng):
     return x, y
 
 
-def beta_vae_score(z, v, *, batch=64, train_votes=1000, test_votes=500, seed=0):
+def beta_vae_score(z: torch.Tensor, v: Any, *, batch: int = 64, train_votes: int = 1000, test_votes: int = 500,
+                   seed: int = 0) -> dict[str, Any]:
     """The beta-VAE metric (Higgins et al. 2017): accuracy of a linear classifier that names the fixed factor.
 
     Returns ``{"train_accuracy", "accuracy", "chance"}`` (chance = 1/K).

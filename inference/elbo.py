@@ -42,9 +42,9 @@ When is it a bound? (checks in :mod:`inference.diagnostics`)
   (Li & Turner 2016), so 0 < alpha < 1 lies between them and alpha > 1 below the
   ELBO; alpha < 0 lies *above* log p(x) and warns (NotABoundWarning).
 """
-
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -94,12 +94,13 @@ class DifferentiableRenyiELBO(RenyiELBO):
     def _spec(self):
         return f"iwae:{self.num_particles}" if self.alpha == 0 else f"renyi:{self.alpha:g}:{self.num_particles}"
 
-    def log_weights(self, model, guide, *args, **kwargs):
+    def log_weights(self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any,
+                    **kwargs: Any) -> torch.Tensor:
         """log w = log p(x, z) - log q(z | x): shape (K, *batch) for vectorised particles."""
-        particles = []
+        particles: list[torch.Tensor] = []
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
             sum_dims = get_dependent_plate_dims(model_trace.nodes.values())
-            log_w = 0.0
+            log_w: Any = 0.0
             for site in model_trace.nodes.values():
                 if site["type"] == "sample":
                     log_w = log_w + torch_sum(site["log_prob"], sum_dims)
@@ -116,7 +117,8 @@ class DifferentiableRenyiELBO(RenyiELBO):
             return particles[0]
         return torch.stack(particles)
 
-    def differentiable_loss(self, model, guide, *args, **kwargs):
+    def differentiable_loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any,
+                            **kwargs: Any) -> torch.Tensor:
         log_w = (1.0 - self.alpha) * self.log_weights(model, guide, *args, **kwargs)
         bound = (torch.logsumexp(log_w, dim=0) - math.log(self.num_particles)) / (1.0 - self.alpha)
         loss = -bound.sum()
@@ -137,7 +139,8 @@ class DifferentiableTraceGraphELBO(TraceGraph_ELBO):
     unbiased estimate of the gradient of -ELBO, as Pyro's ``loss_and_grads``.
     """
 
-    def differentiable_loss(self, model, guide, *args, **kwargs):
+    def differentiable_loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any,
+                            **kwargs: Any) -> torch.Tensor:
         elbo, surrogate_loss = self._loss_and_surrogate_loss(model, guide, args, kwargs)
         elbo, surrogate_loss = torch.as_tensor(elbo), torch.as_tensor(surrogate_loss)
         loss = -elbo.detach() + (surrogate_loss - surrogate_loss.detach())
@@ -154,10 +157,10 @@ class ReportingMeanFieldELBO(TraceMeanField_ELBO):
     them once.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.mc_sites = []
-        self._checked = set()
+        self.mc_sites: list[str] = []
+        self._checked: set[Any] = set()
 
     def _get_trace(self, model, guide, args, kwargs):
         model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
@@ -233,6 +236,6 @@ def make_elbo(spec: str, *, max_plate_nesting: int | None = None) -> ELBO:
     raise UsageError(f"unknown ELBO spec {spec!r}; valid specs: {', '.join(ELBO_SPECS)}")
 
 
-def particles_of(elbo):
+def particles_of(elbo: Any) -> int:
     """Number of particles an ELBO object draws per step."""
     return int(getattr(elbo, "num_particles", 1))

@@ -36,9 +36,9 @@ or subsampling scale (so a beta-VAE is scored as the VAE it is) but with their
 masks. A pair may instead provide ``log_weights(batch, num_particles) -> (K, B)``,
 which is used as is (per-datapoint).
 """
-
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +53,7 @@ from pyro.poutine.util import prune_subsample_sites
 
 from . import batching
 from .errors import UsageError
-from .pair import Pair, as_pair, inspect_pair
+from .pair import Pair, PairInfo, as_pair, inspect_pair
 
 DEFAULT_MAX_ELEMENTS = 2**24  # floats per particle chunk: about 64 MiB per tensor of that size
 PER_DATAPOINT = "per-datapoint"
@@ -86,7 +86,7 @@ class Evaluation:
     scope: str = PER_DATAPOINT
     num_data: int | None = None
 
-    def as_dict(self):
+    def as_dict(self) -> dict[str, Any]:
         return {
             "elbo": self.elbo,
             "elbo_se": self.elbo_se,
@@ -97,7 +97,7 @@ class Evaluation:
         }
 
 
-def scope_of(info):
+def scope_of(info: PairInfo) -> str:
     """``"per-datapoint"`` when every site lies inside the data plate, else ``"whole-data"``.
 
     Raises :class:`UsageError` naming a latent that is neither in the guide nor enumerated
@@ -258,7 +258,8 @@ def _subsampled_whole_data_log_weights(pair, info, data, num_particles):
     return total
 
 
-def trace_log_weights(model, guide, batch, num_particles, *, max_plate_nesting=None, data_plate="data"):
+def trace_log_weights(model: Callable[..., Any], guide: Callable[..., Any], batch: Any, num_particles: int, *,
+                      max_plate_nesting: int | None = None, data_plate: str = "data") -> torch.Tensor:
     """log p(x_b, z_bk) - log q(z_bk | x_b) for every datapoint of ``batch``: shape (K, B).
 
     ``model``/``guide`` are called with ``batch`` by the convention of

@@ -18,6 +18,8 @@ tensors and callables, never a model class.
   (Kingma & Welling 2014, fig. 4);
 * :func:`map_2d`: codes projected to 2-D by PCA or t-SNE (scikit-learn).
 """
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +29,7 @@ from .errors import UsageError
 ACTIVE_THRESHOLD = 1e-2
 
 
-def posterior_moments(q, *, samples=256):
+def posterior_moments(q: Any, *, samples: int = 256) -> tuple[Any, ...]:
     """(mean, sd) of a distribution ``q`` over codes, each of shape ``q.batch_shape + q.event_shape``.
 
     Uses ``q.mean`` / ``q.stddev`` where the distribution defines them; otherwise
@@ -44,7 +46,7 @@ def posterior_moments(q, *, samples=256):
 
 
 @torch.no_grad()
-def encode_batches(encode, x, *, batch_size=1024, samples=256):
+def encode_batches(encode: Any, x: torch.Tensor, *, batch_size: int = 1024, samples: int = 256) -> tuple[Any, ...]:
     """Posterior (mean, sd) of every row of ``x`` (N, ...), each (N, L): ``encode(x_batch)`` returns q(z | x)."""
     if x.shape[0] == 0:
         raise UsageError("no data to encode")
@@ -52,14 +54,14 @@ def encode_batches(encode, x, *, batch_size=1024, samples=256):
     return torch.cat([m for m, _ in parts]), torch.cat([s for _, s in parts])
 
 
-def activity(means):
+def activity(means: torch.Tensor) -> torch.Tensor:
     """A_l = variance over the data of the posterior means, (N, L) -> (L,) (Burda et al. 2015, sec. 5.2)."""
     if means.dim() != 2 or means.shape[0] < 2:
         raise UsageError(f"activity needs posterior means of shape (N >= 2, L), got {tuple(means.shape)}")
     return means.var(0, unbiased=False)
 
 
-def traversal_codes(z, dims, values):
+def traversal_codes(z: torch.Tensor, dims: Sequence[int], values: Any) -> torch.Tensor:
     """Codes (len(dims), len(values), L): ``z`` (L,) with dimension ``dims[i]`` set to ``values[j]``."""
     z = torch.as_tensor(z)
     values = torch.as_tensor(values, dtype=z.dtype, device=z.device)
@@ -79,7 +81,7 @@ def _weights(steps, ref):
     return torch.linspace(0.0, 1.0, steps, dtype=ref.dtype, device=ref.device)
 
 
-def lerp(z0, z1, steps):
+def lerp(z0: torch.Tensor, z1: torch.Tensor, steps: int) -> torch.Tensor:
     """(1 - t) z0 + t z1 for t = 0, 1/(steps-1), ..., 1: (..., L), (..., L) -> (..., steps, L); endpoints exact."""
     t = _weights(steps, z0).unsqueeze(-1)
     path = (1 - t) * z0.unsqueeze(-2) + t * z1.unsqueeze(-2)
@@ -87,7 +89,7 @@ def lerp(z0, z1, steps):
     return path
 
 
-def slerp(z0, z1, steps, eps=1e-7):
+def slerp(z0: torch.Tensor, z1: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
     """Spherical interpolation (White 2016): sin((1-t) w) / sin w * z0 + sin(t w) / sin w * z1, w = angle(z0, z1).
 
     Shapes as :func:`lerp`; falls back to :func:`lerp` where the codes are
@@ -105,7 +107,7 @@ def slerp(z0, z1, steps, eps=1e-7):
     return path
 
 
-def manifold_grid(n, *, lo=0.05, hi=0.95, dtype=None):
+def manifold_grid(n: int, *, lo: float = 0.05, hi: float = 0.95, dtype: torch.dtype | None = None) -> tuple[Any, ...]:
     """The n x n grid of 2-D codes Phi^{-1}(u) for u on an even grid in [lo, hi]^2 (Kingma & Welling 2014, fig. 4).
 
     Returns ``(codes, values)``: codes (n*n, 2), row-major with the first
@@ -120,7 +122,7 @@ def manifold_grid(n, *, lo=0.05, hi=0.95, dtype=None):
     return torch.stack([z1.reshape(-1), z2.reshape(-1)], dim=-1), values
 
 
-def map_2d(codes, *, method="pca", seed=0, max_points=None):
+def map_2d(codes: Any, *, method: str = "pca", seed: int = 0, max_points: int | None = None) -> tuple[Any, ...]:
     """Codes (N, L) -> (N, 2) numpy coordinates by ``"pca"`` or ``"tsne"`` (scikit-learn); L = 2 is returned as is.
 
     Returns ``(coords, axis_names)``. t-SNE (perplexity 30, PCA initialisation)

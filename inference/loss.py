@@ -52,9 +52,9 @@ Pyro's own ``JitTrace_ELBO`` family takes only ``pyro.param`` tensors as graph
 inputs, so tracing fails ("Cannot insert a Tensor that requires grad as a
 constant") for the plain ``nn.Module`` parameters every model here uses.
 """
-
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import pyro
 import pyro.poutine as poutine
@@ -76,7 +76,7 @@ SUPPORTED = (DifferentiableRenyiELBO, TraceMeanField_ELBO, Trace_ELBO)  # most s
 CHECK_RTOL = 1e-4
 
 
-def supports(elbo):
+def supports(elbo: Any) -> bool:
     """True when :class:`StepLoss` has a specialised path for this ELBO object.
 
     That is an instance of one of :data:`SUPPORTED` whose class keeps that
@@ -226,15 +226,15 @@ class StepLoss:
     the reason.
     """
 
-    def __init__(self, elbo, *, jit=False):
+    def __init__(self, elbo: Any, *, jit: bool = False) -> None:
         if not supports(elbo):
             names = ", ".join(c.__name__ for c in SUPPORTED)
             raise UsageError(f"StepLoss supports {names} (and subclasses keeping their loss), not {type(elbo).__name__}")
         self.elbo = elbo
         self.jit = bool(jit)
-        self._graphs = {}
-        self.fallbacks = {}
-        self.tracer_warnings = {}
+        self._graphs: dict[Any, Any] = {}
+        self.fallbacks: dict[Any, Any] = {}
+        self.tracer_warnings: dict[Any, Any] = {}
 
     def __getattr__(self, name):
         if name == "elbo":
@@ -245,17 +245,18 @@ class StepLoss:
         return f"StepLoss({type(self.elbo).__name__}, jit={self.jit})"
 
     @property
-    def compiled(self):
+    def compiled(self) -> list[Any]:
         return list(self._graphs)
 
     # ---- the loss --------------------------------------------------------------------
-    def eager_loss(self, model, guide, *args, **kwargs):
+    def eager_loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any,
+                   **kwargs: Any) -> torch.Tensor:
         """The loss computed eagerly through Pyro's traces (the reference for the compiled graph)."""
         elbo = self.elbo
         if isinstance(elbo, DifferentiableRenyiELBO):
             return elbo.differentiable_loss(model, guide, *args, **kwargs)
         particle = _meanfield_particle if isinstance(elbo, TraceMeanField_ELBO) else _trace_elbo_particle
-        loss = 0.0
+        loss: Any = 0.0
         for model_trace, guide_trace in elbo._get_traces(model, guide, args, kwargs):
             loss = loss + particle(model_trace, guide_trace)
         if elbo.num_particles > 1:
@@ -264,7 +265,8 @@ class StepLoss:
             warn_if_nan(loss, "loss")
         return loss
 
-    def differentiable_loss(self, model, guide, *args, **kwargs):
+    def differentiable_loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any,
+                            **kwargs: Any) -> torch.Tensor:
         if not self.jit or kwargs:
             return self.eager_loss(model, guide, *args, **kwargs)
         tensors, spec = _flatten(args)
@@ -432,7 +434,7 @@ def _mismatch(reference, loss, ref_grads, grads):
     return None
 
 
-def make_step_loss(elbo, *, max_plate_nesting=None, jit=False):
+def make_step_loss(elbo: Any, *, max_plate_nesting: int | None = None, jit: bool = False) -> tuple[Any, ...]:
     """The loss a training step runs: the one place where it is built (by :func:`inference.fit` and the CLI).
 
     :param elbo: an ELBO spec for :func:`inference.elbo.make_elbo` (``"trace"``,

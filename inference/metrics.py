@@ -3,14 +3,16 @@
 Sections are independent. The optional heavy libraries (scipy, scikit-learn)
 are imported inside the functions that need them.
 """
-
 import itertools
+from collections.abc import Sequence
+from typing import Any, cast
 
 import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn as nn
+from numpy.typing import ArrayLike
 
 from .checkpoint import get_rng_state, set_rng_state
 from .errors import UsageError
@@ -60,7 +62,7 @@ def _pair(y_true, y_pred):
     return y_true, y_pred
 
 
-def contingency(y_true, y_pred):
+def contingency(y_true: ArrayLike, y_pred: ArrayLike) -> tuple[Any, ...]:
     """Table C (clusters x classes) with C[k, j] = #{n : y_pred_n = k, y_true_n = j}, and the two label sets."""
     y_true, y_pred = _pair(y_true, y_pred)
     classes, t = np.unique(y_true, return_inverse=True)
@@ -70,7 +72,7 @@ def contingency(y_true, y_pred):
     return table, clusters, classes
 
 
-def cluster_matching(y_true, y_pred):
+def cluster_matching(y_true: ArrayLike, y_pred: ArrayLike) -> dict[str, Any]:
     """The accuracy-maximising one-to-one map {cluster id: class label} (Hungarian algorithm)."""
     from scipy.optimize import linear_sum_assignment
 
@@ -79,7 +81,7 @@ def cluster_matching(y_true, y_pred):
     return {clusters[r].item(): classes[c].item() for r, c in zip(rows, cols)}
 
 
-def cluster_accuracy(y_true, y_pred):
+def cluster_accuracy(y_true: ArrayLike, y_pred: ArrayLike) -> float:
     """Unsupervised clustering accuracy in [0, 1] under the best one-to-one matching of ids to labels."""
     from scipy.optimize import linear_sum_assignment
 
@@ -88,21 +90,21 @@ def cluster_accuracy(y_true, y_pred):
     return float(table[rows, cols].sum() / table.sum())
 
 
-def nmi(y_true, y_pred):
+def nmi(y_true: ArrayLike, y_pred: ArrayLike) -> float:
     """Normalised mutual information (arithmetic normalisation), in [0, 1]."""
     from sklearn.metrics import normalized_mutual_info_score
 
     return float(normalized_mutual_info_score(*_pair(y_true, y_pred)))
 
 
-def ari(y_true, y_pred):
+def ari(y_true: ArrayLike, y_pred: ArrayLike) -> float:
     """Adjusted Rand index: 1 for identical partitions, 0 in expectation under chance."""
     from sklearn.metrics import adjusted_rand_score
 
     return float(adjusted_rand_score(*_pair(y_true, y_pred)))
 
 
-def clustering_scores(y_true, y_pred):
+def clustering_scores(y_true: ArrayLike, y_pred: ArrayLike) -> dict[str, Any]:
     """``{"acc", "nmi", "ari"}`` of a clustering against reference labels."""
     return {"acc": cluster_accuracy(y_true, y_pred), "nmi": nmi(y_true, y_pred), "ari": ari(y_true, y_pred)}
 
@@ -139,7 +141,7 @@ def _numpy(x):
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def split_presence(data, names=None):
+def split_presence(data: Any, names: Sequence[str] | None = None) -> tuple[Any, ...]:
     """(the modalities of a data dict without its mask, {name: bool (N,) tensor} or None when complete).
 
     ``names``: the mask's column order (default: the dict's modalities in order).
@@ -171,7 +173,7 @@ class LabelReader:
 
     accuracy = 1.0
 
-    def predict(self, x):
+    def predict(self, x: Any) -> np.ndarray:
         x = _numpy(x)
         return x.argmax(-1) if x.ndim == 2 else x.astype(np.int64)
 
@@ -187,15 +189,15 @@ class CategoricalRegression(nn.Module):
 
     max_plate_nesting = 1
 
-    def __init__(self, net):
+    def __init__(self, net: Any) -> None:
         super().__init__()
         self.net = net
 
-    def model(self, batch):
+    def model(self, batch: Any) -> None:
         with pyro.plate("data", batch["y"].shape[0]):
             pyro.sample("y", dist.Categorical(logits=self.net(batch["x"])), obs=batch["y"])
 
-    def guide(self, batch):
+    def guide(self, batch: Any) -> None:
         pass
 
 
@@ -210,7 +212,8 @@ class CNNClassifier:
     :raises UsageError: the images are not square with a side divisible by 4.
     """
 
-    def __init__(self, x, y, *, epochs=4, seed=0, progress=False):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 4, seed: int = 0,
+                 progress: bool = False) -> None:
         side = int(round(x.shape[1] ** 0.5))
         if side * side != x.shape[1] or side % 4:
             raise UsageError(f"the cnn classifier needs square images with side divisible by 4, got {x.shape[1]} values")
@@ -231,12 +234,12 @@ class CNNClassifier:
         self.net.eval()
 
     @torch.no_grad()
-    def predict(self, x):
+    def predict(self, x: Any) -> np.ndarray:
         x = torch.as_tensor(np.asarray(x, dtype=np.float32)).reshape(len(x), -1)
         return torch.cat([self.net(b).argmax(-1) for b in x.split(1000)]).numpy()
 
 
-def fit_classifier(x, y, *, kind="logistic", seed=0):
+def fit_classifier(x: Any, y: Any, *, kind: str = "logistic", seed: int = 0) -> Any:
     """A classifier of real data for one modality: ``logistic`` regression or a small ``mlp`` (scikit-learn),
     or a small ``cnn`` (:class:`CNNClassifier`, square one-channel images).
 
@@ -261,7 +264,8 @@ def fit_classifier(x, y, *, kind="logistic", seed=0):
     return clf.fit(x, y)
 
 
-def modality_classifiers(train, y_train, test, y_test, *, kind="logistic", seed=0):
+def modality_classifiers(train: Any, y_train: ArrayLike, test: Any, y_test: ArrayLike, *, kind: str = "logistic",
+                         seed: int = 0) -> tuple[Any, ...]:
     """One classifier per modality fitted on ``train``; returns (classifiers, their test accuracies).
 
     With a presence mask (:data:`PRESENT`) each modality's classifier is fitted and scored on the
@@ -287,7 +291,8 @@ def _module_device(module):
     return next(module.parameters()).device
 
 
-def coherence(module, data, y, classifiers, *, given_sizes=None, batch_size=500):
+def coherence(module: Any, data: Any, y: Any, classifiers: Any, *, given_sizes: Any = None,
+              batch_size: int = 500) -> Any:
     """Cross-modal coherence for every non-empty subset S of modalities and every target t not in S.
 
     Returns a list of ``{"given": "a+b", "size": |S|, "target": t, "coherence": acc, "n": rows}``;
@@ -309,7 +314,7 @@ def coherence(module, data, y, classifiers, *, given_sizes=None, batch_size=500)
             y_sub = _take(y, None if rows is None else rows.numpy())
             if len(y_sub) == 0:
                 continue
-            preds = {t: [] for t in targets}
+            preds: dict[str, list[Any]] = {t: [] for t in targets}
             for start in range(0, len(y_sub), batch_size):
                 batch = {m: v[start : start + batch_size].to(dev) for m, v in sub.items()}
                 out = module.generate(batch, targets)
@@ -321,20 +326,20 @@ def coherence(module, data, y, classifiers, *, given_sizes=None, batch_size=500)
     return records
 
 
-def coherence_by_size(records):
+def coherence_by_size(records: Any) -> dict[str, Any]:
     """Mean coherence over the records of each number of given modalities: {size: mean}."""
     sizes = sorted({r["size"] for r in records})
     return {k: float(np.mean([r["coherence"] for r in records if r["size"] == k])) for k in sizes}
 
 
-def joint_coherence(module, classifiers, n=1000):
+def joint_coherence(module: Any, classifiers: Any, n: int = 1000) -> float:
     """Fraction of n joint prior draws on whose class every modality's classifier agrees."""
     out = module.sample(n)
     preds = np.stack([_predict(classifiers[m], out[m]) for m in classifiers])
     return float((preds == preds[:1]).all(0).mean())
 
 
-def linear_probe(train_features, y_train, test_features, y_test):
+def linear_probe(train_features: Any, y_train: ArrayLike, test_features: Any, y_test: ArrayLike) -> float:
     """Test accuracy of a logistic regression fitted to (train_features, y_train)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -346,7 +351,7 @@ def linear_probe(train_features, y_train, test_features, y_test):
 
 
 @torch.no_grad()
-def embeddings(module, data, batch_size=1000):
+def embeddings(module: Any, data: Any, batch_size: int = 1000) -> torch.Tensor:
     """``module.embed`` over ``data`` (a dict, with its presence mask if any) in batches, on the CPU."""
     dev = _module_device(module)
     n = len(next(iter(data.values())))
@@ -356,7 +361,8 @@ def embeddings(module, data, batch_size=1000):
     ])
 
 
-def cca_probe(view1_train, view2_train, y_train, view1_test, view2_test, y_test, n_components=8):
+def cca_probe(view1_train: Any, view2_train: Any, y_train: ArrayLike, view1_test: Any, view2_test: Any,
+              y_test: ArrayLike, n_components: int = 8) -> dict[str, Any]:
     """Linear CCA (scikit-learn) on two views, then linear probes on the canonical variates.
 
     Returns accuracies from view 1's variates, view 2's, and their average (the
@@ -379,7 +385,8 @@ def cca_probe(view1_train, view2_train, y_train, view1_test, view2_test, y_test,
     }
 
 
-def conditional_log_likelihood(module, data, given, target, *, particles=1000, batch_size=None):
+def conditional_log_likelihood(module: Any, data: Any, given: Any, target: Any, *, particles: int = 1000,
+                               batch_size: int | None = None) -> tuple[Any, ...]:
     """log p(x_target | X_given) estimated as log p(X_given, x_target) - log p(X_given), per datapoint.
 
     Both terms are importance-weighted estimates (:func:`inference.evaluate`)
@@ -396,12 +403,13 @@ def conditional_log_likelihood(module, data, given, target, *, particles=1000, b
     data = {m: _take(data[m], rows) for m in [*given, target]}
     joint = evaluate(module, {m: data[m] for m in [*given, target]}, particles=particles, batch_size=batch_size)
     marginal = evaluate(module, {m: data[m] for m in given}, particles=particles, batch_size=batch_size)
-    per = joint.log_likelihood_per_point - marginal.log_likelihood_per_point
+    per = cast(torch.Tensor, joint.log_likelihood_per_point) - cast(torch.Tensor, marginal.log_likelihood_per_point)
     return float(per.mean()), float(per.std() / per.numel() ** 0.5), per
 
 
-def multimodal_metrics(module, train, y_train, test, y_test, classifiers, *, particles=100, joint_samples=1000,
-                       log_likelihood=False, seed=0):
+def multimodal_metrics(module: Any, train: Any, y_train: ArrayLike, test: Any, y_test: ArrayLike, classifiers: Any, *,
+                       particles: int = 100, joint_samples: int = 1000, log_likelihood: bool = False,
+                       seed: int = 0) -> dict[str, Any]:
     """The multimodal scores of a trained model: coherence, joint coherence, probes, conditional log-likelihoods.
 
     ``train``/``test``: dicts {modality: tensor} with labels ``y_train``/``y_test``;

@@ -55,10 +55,12 @@ objective is valid for the pair, and refuses it in one line naming the site;
 latents cannot follow.
 """
 
+from __future__ import annotations
+
 import inspect
 import numbers
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,9 +84,9 @@ HOOKS = ("num_data", "check_data", "log_weights", "sample", "config")
 class ModelGuidePair(typing.Protocol):
     """The written contract of a pair (see the module docstring for the optional hooks)."""
 
-    def model(self, *args, **kwargs): ...
+    def model(self, *args: Any, **kwargs: Any) -> None: ...
 
-    def guide(self, *args, **kwargs): ...
+    def guide(self, *args: Any, **kwargs: Any) -> None: ...
 
 
 def as_pair(obj: Any = None, *, model: Any = None, guide: Any = None) -> "Pair":
@@ -131,7 +133,7 @@ class Pair:
     :func:`as_pair`.
     """
 
-    def __init__(self, model, guide, owner=None):
+    def __init__(self, model: Callable[..., Any], guide: Callable[..., Any], owner: Any = None) -> None:
         for what, fn in (("model", model), ("guide", guide)):
             if fn is None:
                 raise UsageError(f"the pair has no {what}")
@@ -145,11 +147,11 @@ class Pair:
         return f"Pair(model={_name_of(self.model)}, guide={_name_of(self.guide)})"
 
     @property
-    def name(self):
+    def name(self) -> str:
         """The owner's class name, or the model's name for a plain pair."""
         return type(self.owner).__name__ if self.owner is not None else _name_of(self.model)
 
-    def modules(self):
+    def modules(self) -> Any:
         """Every ``nn.Module`` involved: the owner, a module model (PyroModule), a module guide (autoguide)."""
         found, seen = [], set()
         for obj in (self.owner, self.model, self.guide, getattr(self.model, "__self__", None), getattr(self.guide, "__self__", None)):
@@ -158,7 +160,7 @@ class Pair:
                 found.append(obj)
         return found
 
-    def parameters(self):
+    def parameters(self) -> list[torch.Tensor]:
         """The parameters of :meth:`modules`, deduplicated, in order.
 
         An autoguide creates its parameters on its first call (run
@@ -173,21 +175,21 @@ class Pair:
                     params.append(p)
         return params
 
-    def train(self, mode=True):
+    def train(self, mode: bool = True) -> Pair:
         for module in self.modules():
             module.train(mode)
         return self
 
-    def eval(self):
+    def eval(self) -> Pair:
         return self.train(False)
 
-    def to(self, device):
+    def to(self, device: str | torch.device) -> Pair:
         for module in self.modules():
             module.to(device)
         return self
 
     @property
-    def max_plate_nesting(self):
+    def max_plate_nesting(self) -> int | None:
         """The owner's (or model's) declared ``max_plate_nesting``, or None."""
         for obj in (self.owner, self.model):
             value = getattr(obj, "max_plate_nesting", None)
@@ -195,17 +197,17 @@ class Pair:
                 return int(value)
         return None
 
-    def has(self, hook):
+    def has(self, hook: Any) -> bool:
         """True when the owner provides ``hook`` (one of :data:`HOOKS`)."""
         return self.owner is not None and hasattr(self.owner, hook)
 
-    def hook(self, name):
+    def hook(self, name: str) -> Any:
         """The owner's hook ``name`` (a bound method or attribute); raises AttributeError when absent."""
         if self.owner is None:
             raise AttributeError(f"{self!r} has no hook {name!r}")
         return getattr(self.owner, name)
 
-    def arguments(self, batch):
+    def arguments(self, batch: Any) -> tuple[Any, ...]:
         """``(args, kwargs)`` to call model and guide with for ``batch``.
 
         A tensor -> ``(batch,), {}``; a tuple or list -> ``(*batch,), {}``; a
@@ -219,7 +221,7 @@ class Pair:
             return (), dict(batch)
         return (batch,), {}
 
-    def bind(self, batch, index=None, info=None):
+    def bind(self, batch: Any, index: torch.Tensor | None = None, info: PairInfo | None = None) -> tuple[Any, ...]:
         """``(model, guide, args, kwargs)`` for one step on the rows ``index`` of ``batch``.
 
         * When ``info`` (a :class:`PairInfo`) says the pair subsamples its own
@@ -256,7 +258,7 @@ class SetSubsample(Messenger):
     model/guide check would then miss the model's plate).
     """
 
-    def __init__(self, name, index):
+    def __init__(self, name: str, index: torch.Tensor) -> None:
         super().__init__()
         self.name, self.index = name, index
 
@@ -282,7 +284,7 @@ def _takes_keywords(fn, keys):
     return var_kw and not required_positional and all(isinstance(k, str) for k in keys)
 
 
-def take_rows(batch, index):
+def take_rows(batch: Any, index: torch.Tensor | slice) -> Any:
     """Rows ``index`` (a slice or index tensor) of a tensor, of each tensor in a tuple/list, or of each dict value.
 
     Non-tensor items (and None) are passed through unchanged.
@@ -331,7 +333,7 @@ class Site:
     plates: tuple
 
     @property
-    def latent(self):
+    def latent(self) -> bool:
         return not self.observed
 
 
@@ -359,35 +361,35 @@ class PairInfo:
         return tuple(name for name, site in self.sites.items() if keep(site))
 
     @property
-    def latents(self):
+    def latents(self) -> tuple[str, ...]:
         """Latent sites (not observed), in trace order: the guide's first, then model-only ones."""
         return self._names(lambda s: not s.observed)
 
     @property
-    def observed(self):
+    def observed(self) -> tuple[str, ...]:
         return self._names(lambda s: s.observed)
 
     @property
-    def enumerated(self):
+    def enumerated(self) -> tuple[str, ...]:
         return self._names(lambda s: s.enumerated)
 
     @property
-    def model_only_latents(self):
+    def model_only_latents(self) -> tuple[str, ...]:
         """Latents of the model that the guide does not sample."""
         return self._names(lambda s: not s.observed and s.in_model and not s.in_guide)
 
     @property
-    def global_latents(self):
+    def global_latents(self) -> tuple[str, ...]:
         """Latents outside the data plate (guide-only auxiliary latents of autoguides included)."""
         return self._names(lambda s: not s.observed and not s.local)
 
     @property
-    def non_reparameterized(self):
+    def non_reparameterized(self) -> tuple[str, ...]:
         """Guide latents sampled without ``rsample`` (not enumerated): they need score-function terms."""
         return self._names(lambda s: not s.observed and s.in_guide and not s.enumerated and not s.reparameterized)
 
     @property
-    def scaled(self):
+    def scaled(self) -> tuple[str, ...]:
         return self._names(lambda s: s.scaled)
 
 
@@ -624,7 +626,7 @@ def _classify(model_trace, guide_trace, mpn):
     )
 
 
-def site_with_log_prob_shape(site):
+def site_with_log_prob_shape(site: dict[str, Any]) -> dict[str, Any]:
     """A shallow copy of ``site`` whose ``log_prob`` has the shape Pyro's shape check needs (no density computed)."""
     fn, value = site["fn"], site["value"]
     shape = torch.broadcast_shapes(fn.batch_shape, value.shape[: value.dim() - fn.event_dim] if torch.is_tensor(value) else ())
@@ -635,7 +637,7 @@ OBJECTIVES = ("trace", "meanfield", "enum", "tracegraph", "iwae", "renyi")
 _SPEC_OF = {"trace": "trace[:K]", "meanfield": "meanfield[:K]", "enum": "enum[:K]", "tracegraph": "tracegraph[:K]", "iwae": "iwae:K", "renyi": "renyi:ALPHA:K"}
 
 
-def objective_kind(elbo):
+def objective_kind(elbo: Any) -> str | None:
     """The objective family of a spec string or a Pyro ELBO object (one of :data:`OBJECTIVES`), or None if unknown."""
     if isinstance(elbo, str):
         name = elbo.strip().lower().split(":")[0]
@@ -687,7 +689,7 @@ def _refusal(info, kind):
     return None
 
 
-def valid_objectives(info):
+def valid_objectives(info: PairInfo) -> tuple[str, ...]:
     """The objective families (of :data:`OBJECTIVES`) that are valid for the pair described by ``info``."""
     return tuple(kind for kind in OBJECTIVES if _refusal(info, kind) is None)
 
@@ -725,7 +727,7 @@ def check_objective(info: "PairInfo", elbo: Any, *, spec: str | None = None) -> 
     raise UsageError(f"objective {shown!r} refused: {reason}; {tail}")
 
 
-def check_minibatching(pair, info, *, num_data, batch_size):
+def check_minibatching(pair: Pair, info: PairInfo, *, num_data: int, batch_size: int) -> None:
     """Raise :class:`UsageError` when minibatches of ``batch_size`` out of ``num_data`` rows cannot train the pair.
 
     A Pyro autoguide keeps parameters for every latent it saw on its first call;

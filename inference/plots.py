@@ -2,16 +2,16 @@
 
 Matplotlib runs on the Agg backend, so nothing needs a display.
 """
-
 from pathlib import Path
+from typing import Any
 
 import matplotlib
+import numpy as np
+import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import pyro  # noqa: E402
-import torch  # noqa: E402
 
 from .checkpoint import atomic_write  # noqa: E402
 from .errors import UsageError  # noqa: E402
@@ -25,7 +25,7 @@ def _save(fig, path):
     return path
 
 
-def plot_history(history, path, title=None):
+def plot_history(history: list[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
     """Training objective and test ELBO (nats per datapoint) against epoch."""
     fig, ax = plt.subplots(figsize=(6, 4))
     epochs = [r["epoch"] for r in history]
@@ -42,7 +42,7 @@ def plot_history(history, path, title=None):
     return _save(fig, path)
 
 
-def image_grid(images, image_shape, nrow=10, padding=1):
+def image_grid(images: Any, image_shape: tuple[int, ...], nrow: int = 10, padding: int = 1) -> np.ndarray:
     """(N, D) images in [0, 1] -> one (H', W', C) numpy array laid out by torchvision's make_grid."""
     from torchvision.utils import make_grid
 
@@ -51,7 +51,8 @@ def image_grid(images, image_shape, nrow=10, padding=1):
     return grid.permute(1, 2, 0).numpy()
 
 
-def save_image_grid(images, image_shape, path, nrow=10, title=None, row_labels=None):
+def save_image_grid(images: Any, image_shape: tuple[int, ...], path: str | Path, nrow: int = 10,
+                    title: str | None = None, row_labels: Any = None) -> Path:
     """Save a grid of (N, D) images as a PNG, upscaled without smoothing so small images stay legible."""
     grid = image_grid(images, image_shape, nrow=nrow)
     h, w = grid.shape[:2]
@@ -69,7 +70,8 @@ def save_image_grid(images, image_shape, path, nrow=10, title=None, row_labels=N
     return _save(fig, path)
 
 
-def generation_grid(module, data, given, targets, path, *, image_shapes, n=10, title=None, seed=0):
+def generation_grid(module: Any, data: Any, given: Any, targets: Any, path: str | Path, *, image_shapes: Any,
+                    n: int = 10, title: str | None = None, seed: int = 0) -> Path:
     """A PNG grid: the first ``n`` tuples' given image modalities, then each image target generated from them.
 
     ``module.generate(batch, targets) -> {target: tensor}`` does the cross-modal
@@ -113,7 +115,8 @@ def generation_grid(module, data, given, targets, path, *, image_shapes, n=10, t
                            row_labels=row_labels)
 
 
-def save_latent_projection(z, clusters, path, labels=None, title=None):
+def save_latent_projection(z: torch.Tensor, clusters: Any, path: str | Path, labels: Any = None,
+                           title: str | None = None) -> Path:
     """Scatter the first two principal components of the codes ``z`` (N, L), coloured by ``clusters`` (N,).
 
     Codes with L <= 2 are drawn as they are (padded with zeros to 2-D). With
@@ -122,9 +125,10 @@ def save_latent_projection(z, clusters, path, labels=None, title=None):
     """
     from sklearn.decomposition import PCA
 
-    z = z.detach().cpu().double().numpy()
+    codes = z.detach().cpu().double().numpy()
     clusters = np.asarray(clusters.detach().cpu() if hasattr(clusters, "detach") else clusters)
-    xy = PCA(n_components=2).fit_transform(z) if z.shape[1] > 2 else np.pad(z, ((0, 0), (0, 2 - z.shape[1])))
+    xy = (PCA(n_components=2).fit_transform(codes) if codes.shape[1] > 2
+          else np.pad(codes, ((0, 0), (0, 2 - codes.shape[1]))))
     fig, ax = plt.subplots(figsize=(6, 5))
     k = int(clusters.max()) + 1
     cmap = plt.get_cmap("tab10" if k <= 10 else "tab20")
@@ -143,8 +147,9 @@ def save_latent_projection(z, clusters, path, labels=None, title=None):
 
 
 # ---- latent-space figures (inference.latent) -------------------------------------------
-def save_labelled_grid(images, image_shape, path, *, row_labels=None, col_labels=None, title=None, xlabel=None,
-                       ylabel=None):
+def save_labelled_grid(images: Any, image_shape: tuple[int, ...], path: str | Path, *, row_labels: Any = None,
+                       col_labels: Any = None, title: str | None = None, xlabel: str | None = None,
+                       ylabel: str | None = None) -> Path:
     """Save a (R, C, D) array of images as an R x C grid with a label per row and per column; returns the path."""
     images = torch.as_tensor(images)
     rows, cols = images.shape[:2]
@@ -165,7 +170,7 @@ def save_labelled_grid(images, image_shape, path, *, row_labels=None, col_labels
     return _save(fig, path)
 
 
-def plot_activity(act, path, *, threshold=1e-2, title=None):
+def plot_activity(act: Any, path: str | Path, *, threshold: float = 1e-2, title: str | None = None) -> Path:
     """Bar chart of the activity A_l (Burda et al. 2015) of every latent dimension, largest first, log scale."""
     act = np.asarray(torch.as_tensor(act).detach().cpu(), dtype=np.float64)
     order = np.argsort(-act)
@@ -182,7 +187,8 @@ def plot_activity(act, path, *, threshold=1e-2, title=None):
     return _save(fig, path)
 
 
-def plot_latent_map(coords, path, *, labels=None, axis_names=("dimension 1", "dimension 2"), title=None):
+def plot_latent_map(coords: Any, path: str | Path, *, labels: Any = None,
+                    axis_names: tuple[Any, ...] = ("dimension 1", "dimension 2"), title: str | None = None) -> Path:
     """Scatter 2-D coordinates of codes (N, 2), coloured by integer ``labels`` (N,) when given; returns the path."""
     coords = np.asarray(coords)
     fig, ax = plt.subplots(figsize=(6.2, 5.2))

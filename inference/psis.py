@@ -27,9 +27,9 @@ within a factor exp(constant_tol) of each other) get k-hat = -inf, the limit of
 the generalised Pareto shape as the tail collapses to a point. Such a datapoint
 counts as "k-hat < 0.5", and the summaries below never contain NaN.
 """
-
 import math
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,7 +69,7 @@ def _backend(name=None):
     return "arviz", lambda lw: np.asarray(arviz.psislw(lw, reff=1.0)[1])
 
 
-def min_particles():
+def min_particles() -> int:
     """The smallest K whose PSIS tail (ceil(min(K/5, 3 sqrt K)) weights) has the 5 a Pareto fit needs."""
     k = 1
     while math.ceil(min(k / 5, 3 * math.sqrt(k))) < 5:
@@ -77,7 +77,8 @@ def min_particles():
     return k
 
 
-def psis_khat(log_weights, *, constant_tol=DEFAULT_CONSTANT_TOL, backend=None):
+def psis_khat(log_weights: torch.Tensor, *, constant_tol: float = DEFAULT_CONSTANT_TOL,
+              backend: str | None = None) -> torch.Tensor:
     """Pareto k-hat per datapoint of importance log weights ``log_weights`` (N, K): returns (N,) float64.
 
     ``log_weights[n, k] = log p(x_n, z_k) - log q(z_k | x_n)``, as
@@ -110,7 +111,7 @@ def psis_khat(log_weights, *, constant_tol=DEFAULT_CONSTANT_TOL, backend=None):
     return torch.from_numpy(out)
 
 
-def khat_summary(khat):
+def khat_summary(khat: Any) -> dict[str, Any]:
     """Fractions of datapoints with k-hat < 0.5, in [0.5, 0.7] and > 0.7 (Yao et al. 2018), plus counts.
 
     Keys: ``khat_below_0_5``, ``khat_0_5_to_0_7``, ``khat_above_0_7`` (fractions
@@ -135,7 +136,7 @@ def khat_summary(khat):
     }
 
 
-def psis_diagnostics(log_weights, *, constant_tol=DEFAULT_CONSTANT_TOL):
+def psis_diagnostics(log_weights: torch.Tensor, *, constant_tol: float = DEFAULT_CONSTANT_TOL) -> tuple[Any, ...]:
     """``(khat (N,), summary dict)`` for importance log weights (N, K)."""
     khat = psis_khat(log_weights, constant_tol=constant_tol)
     return khat, khat_summary(khat)

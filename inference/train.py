@@ -8,11 +8,13 @@ early stopping, checkpoints and resume, TensorBoard, the user's own hooks) is a
 callback (:mod:`inference.callbacks`). :func:`fit` is the one-call convenience.
 """
 
+from __future__ import annotations
+
 import copy
 import math
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +25,12 @@ import pyro.poutine as poutine
 import torch
 
 from . import batching
-from .callbacks import Checkpoint, EarlyStopping, ProgressBar, TensorBoard, as_callback
+from .callbacks import Callback, Checkpoint, EarlyStopping, ProgressBar, TensorBoard, as_callback
 from .checkpoint import get_rng_state, set_rng_state
 from .errors import DivergenceError, NonFiniteLossError, UsageError
 from .evaluate import evaluate
 from .loss import make_step_loss
-from .pair import as_pair, check_minibatching, check_objective, inspect_pair
+from .pair import Pair, PairInfo, as_pair, check_minibatching, check_objective, inspect_pair
 
 # a step's loss per datapoint this far above the epoch's first (in units of max(|first|, 1 nat)) is divergence
 GROWTH = 1e3
@@ -39,7 +41,7 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch
 SCHEDULER_INTERVALS = ("epoch", "step")
 
 
-def resolve_device(device="auto"):
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"`` is CUDA when available, else CPU; asking for CUDA without one is a :class:`UsageError`."""
     if isinstance(device, torch.device):
         device = str(device)
@@ -85,7 +87,7 @@ class FitResult:
     stopped_early: bool = False
 
 
-def collect_params(pair, objective, batch, info=None):
+def collect_params(pair: Pair, objective: Any, batch: Any, info: PairInfo | None = None) -> list[torch.Tensor]:
     """The tensors to optimise: the pair's module parameters plus any ``pyro.param`` it touches.
 
     Parameters kept in Pyro's param store (``pyro.param``) and an autoguide's
@@ -104,7 +106,9 @@ def collect_params(pair, objective, batch, info=None):
             raise UsageError(f"{pair.name} has no parameters to optimise") from None
         raise
     params, seen = [], set()
-    for p in pair.parameters() + [site["value"].unconstrained() for site in capture.trace.nodes.values()]:
+    # pyro's Message types "value" as optional; a traced param site always holds its tensor
+    for p in pair.parameters() + [site["value"].unconstrained()  # type: ignore[union-attr]
+                                  for site in capture.trace.nodes.values()]:
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
             params.append(p)
@@ -211,26 +215,26 @@ class Trainer:
 
     def __init__(
         self,
-        pair=None,
-        train=None,
+        pair: Any = None,
+        train: Any = None,
         *,
-        model=None,
-        guide=None,
-        elbo="trace",
-        batch_size,
-        lr,
-        optimizer="adam",
-        scheduler=None,
-        scheduler_interval="epoch",
-        device="auto",
-        seed=0,
-        validation=None,
-        clip_norm=None,
-        drop_last=False,
-        validate=None,
-        jit=False,
-        sync_every=None,
-    ):
+        model: Callable[..., Any] | None = None,
+        guide: Callable[..., Any] | None = None,
+        elbo: str = "trace",
+        batch_size: int,
+        lr: float,
+        optimizer: str = "adam",
+        scheduler: Any = None,
+        scheduler_interval: str = "epoch",
+        device: str | torch.device = "auto",
+        seed: int = 0,
+        validation: Any = None,
+        clip_norm: float | None = None,
+        drop_last: bool = False,
+        validate: bool | None = None,
+        jit: bool = False,
+        sync_every: int | None = None,
+    ) -> None:
         _positive("batch_size", batch_size, int)
         _positive("lr", lr)
         if scheduler_interval not in SCHEDULER_INTERVALS:
@@ -265,6 +269,9 @@ class Trainer:
         if self.pair.has("num_data"):
             self.pair.owner.num_data = self.num_data
         self.settings = {"elbo": self.spec, "batch_size": batch_size, "seed": seed, "lr": lr, "validation": fraction}
+        self.history: list[dict[str, Any]]
+        self.callbacks: list[Callback]
+        self.checkpoint_path: Path | None
         self.epoch, self.epochs, self.history = 0, 0, []
         self.should_stop, self.best_epoch, self.checkpoint_path, self.callbacks = False, None, None, []
         with self._pyro_validation():
@@ -320,17 +327,17 @@ class Trainer:
             )
 
     @property
-    def shuffle(self):
+    def shuffle(self) -> bool:
         """Minibatches are drawn from a fresh permutation each epoch; one batch of every point keeps their order
         (a guide with parameters per datapoint, e.g. a local AutoNormal, relies on it)."""
         return self.info.subsampled or self.batch_size < self.num_data
 
     @property
-    def scaled_to_full_data(self):
+    def scaled_to_full_data(self) -> bool:
         """True when the pair's data plate scales each minibatch to the full data (its full size is N, not B)."""
         return self.info.subsampled or (self.info.num_data is not None and self.info.num_data != self.info.batch_size)
 
-    def points_per_step(self, size):
+    def points_per_step(self, size: int) -> int:
         """How many datapoints a step's loss stands for: N when scaled to the full data, else its ``size`` rows."""
         return self.num_data if self.scaled_to_full_data else size
 
@@ -366,18 +373,19 @@ class Trainer:
         for i, m in enumerate(self.pair.modules()):
             m.load_state_dict(state[str(i)])
 
-    def parameters_state(self):
+    def parameters_state(self) -> dict[str, Any]:
         """Copies of the modules' and the param store's state (what early stopping keeps of its best epoch)."""
         return copy.deepcopy({"module": self._modules_state(), "param_store": pyro.get_param_store().get_state()})
 
-    def load_parameters_state(self, state):
+    def load_parameters_state(self, state: dict[str, Any]) -> None:
         """Copy a :meth:`parameters_state` back in place (the optimiser keeps the same tensors)."""
         self._load_modules_state(state["module"])
         store = pyro.get_param_store()
         for name, value in state["param_store"]["params"].items():
-            store[name].unconstrained().data.copy_(value)
+            # pyro types the store's values as plain tensors; they carry their unconstrained() weakref
+            store[name].unconstrained().data.copy_(value)  # type: ignore[attr-defined]
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """Everything a checkpoint needs to continue this run exactly."""
         return {
             "model": self.pair.name,
@@ -395,7 +403,7 @@ class Trainer:
             "best_epoch": self.best_epoch,
         }
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`: parameters, optimiser, scheduler, RNG, history and callbacks' states."""
         self._load_modules_state(state["module"])
         if state["param_store"]["params"]:
@@ -415,12 +423,12 @@ class Trainer:
                 cb.load_state_dict(saved[type(cb).__name__])
 
     # ---- the step: loss_of (no host read), then update ----------------------------------------
-    def loss_of(self, data, index):
+    def loss_of(self, data: Any, index: torch.Tensor) -> torch.Tensor:
         """The step's loss on rows ``index`` of ``data`` (the negative objective): a device tensor, no host read."""
         model, guide, args, kwargs = self.pair.bind(data, index, self.info)
         return self.loss.differentiable_loss(model, guide, *args, **kwargs)
 
-    def update(self, loss, points):
+    def update(self, loss: torch.Tensor, points: int) -> None:
         """One optimiser step on ``loss / points`` (the per-datapoint objective)."""
         (loss / points).backward()
         if self.clip_norm is not None:
@@ -430,11 +438,11 @@ class Trainer:
         if self.scheduler is not None and self.scheduler_interval == "step":
             self.scheduler.step()
 
-    def parameters_max(self):
+    def parameters_max(self) -> torch.Tensor:
         """The largest absolute value over all parameters (a device scalar, no host read; NaN if any is NaN)."""
         return torch.stack(torch._foreach_norm([p.detach() for p in self._nonempty], math.inf)).max()
 
-    def parameters_finite(self):
+    def parameters_finite(self) -> bool:
         """Whether every parameter is finite (one host read)."""
         return math.isfinite(float(self.parameters_max()))
 

@@ -13,14 +13,14 @@ Lightning's ``save_hyperparameters``, made explicit), and inherits
   lacks take the constructor's defaults, so older run folders still load) or
   from a config object.
 """
-
 import dataclasses
 import inspect
+from typing import Any
 
 from inference.errors import UsageError
 
 
-def json_ready(value):
+def json_ready(value: Any) -> Any:
     """``value`` with every tuple turned into a list, recursively (dicts and lists walked)."""
     if isinstance(value, (list, tuple)):
         return [json_ready(v) for v in value]
@@ -34,11 +34,11 @@ class ModelConfig:
     """Base of the per-model config dataclasses."""
 
     @classmethod
-    def from_arguments(cls, arguments):
+    def from_arguments(cls, arguments: Any) -> Any:
         """The config of one constructor call: each field taken from ``arguments`` (e.g. ``locals()``)."""
         return cls(**{f.name: arguments[f.name] for f in dataclasses.fields(cls)})
 
-    def to_dict(self):
+    def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict."""
         return json_ready(dataclasses.asdict(self))
 
@@ -46,13 +46,15 @@ class ModelConfig:
 class Configurable:
     """Mixin: ``config`` and ``from_config`` for a model whose ``__init__`` sets ``self.cfg`` (a :class:`ModelConfig`)."""
 
+    cfg: ModelConfig
+
     @property
-    def config(self):
+    def config(self) -> dict[str, Any]:
         """The constructor arguments as a JSON-ready dict (see the module docstring)."""
         return self.cfg.to_dict()
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: dict[str, Any]) -> Any:
         """The model built from ``config``: a dict as :attr:`config` writes it, or a :class:`ModelConfig`.
 
         :raises UsageError: ``config`` names an argument the constructor does not take.

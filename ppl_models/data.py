@@ -26,13 +26,13 @@ Binarisation (recorded in a run's metrics):
   and ``DataSplit.data`` of the training set) is one Bernoulli draw with a fixed
   seed, the same for every run.
 """
-
 import gzip
 import hashlib
 import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,10 +78,10 @@ class DataSplit:
     grey: torch.Tensor | None = None  # grey levels kept for dynamic binarisation
 
     @property
-    def data(self):
+    def data(self) -> torch.Tensor:
         return self.x
 
-    def epoch(self):
+    def epoch(self) -> torch.Tensor:
         if self.binarize == "dynamic" and self.grey is not None:
             return torch.bernoulli(self.grey)
         return self.x
@@ -90,20 +90,20 @@ class DataSplit:
         return self.x.shape[0]
 
     @property
-    def dim(self):
+    def dim(self) -> int:
         return self.x.shape[1]
 
-    def to(self, device):
+    def to(self, device: str | torch.device) -> "DataSplit":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return replace(self, x=move(self.x), y=move(self.y), grey=move(self.grey))
+        return replace(self, x=self.x.to(device), y=move(self.y), grey=move(self.grey))
 
-    def rows(self, index):
+    def rows(self, index: torch.Tensor) -> "DataSplit":
         """The datapoints ``index`` (an index tensor) of this split, as a split of the same kind."""
         pick = lambda t: None if t is None else t[index.to(t.device)]  # noqa: E731
-        return replace(self, x=pick(self.x), y=pick(self.y), grey=pick(self.grey))
+        return replace(self, x=self.x[index.to(self.x.device)], y=pick(self.y), grey=pick(self.grey))
 
 
-def binarize(x, mode, *, keep_grey=False):
+def binarize(x: torch.Tensor, mode: str, *, keep_grey: bool = False) -> tuple[Any, ...]:
     """Return (x_eval, grey): x_eval binarised as ``mode`` says; grey kept for dynamic draws."""
     if mode not in BINARIZE:
         raise UsageError(f"unknown binarization {mode!r}; valid: {', '.join(BINARIZE)}")
@@ -126,7 +126,7 @@ def _split(name, x, y, image_shape, mode, train):
     return DataSplit(name=name, x=x_eval, y=y, image_shape=tuple(image_shape), binarize=mode, grey=grey)
 
 
-def load_digits_arrays(split_seed=0, test_fraction=0.2):
+def load_digits_arrays(split_seed: int = 0, test_fraction: float = 0.2) -> tuple[Any, ...]:
     """scikit-learn's digits scaled to [0, 1]: (x_train, y_train, x_test, y_test) as numpy arrays."""
     from sklearn.datasets import load_digits
 
@@ -143,7 +143,7 @@ def _cache_root():
     return Path(os.environ.get("PPLM_CACHE", Path.home() / ".cache" / "ppl-models"))
 
 
-def torchvision_root(name, data_root, download=False):
+def torchvision_root(name: str, data_root: str | Path, download: bool = False) -> Any:
     """A root folder torchvision can read ``name`` from without downloading.
 
     Uses ``data_root`` as is when the raw files are there unpacked; unpacks the

@@ -39,9 +39,10 @@ sum_k w_k E_eps[f(mu_k + s_k eps)] with w fixed, and each term is
 differentiated by reparameterisation. (Shi et al.'s stratified estimator, one
 draw per component, has lower variance; it is not implemented here.)
 """
-
 import itertools
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import pyro.distributions as dist
 import torch
@@ -53,7 +54,7 @@ from inference.errors import UsageError
 RULES = ("poe", "moe", "mopoe", "code")
 
 
-def subsets(m):
+def subsets(m: Any) -> list[Any]:
     """The 2^m - 1 non-empty subsets of range(m) as sorted tuples, by size then lexicographically."""
     return [s for k in range(1, m + 1) for s in itertools.combinations(range(m), k)]
 
@@ -96,7 +97,8 @@ def _precisions(loc, scale, mask):
     return prec, torch.where(mask, loc, loc.new_zeros(())) * prec
 
 
-def poe(loc, scale, mask=None, prior_expert=False, checked=False):
+def poe(loc: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None = None, prior_expert: bool = False,
+        checked: bool = False) -> dist.TorchDistribution:
     """Product of Gaussian experts: N(sum_S mu_m t_m / T, 1/T), t_m = s_m^-2, T = sum_S t_m (+1 with the prior).
 
     With ``prior_expert=True`` the standard-normal prior joins as an expert
@@ -136,7 +138,7 @@ def _code_sigma_inv_one(scale, mask, rho, checked=False):
     return a * (a - c * a.sum(-2, keepdim=True)) / (1.0 - rho), mask
 
 
-def code_weights(scale, mask=None, rho=0.0):
+def code_weights(scale: torch.Tensor, mask: torch.Tensor | None = None, rho: float = 0.0) -> torch.Tensor:
     """Consensus weights w = Sigma^-1 1 / (1' Sigma^-1 1), (..., M, L): the CoDE mean is sum_m w_m mu_m.
 
     They sum to 1 and may be negative when the experts' scales differ a lot;
@@ -146,7 +148,8 @@ def code_weights(scale, mask=None, rho=0.0):
     return u / u.sum(-2, keepdim=True)
 
 
-def code(loc, scale, mask=None, rho=0.0, checked=False):
+def code(loc: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None = None, rho: float = 0.0,
+         checked: bool = False) -> dist.TorchDistribution:
     r"""Consensus of dependent experts (CoDE; Mancisidor, Jenssen, Kampffmeyer & Yu 2024, Lemma 2).
 
     Per latent dimension the experts' estimates mu_j of z have errors with
@@ -180,13 +183,14 @@ class GaussianMixture(TorchDistribution):
     support = constraints.real_vector
     has_rsample = True
 
-    def __init__(self, loc, scale, log_weights, validate_args=None):
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, log_weights: torch.Tensor,
+                 validate_args: bool | None = None) -> None:
         self.loc, self.scale = loc, scale
         self.log_weights = log_weights - torch.logsumexp(log_weights, -1, keepdim=True)
         batch_shape = torch.broadcast_shapes(loc.shape[:-2], scale.shape[:-2], log_weights.shape[:-1])
         super().__init__(batch_shape, loc.shape[-1:], validate_args=validate_args)
 
-    def expand(self, batch_shape, _instance=None):
+    def expand(self, batch_shape: torch.Size | Sequence[int], _instance: Any = None) -> "GaussianMixture":
         batch_shape = torch.Size(batch_shape)
         c, d = self.loc.shape[-2:]
         return GaussianMixture(
@@ -196,20 +200,20 @@ class GaussianMixture(TorchDistribution):
         )
 
     @property
-    def weights(self):
+    def weights(self) -> torch.Tensor:
         return self.log_weights.exp()
 
     @property
-    def mean(self):
+    def mean(self) -> torch.Tensor:
         return (self.weights[..., None] * self.loc).sum(-2)
 
     @property
-    def variance(self):
+    def variance(self) -> torch.Tensor:
         w = self.weights[..., None]
         mean = (w * self.loc).sum(-2, keepdim=True)
         return (w * (self.scale.pow(2) + (self.loc - mean).pow(2))).sum(-2)
 
-    def rsample(self, sample_shape=torch.Size()):
+    def rsample(self, sample_shape: torch.Size | Sequence[int] = torch.Size()) -> torch.Tensor:
         shape = torch.Size(sample_shape) + self.batch_shape
         logits = self.log_weights.expand(shape + self.log_weights.shape[-1:])
         k = torch.distributions.Categorical(logits=logits).sample()
@@ -217,12 +221,13 @@ class GaussianMixture(TorchDistribution):
         loc, scale = pick(self.loc).squeeze(-2), pick(self.scale).squeeze(-2)
         return loc + scale * torch.randn_like(loc)
 
-    def log_prob(self, value):
+    def log_prob(self, value: Any) -> torch.Tensor:
         per = dist.Normal(self.loc, self.scale).log_prob(value.unsqueeze(-2)).sum(-1)  # (..., C)
         return torch.logsumexp(per + self.log_weights, dim=-1)
 
 
-def moe(loc, scale, mask=None, checked=False):
+def moe(loc: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None = None,
+        checked: bool = False) -> "GaussianMixture":
     """Uniform mixture of the present experts, (1/n) sum_S N(mu_m, diag s_m^2)."""
     mask, _ = _mask(mask, loc, checked)
     scale = torch.where(mask[..., None], scale, scale.new_ones(()))  # absent: finite placeholders, weight 0
@@ -230,7 +235,8 @@ def moe(loc, scale, mask=None, checked=False):
     return GaussianMixture(loc, scale, torch.where(mask, 0.0, -math.inf).to(loc.dtype))
 
 
-def mopoe(loc, scale, mask=None, prior_expert=False, checked=False):
+def mopoe(loc: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None = None, prior_expert: bool = False,
+          checked: bool = False) -> torch.Tensor:
     """Uniform mixture over the non-empty subsets of the present experts of each subset's PoE (Sutter et al. 2021).
 
     With n present experts there are 2^n - 1 components; a single expert passes
@@ -250,7 +256,8 @@ def mopoe(loc, scale, mask=None, prior_expert=False, checked=False):
     return GaussianMixture(num / safe, safe.rsqrt(), torch.where(valid, 0.0, -math.inf).to(loc.dtype))
 
 
-def fuse(rule, loc, scale, mask=None, *, rho=0.0, prior_expert=False, checked=False):
+def fuse(rule: str, loc: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None = None, *, rho: float = 0.0,
+         prior_expert: bool = False, checked: bool = False) -> Any:
     """Apply the rule named ``rule`` (one of :data:`RULES`); ``checked``: see the module docstring."""
     if rule == "poe":
         return poe(loc, scale, mask, prior_expert=prior_expert, checked=checked)

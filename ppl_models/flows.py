@@ -25,6 +25,7 @@ sampled); scoring an arbitrary z needs L sequential passes per step. The
 autoregressive order is reversed between steps (Kingma et al. 2016, sec. 4).
 ``diag`` (or K = 0) is the plain diagonal Gaussian.
 """
+from typing import Any
 
 import pyro.distributions as dist
 import torch
@@ -39,7 +40,7 @@ SPLINE_BINS = 8
 SPLINE_BOUND = 3.0
 
 
-def parse_guide(spec):
+def parse_guide(spec: Any) -> tuple[Any, ...]:
     """``"diag"`` -> ``("diag", 0)``; ``"iaf:K"`` / ``"spline:K"`` -> ``(kind, K)`` with K >= 0.
 
     :raises UsageError: any other spec.
@@ -52,7 +53,7 @@ def parse_guide(spec):
     raise UsageError(f"unknown guide {spec!r}; use 'diag', 'iaf:K' or 'spline:K' (K >= 0 flow steps)")
 
 
-def default_flow_hidden(latent_dim):
+def default_flow_hidden(latent_dim: int) -> list[Any]:
     """The MADE width used when none is given: max(4 L, 64) (at least L, as MADE requires)."""
     return [max(4 * latent_dim, 64)]
 
@@ -67,7 +68,7 @@ class ConditionalFlow(nn.Module):
     :param hidden: MADE hidden widths, each >= L (default :func:`default_flow_hidden`).
     """
 
-    def __init__(self, kind, steps, latent_dim, context_dim, hidden=None):
+    def __init__(self, kind: str, steps: int, latent_dim: int, context_dim: int, hidden: Any = None) -> None:
         super().__init__()
         if kind not in FLOW_KINDS:
             raise UsageError(f"unknown flow {kind!r}; valid: {', '.join(FLOW_KINDS)}")
@@ -77,24 +78,29 @@ class ConditionalFlow(nn.Module):
         if any(h < latent_dim for h in hidden):
             raise UsageError(f"flow hidden widths must be >= latent_dim = {latent_dim}, got {hidden}")
         self.kind, self.steps = kind, steps
-        transforms = []
+        transforms: list[Any] = []
         for k in range(steps):
             order = torch.arange(latent_dim) if k % 2 == 0 else torch.arange(latent_dim - 1, -1, -1)
             if kind == "iaf":
-                made = ConditionalAutoRegressiveNN(latent_dim, context_dim, hidden, permutation=order)
+                # pyro's stub asks for the legacy torch.LongTensor type; an int64 tensor is what it means
+                made = ConditionalAutoRegressiveNN(latent_dim, context_dim, hidden,
+                                                   permutation=order)  # type: ignore[arg-type]
                 transforms.append(ConditionalAffineAutoregressive(made, stable=True))
             else:
-                made = ConditionalAutoRegressiveNN(latent_dim, context_dim, hidden, permutation=order,
+                made = ConditionalAutoRegressiveNN(latent_dim, context_dim, hidden,
+                                                   permutation=order,  # type: ignore[arg-type]
                                                    param_dims=[SPLINE_BINS, SPLINE_BINS, SPLINE_BINS - 1, SPLINE_BINS])
                 transforms.append(ConditionalSplineAutoregressive(latent_dim, made, count_bins=SPLINE_BINS,
                                                                   bound=SPLINE_BOUND, order="linear"))
         self.transforms = nn.ModuleList(transforms)
 
-    def forward(self, base, context):
+    def forward(self, base: Any, context: Any) -> dist.TorchDistribution:
         """q(z | x): ``base`` (a distribution with event shape (L,), batch shape B) pushed through the steps.
 
         ``context``: (*B, context_dim). Returns a
         :class:`pyro.distributions.TransformedDistribution` (reparameterised; its
         ``log_prob`` includes every step's log-Jacobian).
         """
-        return dist.TransformedDistribution(base, [t.condition(context) for t in self.transforms])
+        # nn.ModuleList types its items as plain modules; these are pyro's conditional transforms
+        return dist.TransformedDistribution(base, [t.condition(context)  # type: ignore[operator]
+                                                   for t in self.transforms])

@@ -34,8 +34,11 @@ plug-in log-likelihood at the guide's mean of the globals, which is not the
 marginal over theta).
 """
 
+from __future__ import annotations
+
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -66,7 +69,8 @@ def _check_covariance(covariance):
         raise UsageError(f"unknown covariance {covariance!r}; valid: {', '.join(COVARIANCES)}")
 
 
-def component_log_prob(x, means, covariances, covariance="diag"):
+def component_log_prob(x: torch.Tensor, means: torch.Tensor, covariances: torch.Tensor,
+                       covariance: str = "diag") -> torch.Tensor:
     """log N(x_n; mu_k, Sigma_k) for every pair: (N, K).
 
     ``covariances`` are variances (K, D) for ``"diag"`` and matrices (K, D, D) for ``"full"``.
@@ -77,7 +81,8 @@ def component_log_prob(x, means, covariances, covariance="diag"):
     return dist.MultivariateNormal(means, scale_tril=torch.linalg.cholesky(covariances)).log_prob(xs)
 
 
-def mixture_log_joint(x, weights, means, covariances, covariance="diag"):
+def mixture_log_joint(x: torch.Tensor, weights: Any, means: torch.Tensor, covariances: torch.Tensor,
+                      covariance: str = "diag") -> torch.Tensor:
     """log pi_k + log N(x_n; mu_k, Sigma_k): (N, K)."""
     return weights.log() + component_log_prob(x, means, covariances, covariance)
 
@@ -100,20 +105,20 @@ class EMResult:
         x64 = x.to(device=p.device, dtype=p.dtype)
         return mixture_log_joint(x64, self.weights, self.means, self.covariances, self.covariance)
 
-    def log_marginal(self, x):
+    def log_marginal(self, x: torch.Tensor) -> torch.Tensor:
         """Exact log p(x_n) per datapoint: (N,), dtype and device of ``x``."""
         return torch.logsumexp(self._joint(x), dim=-1).to(device=x.device, dtype=x.dtype)
 
-    def responsibilities(self, x):
+    def responsibilities(self, x: torch.Tensor) -> torch.Tensor:
         """p(c_n = k | x_n): (N, K)."""
         return torch.softmax(self._joint(x), dim=-1).to(device=x.device, dtype=x.dtype)
 
-    def predict(self, x):
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
         """The most probable component per datapoint: (N,) long."""
         return self._joint(x).argmax(-1).to(x.device)
 
 
-def kmeans_pp(x, k, *, seed=0):
+def kmeans_pp(x: torch.Tensor, k: int, *, seed: int = 0) -> torch.Tensor:
     """k-means++ seeding (Arthur & Vassilvitskii 2007): k rows of ``x`` spread over the data, seeded."""
     _check_x(x)
     if not 1 <= k <= x.shape[0]:
@@ -151,7 +156,8 @@ def _m_step(x, resp, covariance, reg):
     return weights, means, cov
 
 
-def em(x, n_components, *, covariance="diag", restarts=5, max_iter=200, tol=1e-6, reg=1e-6, seed=0):
+def em(x: torch.Tensor, n_components: int, *, covariance: str = "diag", restarts: int = 5, max_iter: int = 200,
+       tol: float = 1e-6, reg: float = 1e-6, seed: int = 0) -> Any:
     """Fit a Gaussian mixture by expectation-maximisation, keeping the best of ``restarts`` runs.
 
     Each run starts from k-means++ means, the pooled per-dimension variance (or
@@ -240,15 +246,15 @@ class GMM(Configurable, nn.Module):
 
     def __init__(
         self,
-        x_dim,
-        n_components,
-        covariance="diag",
+        x_dim: int,
+        n_components: int,
+        covariance: str = "diag",
         *,
-        min_scale=1e-3,
-        mean_prior_scale=None,
-        weight_concentration=None,
-        init_means=None,
-    ):
+        min_scale: float = 1e-3,
+        mean_prior_scale: float | None = None,
+        weight_concentration: float | None = None,
+        init_means: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.cfg = GMMConfig.from_arguments(locals())
         _check_covariance(covariance)
@@ -266,19 +272,19 @@ class GMM(Configurable, nn.Module):
         self.weight_logits = nn.Parameter(torch.zeros(k))
         self.means = nn.Parameter(means.clone())
         # the "raw" scale: softplus(raw) + min_scale is a standard deviation (diag) / Cholesky diagonal (full)
-        self.scale_raw = nn.Parameter(torch.full((k, d), softplus_inverse(1.0 - min_scale)))
+        self.scale_raw = nn.Parameter(torch.full((k, d), float(softplus_inverse(1.0 - min_scale))))
         if covariance == "full":
             self.tril_raw = nn.Parameter(torch.zeros(k, d, d))
         if mean_prior_scale is not None:
-            self.means_scale_raw = nn.Parameter(torch.full((k, d), softplus_inverse(0.1)))
+            self.means_scale_raw = nn.Parameter(torch.full((k, d), float(softplus_inverse(0.1))))
         if weight_concentration is not None:
-            self.weight_conc_raw = nn.Parameter(torch.full((k,), softplus_inverse(10.0)))
+            self.weight_conc_raw = nn.Parameter(torch.full((k,), float(softplus_inverse(10.0))))
         # how log_weights draws the assignment: "exact" sums it out; "prior" samples c_k ~ pi
         # (importance sampling with the prior as proposal, a deliberately weak guide for bound studies)
         self.proposal = "exact"
 
     @classmethod
-    def from_em(cls, result, *, min_scale=None):
+    def from_em(cls, result: Any, *, min_scale: float | None = None) -> GMM:
         """A point-estimate GMM holding the parameters of an :class:`EMResult` (float32).
 
         ``min_scale`` defaults to min(1e-3, half the smallest standard deviation / Cholesky diagonal),
@@ -293,7 +299,7 @@ class GMM(Configurable, nn.Module):
         return gmm.to(result.means.device)
 
     @torch.no_grad()
-    def initialize(self, x, *, seed=0):
+    def initialize(self, x: torch.Tensor, *, seed: int = 0) -> GMM:
         """EM's starting point: k-means++ means (seeded), uniform weights, the pooled per-dimension
         variance (diag) or covariance (full) of ``x`` for every component (floored at ``min_scale``^2)."""
         _check_x(x)
@@ -310,20 +316,20 @@ class GMM(Configurable, nn.Module):
         return self
 
     @property
-    def has_priors(self):
+    def has_priors(self) -> bool:
         return self.mean_prior_scale is not None or self.weight_concentration is not None
 
     # ---- parameters ---------------------------------------------------------------
     def _scales(self):
         return F.softplus(self.scale_raw) + self.min_scale
 
-    def scale_tril(self):
+    def scale_tril(self) -> torch.Tensor:
         """Cholesky factors L_k with Sigma_k = L_k L_k^T: (K, D, D) (diagonal for "diag")."""
         if self.covariance == "diag":
             return torch.diag_embed(self._scales())
         return torch.tril(self.tril_raw, -1) + torch.diag_embed(self._scales())
 
-    def covariances(self):
+    def covariances(self) -> torch.Tensor:
         """Variances (K, D) for "diag", matrices (K, D, D) for "full"."""
         if self.covariance == "diag":
             return self._scales().pow(2)
@@ -331,7 +337,7 @@ class GMM(Configurable, nn.Module):
         return tril @ tril.transpose(-1, -2)
 
     @torch.no_grad()
-    def set_parameters(self, weights, means, covariances):
+    def set_parameters(self, weights: Any, means: torch.Tensor, covariances: torch.Tensor) -> None:
         """Set pi, mu and Sigma (variances (K, D) or matrices (K, D, D)); priors' guides centre on them."""
         weights = torch.as_tensor(weights, dtype=torch.float32)
         self.weight_logits.copy_(weights.log())
@@ -346,7 +352,7 @@ class GMM(Configurable, nn.Module):
             self.scale_raw.copy_(softplus_inverse((diag - self.min_scale).clamp_min(1e-6)))
             self.tril_raw.copy_(torch.tril(tril, -1))
 
-    def point_estimates(self):
+    def point_estimates(self) -> tuple[Any, ...]:
         """(weights, means, covariances) used for scoring: the guide's means of the globals with priors."""
         if self.weight_concentration is not None:
             conc = F.softplus(self.weight_conc_raw)
@@ -368,7 +374,7 @@ class GMM(Configurable, nn.Module):
             return pyro.plate("data", self.num_data, subsample=torch.arange(n, device=x.device))
         return pyro.plate("data", n)
 
-    def model(self, x):
+    def model(self, x: torch.Tensor) -> None:
         k = self.n_components
         if self.weight_concentration is not None:
             weights = pyro.sample("weights", dist.Dirichlet(x.new_full((k,), self.weight_concentration)))
@@ -385,7 +391,7 @@ class GMM(Configurable, nn.Module):
             # Vindex: means may carry particle dims (vectorised particles with priors) left of (K, D)
             pyro.sample("x", self._component(Vindex(means)[..., c, :], Vindex(tril)[..., c, :, :]), obs=x)
 
-    def guide(self, x):
+    def guide(self, x: torch.Tensor) -> None:
         if self.weight_concentration is not None:
             pyro.sample("weights", dist.Dirichlet(F.softplus(self.weight_conc_raw)))
         if self.mean_prior_scale is not None:
@@ -393,23 +399,23 @@ class GMM(Configurable, nn.Module):
             pyro.sample("means", dist.Normal(self.means, scale).to_event(2))
 
     # ---- exact scoring -----------------------------------------------------------
-    def log_joint(self, x):
+    def log_joint(self, x: torch.Tensor) -> torch.Tensor:
         """log pi_k + log N(x_n; mu_k, Sigma_k): (N, K), at :meth:`point_estimates`."""
         weights, means, _ = self.point_estimates()
         return weights.log() + self._component(means, self.scale_tril()).log_prob(x.unsqueeze(-2))
 
-    def log_marginal(self, x):
+    def log_marginal(self, x: torch.Tensor) -> torch.Tensor:
         """Exact log p(x_n) per datapoint (N,) (with priors: at the guide's mean of the globals)."""
         return torch.logsumexp(self.log_joint(x), dim=-1)
 
-    def responsibilities(self, x):
+    def responsibilities(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.log_joint(x), dim=-1)
 
-    def predict(self, x):
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Assignments argmax_k p(c_n = k | x_n): (N,) long."""
         return self.log_joint(x).argmax(-1)
 
-    def log_weights(self, x, num_particles):
+    def log_weights(self, x: torch.Tensor, num_particles: int) -> torch.Tensor:
         """Importance log weights (K, N) for :func:`inference.evaluate`.
 
         With ``proposal == "exact"`` (default) c is summed out, so every weight
@@ -427,7 +433,7 @@ class GMM(Configurable, nn.Module):
             return comp.T.gather(0, c)  # [p, n] = comp[n, c[p, n]]
         raise UsageError(f"unknown proposal {self.proposal!r}; valid: exact, prior")
 
-    def check_data(self, x):
+    def check_data(self, x: torch.Tensor) -> None:
         _check_x(x, "data")
         if x.shape[1] != self.x_dim:
             raise UsageError(f"data have {x.shape[1]} values per point, the model expects {self.x_dim}")

@@ -38,32 +38,32 @@ LIKELIHOODS = ("bernoulli", "cbernoulli", "normal[:S]", "laplace[:S]", "categori
 class Likelihood(nn.Module):
     """Base: ``forward(h)`` -> distribution over one datapoint; ``check(x)`` validates data."""
 
-    spec = None
+    spec: str | None = None
     support = "reals"
 
-    def __init__(self, dim):
+    def __init__(self, dim: int) -> None:
         super().__init__()
         self.dim = dim
 
     @property
-    def out_features(self):
+    def out_features(self) -> int:
         return self.dim
 
-    def check(self, x):
+    def check(self, x: torch.Tensor) -> None:
         if x.is_floating_point() and not torch.isfinite(x).all():
             raise UsageError(f"data for the {self.spec} likelihood holds NaN or infinite values")
 
-    def mean(self, h):
+    def mean(self, h: torch.Tensor) -> torch.Tensor:
         return self(h).mean
 
 
 class Bernoulli(Likelihood):
     support = "{0, 1}"
 
-    def forward(self, h):
+    def forward(self, h: torch.Tensor) -> dist.TorchDistribution:
         return dist.Bernoulli(logits=h).to_event(1)
 
-    def check(self, x):
+    def check(self, x: torch.Tensor) -> None:
         super().check(x)
         if not ((x == 0) | (x == 1)).all():
             raise UsageError(
@@ -75,10 +75,10 @@ class Bernoulli(Likelihood):
 class ContinuousBernoulli(Likelihood):
     support = "[0, 1]"
 
-    def forward(self, h):
+    def forward(self, h: torch.Tensor) -> dist.TorchDistribution:
         return dist.ContinuousBernoulli(logits=h).to_event(1)
 
-    def check(self, x):
+    def check(self, x: torch.Tensor) -> None:
         super().check(x)
         if ((x < 0) | (x > 1)).any():
             raise UsageError("the cbernoulli likelihood needs data in [0, 1]")
@@ -121,14 +121,14 @@ class Categorical(Likelihood):
 
     support = "{0, ..., C-1}"
 
-    def forward(self, h):
+    def forward(self, h: torch.Tensor) -> dist.TorchDistribution:
         return dist.Categorical(logits=h)
 
-    def check(self, x):
+    def check(self, x: torch.Tensor) -> None:
         if x.is_floating_point() or x.dim() != 1 or (x < 0).any() or (x >= self.dim).any():
             raise UsageError(f"the categorical likelihood needs integer labels in 0..{self.dim - 1}")
 
-    def mean(self, h):
+    def mean(self, h: torch.Tensor) -> torch.Tensor:
         return h.softmax(-1)
 
 
@@ -141,9 +141,10 @@ def _check_fixed_scale(spec, scale):
                          "(positive and finite at float32 precision)")
 
 
-def make_likelihood(spec, dim):
+def make_likelihood(spec: Any, dim: int) -> "Likelihood":
     """Build an observation family from its spec (see the module docstring)."""
     name, _, arg = str(spec).lower().partition(":")
+    lik: Likelihood
     if name in ("normal", "laplace"):
         cls = Normal if name == "normal" else Laplace
         if arg in ("", "learned"):

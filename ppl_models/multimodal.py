@@ -72,10 +72,10 @@ Cross-modal generation (Shi et al. 2019): :meth:`generate` draws z ~ q(z | X_S) 
 the posterior of any given subset and decodes the targets (private latents of a
 target not given come from their prior); :meth:`sample` draws z from the prior.
 """
-
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -95,7 +95,8 @@ OBJECTIVES = ("joint", "subset", "cross")
 SUBSET_WEIGHTS = ("uniform", "learned")
 
 
-def modality(name, dim, likelihood="bernoulli", image_shape=None):
+def modality(name: str, dim: int, likelihood: str = "bernoulli",
+             image_shape: tuple[int, ...] | None = None) -> dict[str, Any]:
     """A modality spec: ``dim`` values per datapoint (for ``categorical``: the number of classes)."""
     return {"name": name, "dim": int(dim), "likelihood": likelihood,
             "image_shape": None if image_shape is None else list(image_shape)}
@@ -125,7 +126,7 @@ class MultimodalVAEConfig(ModelConfig):
         if isinstance(self.rho, (int, float)):
             self.rho = float(self.rho)
 
-    def to_dict(self):
+    def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict; ``weights`` only when set, so an unweighted model's config reads
         as the versions' before likelihood weights (from_config gives a missing key its default)."""
         out = super().to_dict()
@@ -157,25 +158,27 @@ class MultimodalVAE(Configurable, nn.Module):
         (module docstring; not a bound unless every lambda is 1).
     """
 
+    cfg: MultimodalVAEConfig
+
     max_plate_nesting = 2  # the subset copies' plate (dim -2) and the data plate (dim -1)
 
     def __init__(
         self,
-        modalities,
-        latent_dim=16,
-        hidden=(256,),
-        rule="mopoe",
-        rho=0.0,
-        prior_expert=False,
-        objective="subset",
-        subset_weights="uniform",
-        subset_entropy=1.0,
-        beta=1.0,
-        private_dim=0,
-        arch="mlp",
-        activation="relu",
-        weights=None,
-    ):
+        modalities: Any,
+        latent_dim: int = 16,
+        hidden: tuple[Any, ...] = (256,),
+        rule: str = "mopoe",
+        rho: float = 0.0,
+        prior_expert: bool = False,
+        objective: str = "subset",
+        subset_weights: str = "uniform",
+        subset_entropy: float = 1.0,
+        beta: float = 1.0,
+        private_dim: int = 0,
+        arch: str = "mlp",
+        activation: str = "relu",
+        weights: Any = None,
+    ) -> None:
         super().__init__()
         self.cfg = MultimodalVAEConfig.from_arguments(locals())
         specs = self.cfg.modalities
@@ -223,12 +226,12 @@ class MultimodalVAE(Configurable, nn.Module):
                 self.private_heads[name] = nets.GaussianHead(feat, self.private[name])
         self.all_subsets = [tuple(names[i] for i in s) for s in experts.subsets(len(names))]
         self.weights = likelihood_weights(weights, specs)
-        self._members = {}
+        self._members: dict[Any, Any] = {}
         if subset_weights == "learned":
             self.subset_logits = nn.Parameter(torch.zeros(len(self.all_subsets)))
 
     # ---- pieces ------------------------------------------------------------------------
-    def present(self, batch):
+    def present(self, batch: Any) -> list[str]:
         """Names of the modalities present in ``batch`` (a dict; absent or None means missing)."""
         if not isinstance(batch, dict):
             raise UsageError(f"a multimodal batch is a dict {{modality: tensor}} with keys among {self.names}")
@@ -240,7 +243,7 @@ class MultimodalVAE(Configurable, nn.Module):
             raise UsageError(f"the batch holds no modality; expected some of {self.names}")
         return names
 
-    def presence(self, batch, names):
+    def presence(self, batch: Any, names: Sequence[str]) -> torch.Tensor | None:
         """The batch's presence mask restricted to ``names``, (B, |names|) bool, or None (all present)."""
         mask = batch.get(PRESENT)
         if mask is None:
@@ -251,7 +254,7 @@ class MultimodalVAE(Configurable, nn.Module):
                              f"(columns {self.names}), got {mask.dtype} {tuple(mask.shape)}")
         return mask if list(names) == self.names else mask[:, [self.names.index(m) for m in names]]
 
-    def observed(self, batch, names, mask):
+    def observed(self, batch: Any, names: Sequence[str], mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """{name: data} with the entries under an absent mask replaced by zeros (never read, may be NaN)."""
         if mask is None:
             return {m: batch[m] for m in names}
@@ -270,39 +273,40 @@ class MultimodalVAE(Configurable, nn.Module):
     def _dtype(self):
         return next(self.parameters()).dtype
 
-    def experts(self, batch, names=None):
+    def experts(self, batch: Any, names: Sequence[str] | None = None) -> tuple[Any, ...]:
         """Stacked expert parameters (loc, scale), each (B, |names|, L), and features per modality."""
         names = names or self.present(batch)
         feats = {n: self._features(n, batch[n]) for n in names}
         locs, scales = zip(*(self.heads[n](feats[n]) for n in names))
         return torch.stack(locs, -2), torch.stack(scales, -2), feats
 
-    def fuse(self, loc, scale, mask=None, checked=False):
+    def fuse(self, loc: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None = None,
+             checked: bool = False) -> Any:
         return experts.fuse(self.rule, loc, scale, mask, rho=self.rho, prior_expert=self.prior_expert,
                             checked=checked)
 
-    def posterior(self, batch):
+    def posterior(self, batch: Any) -> Any:
         """q(z | X_P) for the modalities present in ``batch`` (per datapoint, with a presence mask)."""
         names = self.present(batch)
         mask = self.presence(batch, names)
         loc, scale, _ = self.experts(self.observed(batch, names, mask), names)
         return self.fuse(loc, scale, mask, checked=True)
 
-    def private_posterior(self, name, features):
+    def private_posterior(self, name: str, features: Any) -> dist.TorchDistribution:
         loc, scale = self.private_heads[name](features)
         return dist.Normal(loc, scale).to_event(1)
 
-    def decode(self, name, z, w=None):
+    def decode(self, name: str, z: torch.Tensor, w: Any = None) -> Any:
         """p(x_name | z, w) as a distribution over one datapoint."""
         h = z if w is None else torch.cat([z, w], -1)
         return self.likelihoods[name](self.decoders[name](h))
 
     @property
-    def image_shapes(self):
+    def image_shapes(self) -> dict[str, Any]:
         """{modality: its image shape [C, H, W], or None when it is not an image (e.g. a label)}."""
         return {n: self.specs[n]["image_shape"] for n in self.names}
 
-    def subset_weights(self, names):
+    def subset_weights(self, names: Sequence[str]) -> tuple[Any, ...]:
         """Weights of the subsets of ``names`` (a tensor, in :meth:`subsets` order) and their entropy."""
         subs = self.subsets(names)
         if not hasattr(self, "subset_logits"):
@@ -312,7 +316,7 @@ class MultimodalVAE(Configurable, nn.Module):
         logp = torch.log_softmax(self.subset_logits[idx], 0)
         return logp.exp(), -(logp.exp() * logp).sum()
 
-    def subsets(self, names):
+    def subsets(self, names: Sequence[str]) -> list[Any]:
         return [s for s in self.all_subsets if set(s) <= set(names)]
 
     def _kl_scale(self, extra=1.0):
@@ -328,7 +332,7 @@ class MultimodalVAE(Configurable, nn.Module):
         return x if x.is_floating_point() else x.new_zeros((), dtype=self._dtype())
 
     # ---- model and guide -----------------------------------------------------------------
-    def copies(self, names, mask, n):
+    def copies(self, names: Sequence[str], mask: torch.Tensor | None, n: int) -> tuple[Any, ...]:
         """The copies of the subset/cross objective: (subsets, weights, guide mask, entropy, valid).
 
         ``subsets``: the K subsets of ``names`` (cross: the singletons); ``weights``: (K, 1), or (K, B)
@@ -374,13 +378,14 @@ class MultimodalVAE(Configurable, nn.Module):
     def _mask_of(mask, i):
         return nullcontext() if mask is None else poutine.mask(mask=mask[:, i])
 
-    def model(self, batch):
+    def model(self, batch: Any) -> None:
         names = self.present(batch)
         mask = self.presence(batch, names)
         x = self.observed(batch, names, mask)
         ref = self._ref(x, names)
         n = x[names[0]].shape[0]
         entropy = None
+        copies: tuple[Any, Any, Any]
         if self.objective != "joint":
             subs, weights, _, entropy, valid = self.copies(names, mask, n)
             copies = (pyro.plate("subsets", len(subs), dim=-2), poutine.scale(scale=weights.to(ref.device)),
@@ -406,7 +411,7 @@ class MultimodalVAE(Configurable, nn.Module):
     def _broadcast(w, z):
         return None if w is None else w.expand(z.shape[:-1] + w.shape[-1:])
 
-    def guide(self, batch):
+    def guide(self, batch: Any) -> None:
         names = self.present(batch)
         mask = self.presence(batch, names)
         loc, scale, feats = self.experts(self.observed(batch, names, mask), names)
@@ -425,7 +430,7 @@ class MultimodalVAE(Configurable, nn.Module):
                         (nullcontext() if valid is None else poutine.mask(mask=valid)), self._kl_scale():
                     pyro.sample("z", self.fuse(loc, scale, masks, checked=True))
 
-    def check_data(self, batch):
+    def check_data(self, batch: Any) -> None:
         """Check every present entry against its likelihood, and a presence mask (once: one host read).
 
         :raises UsageError: data outside a likelihood's support, or a mask of the wrong type or shape, or a
@@ -436,10 +441,11 @@ class MultimodalVAE(Configurable, nn.Module):
         if mask is not None and not bool(mask.any(-1).all()):
             raise UsageError(f"{int((~mask.any(-1)).sum())} datapoints have none of the modalities {names} present")
         for i, m in enumerate(names):
-            self.likelihoods[m].check(batch[m] if mask is None else batch[m][mask[:, i]])
+            # nn.ModuleDict types its items as plain modules; these are Likelihoods
+            self.likelihoods[m].check(batch[m] if mask is None else batch[m][mask[:, i]])  # type: ignore[operator]
 
     # ---- evaluation and generation --------------------------------------------------------
-    def log_weights(self, batch, num_particles):
+    def log_weights(self, batch: Any, num_particles: int) -> torch.Tensor:
         """log p(X_P, z, w) - log q(z, w | X_P) for K draws from the joint posterior: shape (K, B).
 
         Per datapoint with a presence mask (P_n its present modalities); the likelihood weights are not
@@ -449,7 +455,8 @@ class MultimodalVAE(Configurable, nn.Module):
         x = self.observed(batch, names, mask)
         loc, scale, feats = self.experts(x, names)
         keep = (lambda i, v: v) if mask is None else (lambda i, v: torch.where(mask[:, i], v, v.new_zeros(())))
-        total, w = 0.0, {}
+        total: Any = 0.0
+        w: dict[str, torch.Tensor] = {}
         for i, m in enumerate(names):  # the guide's order: private latents first, then z
             if self.private[m]:
                 qw = self.private_posterior(m, feats[m])
@@ -463,12 +470,12 @@ class MultimodalVAE(Configurable, nn.Module):
         return total
 
     @torch.no_grad()
-    def embed(self, batch):
+    def embed(self, batch: Any) -> torch.Tensor:
         """Posterior mean of the shared z given the present modalities: (B, L)."""
         return self.posterior(batch).mean
 
     @torch.no_grad()
-    def generate(self, given, targets=None, *, mean=True):
+    def generate(self, given: Any, targets: Any = None, *, mean: bool = True) -> dict[str, Any]:
         """Cross-modal generation: z ~ q(z | X_given), then E[x_t | z, w_t] (or a draw) for each target.
 
         Returns {target: tensor}; a label target gives class probabilities (B, C)
@@ -487,7 +494,7 @@ class MultimodalVAE(Configurable, nn.Module):
         return {t: self._emit(t, z, feats.get(t), mean, present.get(t)) for t in targets}
 
     @torch.no_grad()
-    def impute(self, batch):
+    def impute(self, batch: Any) -> Any:
         """Fill the entries under an absent mask by cross-modal generation (Shi et al. 2019).
 
         Per datapoint n, z ~ q(z | X_{P_n}) from its present modalities, and each absent modality
@@ -520,14 +527,14 @@ class MultimodalVAE(Configurable, nn.Module):
         return self.likelihoods[name].mean(h) if mean else self.likelihoods[name](h).sample()
 
     @torch.no_grad()
-    def sample(self, n, *, mean=True):
+    def sample(self, n: int, *, mean: bool = True) -> dict[str, Any]:
         """n joint draws from the prior: {modality: E[x_m | z, w_m] (or a draw)}."""
         ref = next(self.parameters())
         z = torch.randn(n, self.latent_dim, device=ref.device, dtype=ref.dtype)
         return {m: self._emit(m, z, None, mean) for m in self.names}
 
 
-def likelihood_weights(weights, specs):
+def likelihood_weights(weights: Any, specs: Any) -> dict[str, float]:
     """{name: lambda_m} from ``None`` (all 1), ``"auto"`` (max_k D_k / D_m, a label counting 1) or a dict.
 
     :raises UsageError: an unknown modality, a weight that is not a positive finite number, or another value.

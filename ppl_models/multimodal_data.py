@@ -42,10 +42,11 @@ x = (1 - d) T + d (1 - T), with d the digit's grey level, so the strokes
 the views differ in more than texture. Everything is drawn from
 ``numpy.random.default_rng(seed)``: the same seed gives the same data.
 """
-
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tomllib
@@ -75,7 +76,7 @@ class MultimodalSplit:
 
     name: str
     x: dict
-    y: torch.Tensor
+    y: torch.Tensor | None
     modalities: list
     binarize: str = "none"
     grey: dict = field(default_factory=dict)
@@ -87,10 +88,10 @@ class MultimodalSplit:
         return x if self.mask is None else {**x, PRESENT: self.mask}
 
     @property
-    def data(self):
+    def data(self) -> dict[str, torch.Tensor]:
         return self._with_mask(self.x)
 
-    def epoch(self):
+    def epoch(self) -> dict[str, torch.Tensor]:
         if self.binarize != "dynamic" or not self.grey:
             return self.data
         return self._with_mask({k: torch.bernoulli(self.grey[k]) if k in self.grey else v for k, v in self.x.items()})
@@ -99,19 +100,19 @@ class MultimodalSplit:
         return next(iter(self.x.values())).shape[0]
 
     @property
-    def names(self):
+    def names(self) -> list[Any]:
         return [m["name"] for m in self.modalities]
 
-    def subset(self, names):
+    def subset(self, names: Sequence[str]) -> dict[str, Any]:
         """The dict restricted to ``names`` (the other modalities absent)."""
         return {k: self.x[k] for k in names}
 
-    def to(self, device):
+    def to(self, device: str | torch.device) -> "MultimodalSplit":
         move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
         opt = lambda v: None if v is None else v.to(device)  # noqa: E731
         return replace(self, x=move(self.x), y=opt(self.y), grey=move(self.grey), mask=opt(self.mask))
 
-    def rows(self, index):
+    def rows(self, index: torch.Tensor) -> "MultimodalSplit":
         """The tuples ``index`` (an index tensor) of this split, as a split of the same kind."""
         pick = lambda d: {k: v[index.to(v.device)] for k, v in d.items()}  # noqa: E731
         opt = lambda v: None if v is None else v[index.to(v.device)]  # noqa: E731
@@ -120,7 +121,7 @@ class MultimodalSplit:
                        mask=opt(self.mask))
 
 
-def with_missing(split, name, fraction, *, seed=0):
+def with_missing(split: Any, name: str, fraction: float, *, seed: int = 0) -> Any:
     """A copy of ``split`` in which modality ``name`` is absent from a seeded ``fraction`` of the rows.
 
     The rows are drawn (``numpy.random.default_rng(seed)``) among those that have ``name`` and another
@@ -167,7 +168,7 @@ def _split(name, images, labels, y, shapes, mode, train, label_classes=10):
     return MultimodalSplit(name=name, x=x, y=yt, modalities=specs, binarize=mode, grey=grey)
 
 
-def texture(rng, size=96, components=4):
+def texture(rng: np.random.Generator, size: int = 96, components: int = 4) -> np.ndarray:
     """A procedural texture in [0, 0.4]: oriented gratings of random frequency and phase plus smoothed noise."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) / size
     img = np.zeros((size, size))
@@ -183,7 +184,7 @@ def texture(rng, size=96, components=4):
     return (0.4 * img).astype(np.float32)  # dark: inverted digit strokes (1 - T >= 0.6) stand out by >= 0.2
 
 
-def polymnist_views(images, labels, views, rng, textures):
+def polymnist_views(images: Any, labels: Any, views: Any, rng: np.random.Generator, textures: Any) -> tuple[Any, ...]:
     """V views per tuple: same class, different MNIST instance, each on a crop of its view's texture.
 
     Returns ({view: (N, 784) images}, {view: indices of the MNIST images used}).
@@ -213,8 +214,9 @@ def polymnist_views(images, labels, views, rng, textures):
     return out, sources
 
 
-def load_multimodal(name, *, data_root=None, views=3, binarize="none", seed=0, max_train=None, max_test=None,
-                    download=False):
+def load_multimodal(name: str, *, data_root: str | Path | None = None, views: int = 3, binarize: str = "none",
+                    seed: int = 0, max_train: int | None = None, max_test: int | None = None,
+                    download: bool = False) -> Any:
     """Load a multimodal dataset (module docstring): returns ``(train, test)`` :class:`MultimodalSplit`.
 
     ``max_train``/``max_test`` keep the first that many tuples (a reduced budget);
@@ -268,7 +270,7 @@ _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*$")
 SPEC_KEYS = ("file", "standardize", "weights", "modalities")
 
 
-def parse_likelihood(spec):
+def parse_likelihood(spec: Any) -> tuple[Any, ...]:
     """(likelihood spec for :func:`ppl_models.likelihoods.make_likelihood`, number of classes or None).
 
     ``categorical:K`` gives ("categorical", K); a bare ``categorical`` takes K from the data.
@@ -286,7 +288,7 @@ def parse_likelihood(spec):
     return str(spec).strip().lower(), None
 
 
-def parse_shape(text):
+def parse_shape(text: str) -> tuple[int, ...]:
     """An image shape from ``HxW`` or ``CxHxW`` (a list of 2 or 3 ints), as (C, H, W)."""
     parts = str(text).lower().split("x") if isinstance(text, str) else list(text)
     try:
@@ -298,7 +300,7 @@ def parse_shape(text):
     return tuple(dims) if len(dims) == 3 else (1, *dims)
 
 
-def parse_assignments(items, what, parse=str):
+def parse_assignments(items: Any, what: str, parse: Any = str) -> Any:
     """{name: parse(value)} from ``name=value`` strings (``--modality top=bernoulli``); one line on failure."""
     out = {}
     for item in items or ():
@@ -312,7 +314,7 @@ def parse_assignments(items, what, parse=str):
     return out
 
 
-def parse_weights(text):
+def parse_weights(text: str) -> Any:
     """``--weights``: ``auto`` or ``name=w,name=w`` -> "auto" or {name: w}, every w a positive number."""
     if text is None or text == "auto":
         return text
@@ -329,7 +331,7 @@ def parse_weights(text):
     return parse_assignments([t for t in str(text).split(",") if t], "--weights", positive)
 
 
-def read_spec(path):
+def read_spec(path: str | Path) -> dict[str, Any]:
     """A TOML spec of a multimodal data file, read with :mod:`tomllib`::
 
         file = "data.npz"          # relative to the spec's folder
@@ -385,7 +387,8 @@ def _read_npz(path):
         raise DataError(f"cannot read {path} as .npz ({type(exc).__name__})") from None
 
 
-def check_arrays(arrays, modalities, shapes=None, *, suffix="", where="data"):
+def check_arrays(arrays: Any, modalities: Any, shapes: Any = None, *, suffix: str = "",
+                 where: str = "data") -> tuple[Any, ...]:
     """Check one set of a file's arrays and build its modality data; every failure is one line.
 
     ``arrays``: {array name: numpy array}; ``modalities``: {name: likelihood spec} (see
@@ -425,7 +428,7 @@ def check_arrays(arrays, modalities, shapes=None, *, suffix="", where="data"):
                 raise DataError(f"{where}: {key} row {int(np.flatnonzero(m & nan_rows)[0])} is all NaN but {mkey} "
                                 "marks it present")
         else:
-            m = ~nan_rows
+            m = np.asarray(~nan_rows)
         bad = ~np.isfinite(flat[m])
         if bad.any():
             row = int(np.flatnonzero(m)[np.flatnonzero(bad.any(1))[0]])
@@ -495,8 +498,9 @@ def _merge_info(train, test, path):
     return out
 
 
-def load_multimodal_file(path, modalities, *, shapes=None, standardize=False, seed=0, test_fraction=0.2,
-                         max_train=None, max_test=None):
+def load_multimodal_file(path: str | Path, modalities: Any, *, shapes: Any = None, standardize: bool = False,
+                         seed: int = 0, test_fraction: float = 0.2, max_train: int | None = None,
+                         max_test: int | None = None) -> Any:
     """Your own multimodal data (module docstring): returns ``(train, test)`` :class:`MultimodalSplit`.
 
     ``modalities``: {name: likelihood spec}, in the order the model takes them; every ``x_<name>``
@@ -565,7 +569,7 @@ def load_multimodal_file(path, modalities, *, shapes=None, standardize=False, se
                 std = np.where(std > 1e-8, std, 1.0)
                 scaling[name] = (mean.astype(np.float32), std.astype(np.float32))
     complete = train_part[1].all() and test_part[1].all()
-    return tuple(_file_split(path.stem, *part, list(specs.values()), scaling, complete)
+    return tuple(_file_split(path.stem, part[0], part[1], part[2], list(specs.values()), scaling, complete)
                  for part in (train_part, test_part))
 
 
@@ -582,7 +586,8 @@ def _file_split(name, x, mask, y, specs, scaling, complete):
                            scaling={k: (torch.as_tensor(a), torch.as_tensor(b)) for k, (a, b) in scaling.items()})
 
 
-def impute_file(module, path, out, modalities, *, shapes=None, scaling=None, batch_size=1000):
+def impute_file(module: Any, path: str | Path, out: Any, modalities: Any, *, shapes: Any = None, scaling: Any = None,
+                batch_size: int = 1000) -> Any:
     """Fill a file's absent entries by cross-modal generation (:meth:`MultimodalVAE.impute`) and write ``out``.
 
     ``path``'s arrays (``x_<name>``, optional ``mask_<name>``; a ``_test`` set is filled too) are
@@ -611,7 +616,7 @@ def impute_file(module, path, out, modalities, *, shapes=None, scaling=None, bat
             data[n] = v
         data[PRESENT] = torch.as_tensor(mask)
         module.check_data(data)
-        parts = {n: [] for n in names}
+        parts: dict[str, list[Any]] = {n: [] for n in names}
         for s in range(0, len(mask), batch_size):
             batch = {k: v[s:s + batch_size].to(dev) for k, v in data.items()}
             for n, v in module.impute(batch).items():

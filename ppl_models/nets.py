@@ -4,8 +4,9 @@ Every network accepts arbitrary leading batch dimensions (vectorised particles
 put a particle dimension in front of the data dimension). Bad shapes raise
 :class:`inference.errors.UsageError`.
 """
-
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -16,17 +17,17 @@ from inference.errors import UsageError
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "gelu": nn.GELU, "softplus": nn.Softplus}
 
 
-def activation_class(name):
+def activation_class(name: str) -> type[nn.Module]:
     """The ``torch.nn`` class of an activation named in :data:`ACTIVATIONS`."""
     if name not in ACTIVATIONS:
         raise UsageError(f"unknown activation {name!r}; valid: {', '.join(ACTIVATIONS)}")
     return ACTIVATIONS[name]
 
 
-def mlp(sizes, activation="relu"):
+def mlp(sizes: Sequence[int], activation: str = "relu") -> nn.Sequential:
     """Linear layers through ``sizes`` with ``activation`` between them (none after the last)."""
     act = activation_class(activation)
-    layers = []
+    layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
@@ -34,7 +35,7 @@ def mlp(sizes, activation="relu"):
     return nn.Sequential(*layers)
 
 
-def softplus_inverse(y):
+def softplus_inverse(y: float | torch.Tensor) -> torch.Tensor:
     """softplus^{-1}(y) = log(exp(y) - 1) = y + log(-expm1(-y)) for y > 0, stable for small and large y.
 
     The raw value of a positive parameter stored as softplus(raw) (+ a floor).
@@ -47,7 +48,7 @@ def softplus_inverse(y):
     return y + torch.log(-torch.expm1(-y))
 
 
-def mlp_encoder_body(in_features, hidden=(256,), activation="relu"):
+def mlp_encoder_body(in_features: int, hidden: tuple[Any, ...] = (256,), activation: str = "relu") -> tuple[Any, ...]:
     """(.., in_features) -> (.., features): the MLP through ``hidden`` with ``activation`` after every layer.
 
     Returns ``(net, features)`` like :func:`conv_encoder_body`; with no hidden
@@ -62,12 +63,12 @@ def mlp_encoder_body(in_features, hidden=(256,), activation="relu"):
 class GaussianHead(nn.Module):
     """features -> (loc, scale) of a diagonal Gaussian, scale = softplus(.) + min_scale > 0."""
 
-    def __init__(self, in_features, out_features, min_scale=1e-4):
+    def __init__(self, in_features: int, out_features: int, min_scale: float = 1e-4) -> None:
         super().__init__()
         self.linear = nn.Linear(in_features, 2 * out_features)
         self.min_scale = min_scale
 
-    def forward(self, h):
+    def forward(self, h: torch.Tensor) -> tuple[Any, ...]:
         loc, raw = self.linear(h).chunk(2, dim=-1)
         return loc, F.softplus(raw) + self.min_scale
 
@@ -75,12 +76,12 @@ class GaussianHead(nn.Module):
 class Flat(nn.Module):
     """Apply a network that wants (N, *in_shape) to inputs with any leading dims."""
 
-    def __init__(self, net, in_shape):
+    def __init__(self, net: Any, in_shape: Any) -> None:
         super().__init__()
         self.net = net
         self.in_shape = tuple(in_shape)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[: x.dim() - 1]
         y = self.net(x.reshape((-1,) + self.in_shape))
         return y.reshape(lead + y.shape[1:]) if y.dim() == 2 else y.reshape(lead + (-1,))
@@ -96,7 +97,8 @@ def _chw(image_shape, factor):
     return c, h, w
 
 
-def conv_encoder_body(image_shape, channels=(32, 64), activation="relu"):
+def conv_encoder_body(image_shape: tuple[int, ...], channels: tuple[Any, ...] = (32, 64),
+                      activation: str = "relu") -> tuple[Any, ...]:
     """(.., C*H*W) -> (.., features): stride-2 4x4 convolutions, each halving H and W."""
     factor = 2 ** len(channels)
     c, h, w = _chw(image_shape, factor)
@@ -110,7 +112,8 @@ def conv_encoder_body(image_shape, channels=(32, 64), activation="relu"):
     return Flat(nn.Sequential(*layers), image_shape), features
 
 
-def conv_decoder(in_features, image_shape, channels=(64, 32), activation="relu", out_per_pixel=1):
+def conv_decoder(in_features: int, image_shape: tuple[int, ...], channels: tuple[Any, ...] = (64, 32),
+                 activation: str = "relu", out_per_pixel: int = 1) -> "Flat":
     """(.., in_features) -> (.., out_per_pixel*C*H*W): a linear layer then transposed convolutions."""
     factor = 2 ** len(channels)
     c, h, w = _chw(image_shape, factor)
@@ -123,5 +126,5 @@ def conv_decoder(in_features, image_shape, channels=(64, 32), activation="relu",
     return Flat(nn.Sequential(*layers), (in_features,))
 
 
-def num_features(shape):
+def num_features(shape: Any) -> int:
     return int(math.prod(shape))

@@ -32,8 +32,11 @@ the exact ``log_marginal``. :meth:`mle` gives the closed-form maximum-likelihood
 parameters (Tipping & Bishop 1999, eq. 7-8).
 """
 
+from __future__ import annotations
+
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -72,7 +75,8 @@ class PPCA(Configurable, nn.Module):
 
     max_plate_nesting = 1
 
-    def __init__(self, x_dim, latent_dim, *, guide="diag", sigma=None, min_sigma=1e-3):
+    def __init__(self, x_dim: int, latent_dim: int, *, guide: str = "diag", sigma: Any = None,
+                 min_sigma: float = 1e-3) -> None:
         super().__init__()
         self.cfg = PPCAConfig.from_arguments(locals())
         if guide not in GUIDES:
@@ -95,12 +99,12 @@ class PPCA(Configurable, nn.Module):
 
     # ---- parameters -----------------------------------------------------------------
     @property
-    def sigma(self):
+    def sigma(self) -> Any:
         if hasattr(self, "sigma_fixed"):
             return self.sigma_fixed
         return F.softplus(self.sigma_raw) + self.min_sigma
 
-    def guide_scale_tril(self):
+    def guide_scale_tril(self) -> torch.Tensor:
         """S with q's covariance S S^T: (L, L)."""
         diag = torch.diag_embed(F.softplus(self.q_scale_raw) + self.min_sigma)
         if self.guide_type == "diag":
@@ -108,35 +112,35 @@ class PPCA(Configurable, nn.Module):
         return torch.tril(self.q_tril_raw, -1) + diag
 
     # ---- Pyro model and guide -----------------------------------------------------------
-    def model(self, x):
+    def model(self, x: torch.Tensor) -> None:
         n = x.shape[0]
         with pyro.plate("data", n):
             z = pyro.sample("z", dist.Normal(x.new_zeros(n, self.latent_dim), 1.0).to_event(1))
             pyro.sample("x", dist.Normal(z @ self.W.T + self.mu, self.sigma).to_event(1), obs=x)
 
-    def guide(self, x):
+    def guide(self, x: torch.Tensor) -> None:
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", self.encode(x))
 
-    def encode(self, x):
+    def encode(self, x: torch.Tensor) -> dist.TorchDistribution:
         """q(z | x), event shape (L,)."""
         loc = self.encoder(x)
         if self.guide_type == "diag":
             return dist.Normal(loc, F.softplus(self.q_scale_raw) + self.min_sigma).to_event(1)
         return dist.MultivariateNormal(loc, scale_tril=self.guide_scale_tril())
 
-    def check_data(self, x):
+    def check_data(self, x: torch.Tensor) -> None:
         if x.dim() != 2 or x.shape[1] != self.x_dim:
             raise UsageError(f"pPCA expects data of shape (N, {self.x_dim}), got {tuple(x.shape)}")
         if not torch.isfinite(x).all():
             raise UsageError("pPCA data hold NaN or infinite values")
 
     # ---- exact quantities -----------------------------------------------------------
-    def marginal(self):
+    def marginal(self) -> dist.TorchDistribution:
         """p(x) = N(mu, W W^T + sigma^2 I) as a low-rank multivariate normal."""
         return dist.LowRankMultivariateNormal(self.mu, self.W, self.sigma.pow(2).expand(self.x_dim))
 
-    def log_marginal(self, x):
+    def log_marginal(self, x: torch.Tensor) -> torch.Tensor:
         """Exact log p(x_n) per datapoint: (N,)."""
         return self.marginal().log_prob(x)
 
@@ -148,13 +152,13 @@ class PPCA(Configurable, nn.Module):
         cov = s2 * torch.cholesky_inverse(m_chol)
         return gain, cov
 
-    def posterior(self, x):
+    def posterior(self, x: torch.Tensor) -> dist.TorchDistribution:
         """The exact p(z | x) = N(M^{-1} W^T (x - mu), sigma^2 M^{-1}), batch shape (N,)."""
         gain, cov = self._posterior_parts()
         return dist.MultivariateNormal((x - self.mu) @ gain.T, covariance_matrix=cov)
 
     @torch.no_grad()
-    def set_guide_to_posterior(self):
+    def set_guide_to_posterior(self) -> None:
         """Set q(z | x) to the exact posterior (needs ``guide="full"`` unless W^T W is diagonal)."""
         gain, cov = self._posterior_parts()
         tril = torch.linalg.cholesky(cov)
@@ -170,7 +174,7 @@ class PPCA(Configurable, nn.Module):
             self.q_tril_raw.copy_(off)
 
     @torch.no_grad()
-    def set_mle(self, x):
+    def set_mle(self, x: torch.Tensor) -> PPCA:
         """Set (W, mu, sigma) to the closed-form maximum-likelihood estimate on ``x`` (Tipping & Bishop 1999).
 
         With S the sample covariance, eigenvalues l_1 >= ... >= l_D and eigenvectors U:

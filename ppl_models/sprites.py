@@ -17,10 +17,11 @@ y           8        centre row 8.5 .. 23.5 pixels, evenly spaced
 3 * 4 * 8 * 8 * 8 = 6,144 images. The seed only shuffles them and draws the
 test split, so the same seed gives the same arrays everywhere; no download.
 """
-
 import math
+from typing import Any
 
 import numpy as np
+import torch
 
 FACTOR_NAMES = ("shape", "scale", "rotation", "x", "y")
 SHAPES = ("square", "ellipse", "triangle")
@@ -31,12 +32,12 @@ FACTOR_SIZES = (len(SHAPES), len(SCALES), len(ROTATIONS_DEG), len(POSITIONS), le
 SIZE = 32
 
 
-def factor_grid():
+def factor_grid() -> np.ndarray:
     """Every combination of factor indices, (6144, 5) int64, in C order (shape slowest, y fastest)."""
     return np.stack(np.meshgrid(*[np.arange(n) for n in FACTOR_SIZES], indexing="ij"), -1).reshape(-1, 5)
 
 
-def render(factors):
+def render(factors: Any) -> torch.Tensor:
     """Binary images (N, 32*32) float32 of factor-index rows (N, 5) (columns as :data:`FACTOR_NAMES`)."""
     factors = np.asarray(factors)
     shape = factors[:, 0]
@@ -58,7 +59,7 @@ def render(factors):
     return img.reshape(len(factors), SIZE * SIZE).astype(np.float32)
 
 
-def make_sprites(seed=0):
+def make_sprites(seed: int = 0) -> tuple[Any, ...]:
     """All 6,144 sprites in an order drawn from ``seed``: ``(x (N, 1024) float32 in {0, 1}, factors (N, 5) int64)``."""
     factors = factor_grid()
     order = np.random.default_rng(seed).permutation(len(factors))
@@ -66,7 +67,7 @@ def make_sprites(seed=0):
     return render(factors), factors
 
 
-def load_sprites_arrays(split_seed=0, test_fraction=0.1):
+def load_sprites_arrays(split_seed: int = 0, test_fraction: float = 0.1) -> tuple[Any, ...]:
     """(x_train, y_train, x_test, y_test, f_train, f_test): y is the shape index, f all five factor indices."""
     x, f = make_sprites(split_seed)
     n_test = int(round(test_fraction * len(x)))

@@ -60,9 +60,9 @@ queries of a fitted model. Measured accuracies are in
 References: Z. Jiang, Y. Zheng, H. Tan, B. Tang, H. Zhou, "Variational Deep
 Embedding: An Unsupervised and Generative Approach to Clustering", IJCAI 2017.
 """
-
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -106,16 +106,16 @@ class VaDE(VAE):
 
     def __init__(
         self,
-        x_dim,
-        n_clusters=10,
-        latent_dim=10,
-        hidden=(256,),
-        likelihood="bernoulli",
-        arch="mlp",
-        image_shape=None,
-        activation="relu",
-        min_scale=1e-3,
-    ):
+        x_dim: int,
+        n_clusters: int = 10,
+        latent_dim: int = 10,
+        hidden: tuple[Any, ...] = (256,),
+        likelihood: str = "bernoulli",
+        arch: str = "mlp",
+        image_shape: tuple[int, ...] | None = None,
+        activation: str = "relu",
+        min_scale: float = 1e-3,
+    ) -> None:
         if not (isinstance(n_clusters, int) and n_clusters >= 1):
             raise UsageError(f"n_clusters must be a positive integer, got {n_clusters!r}")
         if not min_scale > 0:
@@ -137,28 +137,28 @@ class VaDE(VAE):
         gen = torch.Generator().manual_seed(0)
         self.mixture_logits = nn.Parameter(torch.zeros(n_clusters))
         self.mixture_locs = nn.Parameter(torch.randn(n_clusters, latent_dim, generator=gen))
-        self.mixture_raw_scales = nn.Parameter(torch.full((n_clusters, latent_dim), softplus_inverse(1.0)))
+        self.mixture_raw_scales = nn.Parameter(torch.full((n_clusters, latent_dim), float(softplus_inverse(1.0))))
 
     # ---- the mixture prior -------------------------------------------------------------
     @property
-    def mixture_weights(self):
+    def mixture_weights(self) -> torch.Tensor:
         """pi, shape (K,)."""
         return self.mixture_logits.softmax(-1)
 
     @property
-    def mixture_scales(self):
+    def mixture_scales(self) -> torch.Tensor:
         """sigma_c, shape (K, L), each >= min_scale."""
         return F.softplus(self.mixture_raw_scales) + self.min_scale
 
-    def components(self):
+    def components(self) -> dist.TorchDistribution:
         """p(z | c) for every c: a Normal with batch shape (K,) and event shape (L,)."""
         return dist.Normal(self.mixture_locs, self.mixture_scales).to_event(1)
 
-    def prior(self):
+    def prior(self) -> dist.TorchDistribution:
         """p(z) = sum_c pi_c N(z; mu_c, diag sigma_c^2), event shape (L,)."""
         return dist.MixtureSameFamily(dist.Categorical(logits=self.mixture_logits), self.components())
 
-    def model(self, x):
+    def model(self, x: torch.Tensor) -> None:
         n = x.shape[0]
         prior = self.prior()
         with pyro.plate("data", n):
@@ -168,18 +168,18 @@ class VaDE(VAE):
     # guide: the VAE's q(z | x)
 
     # ---- clustering --------------------------------------------------------------------
-    def log_responsibilities_z(self, z):
+    def log_responsibilities_z(self, z: torch.Tensor) -> torch.Tensor:
         """log p(c | z) for z of shape (..., L): shape (..., K) (Bayes' rule, log pi_c added once)."""
         joint = self.mixture_logits.log_softmax(-1) + self.components().log_prob(z.unsqueeze(-2))
         return joint.log_softmax(-1)
 
     @torch.no_grad()
-    def responsibilities(self, x):
+    def responsibilities(self, x: torch.Tensor) -> torch.Tensor:
         """q(c | x) = p(c | z = mean of q(z | x)): shape (N, K), rows sum to 1."""
         return self.log_responsibilities_z(self.encode(x).mean).exp()
 
     @torch.no_grad()
-    def cluster(self, x, batch_size=4096):
+    def cluster(self, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
         """The most probable cluster under q(c | x) for each row of x: (N,) long."""
         out = [
             self.log_responsibilities_z(self.encode(x[i : i + batch_size]).mean).argmax(-1)
@@ -188,12 +188,12 @@ class VaDE(VAE):
         return torch.cat(out)
 
     @torch.no_grad()
-    def latent_means(self, x, batch_size=4096):
+    def latent_means(self, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
         """mu_phi(x), the means of q(z | x): (N, L)."""
         return torch.cat([self.encode(x[i : i + batch_size]).mean for i in range(0, x.shape[0], batch_size)])
 
     @torch.no_grad()
-    def sample(self, n, *, component=None, mean=True):
+    def sample(self, n: int, *, component: Any = None, mean: bool = True) -> torch.Tensor:
         """n draws x ~ p(x), or x ~ p(x | c = component) when ``component`` is given.
 
         ``mean=True`` returns E[x | z] instead of a draw of x.
@@ -210,7 +210,7 @@ class VaDE(VAE):
 
     # ---- setting the mixture -----------------------------------------------------------
     @torch.no_grad()
-    def set_mixture(self, weights, locs, variances):
+    def set_mixture(self, weights: Any, locs: torch.Tensor, variances: torch.Tensor) -> None:
         """Set the prior to pi proportional to ``weights`` (K,), mu_c = ``locs`` (K, L), sigma_c^2 = ``variances`` (K, L).
 
         The logits become log max(w_c, 1e-12) (the softmax normalises them); each

@@ -72,11 +72,11 @@ Deep Clustering via Clustering the Local Manifold of an Autoencoded Embedding",
 ICPR 2020. L. van der Maaten, G. Hinton, "Visualizing Data using t-SNE", JMLR 2008.
 I. Loshchilov, F. Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
 """
-
 import copy
 import logging
 import math
 import time
+from typing import Any
 
 import numpy as np
 import pyro
@@ -120,22 +120,22 @@ class AutoencoderPair(nn.Module):
 
     max_plate_nesting = 1
 
-    def __init__(self, vade, dropout=0.0):
+    def __init__(self, vade: Any, dropout: float = 0.0) -> None:
         super().__init__()
         _check_dropout(dropout)
         self.encoder_body, self.encoder_head = vade.encoder_body, vade.encoder_head
         self.decoder, self.likelihood = vade.decoder, vade.likelihood
         self.dropout = float(dropout)
 
-    def model(self, x):
+    def model(self, x: torch.Tensor) -> None:
         x_in = F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
         with pyro.plate("data", x.shape[0]):
             _reconstruct(self, x_in, x)
 
-    def guide(self, x):
+    def guide(self, x: torch.Tensor) -> None:
         """Empty: the model has no latent site."""
 
-    def check_data(self, x):
+    def check_data(self, x: torch.Tensor) -> None:
         self.likelihood.check(x)
 
 
@@ -153,31 +153,32 @@ class AlignmentPair(nn.Module):
 
     max_plate_nesting = 1
 
-    def __init__(self, vade, weight=100.0):
+    def __init__(self, vade: Any, weight: float = 100.0) -> None:
         super().__init__()
         if not weight >= 0:
             raise UsageError(f"align weight must be non-negative, got {weight!r}")
         self.vade = vade
         self.weight = float(weight)
 
-    def model(self, batch):
+    def model(self, batch: Any) -> None:
         x, r = batch["x"], batch["r"]
         with pyro.plate("data", x.shape[0]):
             loc = _reconstruct(self.vade, x, x)
             cross_entropy = -(r * self.vade.log_responsibilities_z(loc)).sum(-1)
             pyro.factor("align", -self.weight * cross_entropy)
 
-    def guide(self, batch):
+    def guide(self, batch: Any) -> None:
         """Empty: the model has no latent site."""
 
-    def check_data(self, batch):
+    def check_data(self, batch: Any) -> None:
         x, r = batch["x"], batch["r"]
         self.vade.check_data(x)
         _check_responsibilities(r, x.shape[0], self.vade.n_clusters)
 
 
 # ---- stage 1: pretraining --------------------------------------------------------------------
-def pretrain(vade, x, *, epochs=50, batch_size=256, lr=1e-3, dropout=0.0, weight_decay=0.0, seed=0, progress=False):
+def pretrain(vade: Any, x: torch.Tensor, *, epochs: int = 50, batch_size: int = 256, lr: float = 1e-3,
+             dropout: float = 0.0, weight_decay: float = 0.0, seed: int = 0, progress: bool = False) -> dict[str, Any]:
     """Train VaDE's encoder mean and decoder as a (denoising) autoencoder (module docstring, stage 1).
 
     :class:`AutoencoderPair` trained by :func:`inference.fit` for ``epochs``
@@ -204,7 +205,8 @@ def pretrain(vade, x, *, epochs=50, batch_size=256, lr=1e-3, dropout=0.0, weight
 
 
 # ---- stage 2: the initial mixture ------------------------------------------------------------
-def fit_diag_gmm(z, n_components, *, restarts=5, seed=0, max_iter=500, reg=1e-6):
+def fit_diag_gmm(z: torch.Tensor, n_components: int, *, restarts: int = 5, seed: int = 0, max_iter: int = 500,
+                 reg: float = 1e-6) -> Any:
     """Diagonal-covariance GMM by EM (scikit-learn), best of ``restarts`` k-means-initialised runs.
 
     :param z: (N, L) tensor or array.
@@ -225,7 +227,7 @@ def fit_diag_gmm(z, n_components, *, restarts=5, seed=0, max_iter=500, reg=1e-6)
     return gmm.fit(z)
 
 
-def tsne_map(points, *, perplexity=30.0, seed=0):
+def tsne_map(points: Any, *, perplexity: float = 30.0, seed: int = 0) -> Any:
     """A 2-D t-SNE map (van der Maaten & Hinton 2008) of the rows of ``points``: (N, 2) float64 array.
 
     scikit-learn's Barnes-Hut t-SNE, PCA initialisation, automatic learning rate,
@@ -248,7 +250,7 @@ def tsne_map(points, *, perplexity=30.0, seed=0):
 
 
 @torch.no_grad()
-def set_mixture_from_responsibilities(vade, z, r):
+def set_mixture_from_responsibilities(vade: Any, z: torch.Tensor, r: Any) -> float:
     r"""Set VaDE's pi, mu_c, sigma_c by the M-step of a diagonal GMM on codes ``z`` (N, L), responsibilities ``r`` (N, K).
 
     With N_c = sum_n r_nc::
@@ -280,7 +282,8 @@ def set_mixture_from_responsibilities(vade, z, r):
 
 
 @torch.no_grad()
-def init_mixture(vade, x, *, restarts=5, seed=0, method="gmm", embed="codes", embed_points=10000, perplexity=30.0):
+def init_mixture(vade: Any, x: torch.Tensor, *, restarts: int = 5, seed: int = 0, method: str = "gmm",
+                 embed: str = "codes", embed_points: int = 10000, perplexity: float = 30.0) -> tuple[Any, ...]:
     """Set VaDE's pi, mu_c, sigma_c from the codes mu_phi(x) of its (pretrained) encoder (module docstring, stage 2).
 
     ``method="gmm"``: the best of ``restarts`` diagonal-GMM EM fits to the codes
@@ -348,7 +351,8 @@ def init_mixture(vade, x, *, restarts=5, seed=0, method="gmm", embed="codes", em
 
 
 # ---- stage 3: alignment ----------------------------------------------------------------------
-def align(vade, x, r, *, epochs=5, weight=100.0, lr=1e-3, batch_size=256, seed=0, progress=False):
+def align(vade: Any, x: torch.Tensor, r: Any, *, epochs: int = 5, weight: float = 100.0, lr: float = 1e-3,
+          batch_size: int = 256, seed: int = 0, progress: bool = False) -> dict[str, Any]:
     r"""Pull the codes towards the clusters ``r`` (N, K): train all of VaDE on l_AE + ``weight`` * CE (stage 3).
 
     :class:`AlignmentPair` trained by :func:`inference.fit` for ``epochs`` (Adam,
@@ -385,11 +389,11 @@ def _cross_entropy(vade, x, r):
 
 
 # ---- all stages, and the choice among candidates -----------------------------------------------
-def initialise(
-    vade, x, *, pretrain_epochs=50, batch_size=256, lr=1e-3, dropout=0.0, weight_decay=0.0, restarts=5, seed=0,
-    progress=False, candidates=1, select_epochs=10, select_lr=2e-3, select_particles=10, init="gmm",
-    embed="codes", embed_points=10000, perplexity=30.0, align_epochs=0, align_weight=100.0,
-):
+def initialise(vade: Any, x: torch.Tensor, *, pretrain_epochs: int = 50, batch_size: int = 256, lr: float = 1e-3,
+               dropout: float = 0.0, weight_decay: float = 0.0, restarts: int = 5, seed: int = 0,
+               progress: bool = False, candidates: int = 1, select_epochs: int = 10, select_lr: float = 2e-3,
+               select_particles: int = 10, init: str = "gmm", embed: str = "codes", embed_points: int = 10000,
+               perplexity: float = 30.0, align_epochs: int = 0, align_weight: float = 100.0) -> Any:
     """Initialise ``vade`` on ``x``: :func:`pretrain`, :func:`init_mixture`, then :func:`align` (module docstring).
 
     ``pretrain_epochs``, ``lr``, ``dropout``, ``weight_decay`` go to

@@ -36,10 +36,10 @@ The networks are plain ``torch.nn`` modules; :func:`inference.fit` optimises
 ``module.parameters()`` directly, so the model and guide need no
 ``pyro.module`` call.
 """
-
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -71,7 +71,7 @@ class VAEConfig(ModelConfig):
     guide: str
     flow_hidden: Sequence[int] | None
 
-    def to_dict(self):
+    def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict; the guide's fields only when not the diagonal Gaussian's defaults,
         so a diagonal-guide VAE writes the same config as before flow guides existed."""
         out = super().to_dict()
@@ -98,17 +98,17 @@ class VAE(Configurable, nn.Module):
 
     def __init__(
         self,
-        x_dim,
-        latent_dim=16,
-        hidden=(256,),
-        likelihood="bernoulli",
-        beta=1.0,
-        arch="mlp",
-        image_shape=None,
-        activation="relu",
-        guide="diag",
-        flow_hidden=None,
-    ):
+        x_dim: int,
+        latent_dim: int = 16,
+        hidden: tuple[Any, ...] = (256,),
+        likelihood: str = "bernoulli",
+        beta: float = 1.0,
+        arch: str = "mlp",
+        image_shape: tuple[int, ...] | None = None,
+        activation: str = "relu",
+        guide: str = "diag",
+        flow_hidden: Any = None,
+    ) -> None:
         super().__init__()
         self.cfg = VAEConfig.from_arguments(locals())
         if not beta > 0:
@@ -117,6 +117,7 @@ class VAE(Configurable, nn.Module):
         self.latent_dim = latent_dim
         self.beta = float(beta)
         self.likelihood = make_likelihood(likelihood, x_dim)
+        self.decoder: nn.Module
         if arch == "mlp":
             self.encoder_body, body_out = nets.mlp_encoder_body(x_dim, hidden, activation)
             self.decoder = nets.mlp([latent_dim, *reversed(hidden), self.likelihood.out_features], activation)
@@ -136,19 +137,19 @@ class VAE(Configurable, nn.Module):
     def _kl_scale(self):
         return poutine.scale(scale=self.beta) if self.beta != 1.0 else nullcontext()
 
-    def model(self, x):
+    def model(self, x: torch.Tensor) -> None:
         n = x.shape[0]
         with pyro.plate("data", n):
             with self._kl_scale():
                 z = pyro.sample("z", dist.Normal(x.new_zeros(n, self.latent_dim), 1.0).to_event(1))
             pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
 
-    def guide(self, x):
+    def guide(self, x: torch.Tensor) -> None:
         with pyro.plate("data", x.shape[0]), self._kl_scale():
             pyro.sample("z", self.encode(x))
 
     # ---- conveniences ------------------------------------------------------------------
-    def encode(self, x):
+    def encode(self, x: torch.Tensor) -> Any:
         """q(z | x) as a distribution with event shape (L,) (a ``TransformedDistribution`` for a flow guide)."""
         h = self.encoder_body(x)
         loc, scale = self.encoder_head(h)
@@ -156,19 +157,19 @@ class VAE(Configurable, nn.Module):
         return base if self.flow is None else self.flow(base, h)
 
     @torch.no_grad()
-    def posterior_moments(self, x, *, samples=256):
+    def posterior_moments(self, x: torch.Tensor, *, samples: int = 256) -> Any:
         """(mean, sd) of q(z | x), each (N, L): exact for the diagonal guide, from ``samples`` draws for a flow."""
         return posterior_moments(self.encode(x), samples=samples)
 
-    def decode(self, z):
+    def decode(self, z: torch.Tensor) -> Any:
         """p(x | z) as a distribution with event shape (x_dim,)."""
         return self.likelihood(self.decoder(z))
 
-    def check_data(self, x):
+    def check_data(self, x: torch.Tensor) -> None:
         self.likelihood.check(x)
 
     @torch.no_grad()
-    def sample(self, n, *, mean=True):
+    def sample(self, n: int, *, mean: bool = True) -> torch.Tensor:
         """n draws x ~ p(x) (z from the prior); ``mean=True`` returns E[x | z] instead of a draw."""
         ref = next(self.parameters())
         z = torch.randn(n, self.latent_dim, device=ref.device, dtype=ref.dtype)
@@ -176,6 +177,6 @@ class VAE(Configurable, nn.Module):
         return px.mean if mean else px.sample()
 
     @torch.no_grad()
-    def reconstruct(self, x):
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """E[x | z = mean of q(z | x)] (the mean estimated by Monte Carlo for a flow guide)."""
         return self.decode(self.posterior_moments(x)[0]).mean

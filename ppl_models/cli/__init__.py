@@ -20,6 +20,8 @@ on disk is changed; so does a run that diverges (its last good checkpoint is
 kept). Warnings are shown once each, in one line.
 """
 
+from __future__ import annotations
+
 import argparse
 import logging
 import sys
@@ -37,7 +39,7 @@ from .runs import evaluate_run, generate_run, impute_run, print_metrics, sample_
 DESCRIPTION = "pplm: train, evaluate and sample from the library's models."
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="pplm", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"pplm {__version__}")
     level = parser.add_mutually_exclusive_group()
@@ -149,7 +151,7 @@ def _warning_line(message, category, filename, lineno, file=None, line=None):
     print(f"pplm: warning: {category.__name__}: {message}", file=file or sys.stderr)
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     """``pplm`` with the arguments ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:

@@ -12,9 +12,13 @@ read back by :func:`~ppl_models.cli.runs.read_run_config`) repeat the run
 the model is refused in one line naming it.
 """
 
+from __future__ import annotations
+
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import tomllib
 
@@ -44,7 +48,7 @@ def _config_position(argv):
     return None
 
 
-def read_options_file(path, model):
+def read_options_file(path: str | Path, model: Callable[..., Any]) -> dict[str, Any]:
     """The ``{option: value}`` dict of a TOML/JSON options file or a run folder's ``config.json`` for ``model``.
 
     :raises inference.errors.UsageError: for a missing or malformed file, a run folder of another model, or
@@ -106,7 +110,7 @@ def _tokens(key, value, action, path):
     return [f"{flag}={value}"]
 
 
-def expand_config(argv, model_parser_of):
+def expand_config(argv: list[str], model_parser_of: Any) -> list[str]:
     """``argv`` with ``--config FILE``'s options inserted after ``pplm train MODEL`` (typed options win).
 
     ``model_parser_of(model)`` gives the argparse parser of ``pplm train MODEL``. ``argv`` is returned

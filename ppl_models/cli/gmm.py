@@ -1,7 +1,11 @@
 """``pplm train gmm --clusters K``: a Gaussian mixture trained by SVI with enumerated assignments."""
 
+from __future__ import annotations
+
 import logging
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -10,7 +14,7 @@ from inference.plots import save_image_grid
 
 from ..gmm import GMM, em
 from .options import add_data_options, positive_float, positive_int
-from .recipe import Recipe
+from .recipe import Recipe, RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +29,7 @@ class GMMOptions:
     em_reference: bool = True
 
 
-def add_options(p):
+def add_options(p: Any) -> None:
     d = GMMOptions()
     add_data_options(p, binarize=GMMRecipe.default_binarize)
     p.add_argument("--clusters", type=positive_int, default=d.clusters, help="number of mixture components K")
@@ -49,12 +53,12 @@ class GMMRecipe(Recipe):
     default_batch_size = 256
     default_lr = 0.01
 
-    def check(self, run):
+    def check(self, run: RunConfig) -> None:
         spec = run.elbo.split(":")[0]
         if spec != "enum":
             raise UsageError(f"the GMM sums its assignments out by enumeration: use --elbo enum (got {run.elbo!r})")
 
-    def build(self, run, train):
+    def build(self, run: RunConfig, train: Any) -> Any:
         o, x = run.options, train.data
         if o.clusters > x.shape[0]:
             raise UsageError(f"--clusters {o.clusters} exceeds the {x.shape[0]} training points")
@@ -72,14 +76,14 @@ class GMMRecipe(Recipe):
             log.info(f"EM reference fit: done in {fit.n_iter} iterations")
         return self._em_cache[1]
 
-    def before_fit(self, module, train, run, device):
+    def before_fit(self, module: Any, train: Any, run: RunConfig, device: str | torch.device) -> dict[str, Any]:
         if run.options.init == "em":
             fit = self._em(train, run)
             module.set_parameters(fit.weights, fit.means, fit.covariances)
             return {"init": "em"}
         return {"init": "kmeans++"}
 
-    def metrics(self, module, train, test, run):
+    def metrics(self, module: Any, train: Any, test: Any, run: RunConfig) -> dict[str, Any]:
         """Exact test log-likelihood of the SVI fit and of EM's (same reg), and label agreement on the test set."""
         from sklearn.metrics import adjusted_rand_score
 
@@ -102,7 +106,7 @@ class GMMRecipe(Recipe):
                                                                    fit.predict(test.data).cpu().numpy()))
         return out
 
-    def figures(self, run_dir, module, train, test, run):
+    def figures(self, run_dir: Path, module: Any, train: Any, test: Any, run: RunConfig) -> list[Any]:
         """The component means as images (when the data are images)."""
         shape = train.image_shape
         if shape is None or len(shape) != 3:

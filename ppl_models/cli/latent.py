@@ -7,10 +7,13 @@ q(z | x) (Monte Carlo, ``samples`` draws, for a flow guide), computed with
 :mod:`inference.latent`; figures are drawn by :mod:`inference.plots`.
 """
 
+from __future__ import annotations
+
 import csv
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyro
@@ -53,7 +56,8 @@ def _open(run_dir, split, device, command):
     return module, data.to(dev), train.image_shape
 
 
-def embed_run(run_dir, out_file, *, split="test", samples=256, device="auto", seed=0):
+def embed_run(run_dir: str | Path, out_file: str | Path, *, split: str = "test", samples: int = 256,
+              device: str | torch.device = "auto", seed: int = 0) -> Any:
     """Write the codes of a run's ``split`` to ``out_file`` (``.npz`` or ``.csv``); returns the path.
 
     ``.npz``: ``mean`` and ``sd`` (N, L) float32, ``index`` (N,) (row in the split) and ``y`` (N,) when
@@ -88,7 +92,7 @@ def embed_run(run_dir, out_file, *, split="test", samples=256, device="auto", se
     return out_file
 
 
-def read_codes(path):
+def read_codes(path: str | Path) -> Any:
     """The arrays :func:`embed_run` wrote (``mean``, ``sd``, ``index``, optional ``y``), from ``.npz`` or ``.csv``."""
     path = Path(path)
     if path.suffix == ".npz":
@@ -120,8 +124,9 @@ def _pairs(y, n, n_pairs):
 
 
 @torch.no_grad()
-def explore_run(run_dir, out_dir=None, *, split="test", index=0, method="pca", samples=256, device="auto", seed=0,
-                steps=10, n_pairs=4, traverse=10):
+def explore_run(run_dir: str | Path, out_dir: Path | None = None, *, split: str = "test", index: int = 0,
+                method: str = "pca", samples: int = 256, device: str | torch.device = "auto", seed: int = 0,
+                steps: int = 10, n_pairs: int = 4, traverse: int = 10) -> Any:
     """Figures of a run's latent space in ``out_dir`` (default ``RUN/explore``); returns the written paths.
 
     * ``activity.png``: the activity of every dimension (Burda et al. 2015);

@@ -11,8 +11,11 @@ Data: a built-in set (:data:`ppl_models.multimodal_data.MULTIMODAL_DATASETS`) or
     pplm impute runs/mine --dataset data.npz --out filled.npz
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyro
 import torch
@@ -34,10 +37,10 @@ from ..multimodal_data import (
     read_spec,
 )
 from .options import number, positive_float, positive_int
-from .recipe import Recipe, default_list
+from .recipe import Recipe, RunConfig, default_list
 
 
-def file_source(run):
+def file_source(run: RunConfig) -> Any:
     """None for a built-in dataset; else {"file", "modalities", "shapes", "standardize", "weights"} of the
     run's ``.npz`` file (options) or TOML spec file. Raises UsageError (one line) for malformed options."""
     o, name = run.options, str(run.dataset)
@@ -88,7 +91,7 @@ class MVAEOptions:
     weights: str | None = None
 
 
-def add_options(p):
+def add_options(p: Any) -> None:
     d = MVAEOptions()
     p.add_argument("--dataset", default="digits-halves",
                    help=f"{' | '.join(MULTIMODAL_DATASETS)}, your own FILE.npz (with --modality) or a SPEC.toml")
@@ -133,7 +136,7 @@ class MVAERecipe(Recipe):
     default_epochs = 100
     default_batch_size = 128
 
-    def check(self, run):
+    def check(self, run: RunConfig) -> None:
         args = run.options
         if args.rho is not None and args.rule != "code":
             raise UsageError(f"--rho is CoDE's parameter; --rule {args.rule} takes none")
@@ -149,7 +152,7 @@ class MVAERecipe(Recipe):
             raise UsageError("with your own file each --modality declares its likelihood: drop --likelihood and "
                              "--binarize")
 
-    def load_data(self, run):
+    def load_data(self, run: RunConfig) -> Any:
         o = run.options
         source = file_source(run)
         if source is not None:
@@ -159,7 +162,7 @@ class MVAERecipe(Recipe):
         return load_multimodal(run.dataset, data_root=run.data_root, views=o.modalities, binarize=run.binarize,
                                seed=o.data_seed, max_train=o.max_train, max_test=o.max_test, download=run.download)
 
-    def build(self, run, train):
+    def build(self, run: RunConfig, train: Any) -> Any:
         args = run.options
         source = file_source(run)
         specs = [dict(m) for m in train.modalities]
@@ -176,7 +179,7 @@ class MVAERecipe(Recipe):
             weights=source["weights"] if source else parse_weights(args.weights),
         )
 
-    def metrics(self, module, train, test, run):
+    def metrics(self, module: Any, train: Any, test: Any, run: RunConfig) -> dict[str, Any]:
         out = {"likelihood_weights": module.weights}
         if train.scaling:
             out["standardized"] = {k: {"mean": m.tolist(), "std": s.tolist()} for k, (m, s) in train.scaling.items()}
@@ -195,7 +198,7 @@ class MVAERecipe(Recipe):
         out["coherence_particles"] = out.pop("particles")
         return out
 
-    def figures(self, run_dir, module, train, test, run):
+    def figures(self, run_dir: Path, module: Any, train: Any, test: Any, run: RunConfig) -> Any:
         images = [n for n in module.names if module.specs[n]["image_shape"]]
         written = []
         if images:
@@ -207,7 +210,7 @@ class MVAERecipe(Recipe):
             written = ["generation.png", "samples.png"]
         return written
 
-    def save_samples(self, module, n, path, module_config=None):
+    def save_samples(self, module: Any, n: int, path: str | Path, module_config: dict[str, Any] | None = None) -> Any:
         """Joint draws from the prior: one row per image modality (those sharing the first one's shape)."""
         images = [m for m in module.names if module.specs[m]["image_shape"]]
         if not images:
@@ -218,7 +221,8 @@ class MVAERecipe(Recipe):
         return save_image_grid(torch.cat([draws[m].cpu() for m in same]), shape, path, nrow=n, row_labels=same,
                                title="joint draws from the prior (E[x|z])")
 
-    def generate(self, module, run, given, target, out_file, *, n=10, seed=0):
+    def generate(self, module: Any, run: RunConfig, given: Any, target: Any, out_file: str | Path, *, n: int = 10,
+                 seed: int = 0) -> Any:
         """``pplm generate``: a grid of the run's first ``n`` test tuples' ``given`` modalities and ``target``
         generated from them. ``given`` and ``target`` are comma-separated modality names; anything else
         raises UsageError (before the data are loaded)."""
@@ -232,7 +236,7 @@ class MVAERecipe(Recipe):
                                seed=seed, title=f"{module.rule}: {'+'.join(given)} -> {'+'.join(targets)}")
 
 
-    def impute(self, module, run, dataset, out_file):
+    def impute(self, module: Any, run: RunConfig, dataset: Any, out_file: str | Path) -> Any:
         """``pplm impute``: fill the absent entries of ``dataset`` (a .npz with the run's modalities) by
         cross-modal generation and write ``out_file``; the run's standardisation is applied and undone.
         Returns the number of (row, modality) entries filled."""

@@ -5,23 +5,26 @@ A model's own options are added by the ``add_options(parser)`` function in its
 recipe's file; their ``dest`` names are the fields of its recipe's ``Options``.
 """
 
+from __future__ import annotations
+
 import argparse
 import dataclasses
+from typing import Any, NoReturn
 
 from inference.elbo import ELBO_SPECS
 from inference.errors import UsageError
 
 from ..data import BINARIZE, DATASETS
-from .recipe import LR_SCHEDULES, RunConfig, lr_scheduler
+from .recipe import LR_SCHEDULES, Recipe, RunConfig, lr_scheduler
 
 
 class Parser(argparse.ArgumentParser):
     """argparse, but errors are one line (``pplm: error: ...``) and ``--help`` shows every option's default."""
 
-    def error(self, message):
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
-    def add_argument(self, *args, **kwargs):
+    def add_argument(self, *args: Any, **kwargs: Any) -> Any:
         action = super().add_argument(*args, **kwargs)
         shown = action.option_strings and not any(action.default is v for v in (None, False, argparse.SUPPRESS))
         if shown and "%(default)" not in (action.help or ""):
@@ -30,7 +33,7 @@ class Parser(argparse.ArgumentParser):
         return action
 
 
-def suppress_defaults(parser):
+def suppress_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Set every option's default of ``parser`` and its subparsers to ``SUPPRESS``, so that parsing gives the
     options the command line names, and only those (what ``--resume`` compares with the stored run)."""
     for action in parser._actions:
@@ -61,7 +64,7 @@ non_negative_int = _int_at_least(0, "non-negative")
 MAX_SEED = 2**32 - 1
 
 
-def seed(text):
+def seed(text: str) -> int:
     """A seed in 0 .. 2^32 - 1 (what ``pyro.set_rng_seed`` and NumPy accept)."""
     try:
         value = int(text)
@@ -72,14 +75,14 @@ def seed(text):
     return value
 
 
-def out_path(text):
+def out_path(text: str) -> str:
     """A non-empty path."""
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a path, got an empty one")
     return text
 
 
-def positive_float(text):
+def positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -89,14 +92,14 @@ def positive_float(text):
     return value
 
 
-def number(text):
+def number(text: str) -> float:
     try:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
-def fraction(text):
+def fraction(text: str) -> float:
     """A number in [0, 1)."""
     try:
         value = float(text)
@@ -107,7 +110,7 @@ def fraction(text):
     return value
 
 
-def lr_schedule(text):
+def lr_schedule(text: str) -> str:
     """argparse type of ``--lr-schedule``: the spec, checked by :func:`~ppl_models.cli.recipe.lr_scheduler`."""
     try:
         lr_scheduler(text, 1)
@@ -116,7 +119,7 @@ def lr_schedule(text):
     return text
 
 
-def add_data_options(p, binarize="none"):
+def add_data_options(p: Any, binarize: str = "none") -> None:
     """``--dataset`` (digits, MNIST, Fashion-MNIST or a .npz file), ``--data-root``, ``--download``, ``--binarize``."""
     p.add_argument("--dataset", default="digits", help=f"{' | '.join(DATASETS)} or a .npz file")
     p.add_argument("--data-root", default=None, help="folder holding MNIST/raw or FashionMNIST/raw")
@@ -124,7 +127,7 @@ def add_data_options(p, binarize="none"):
     p.add_argument("--binarize", choices=BINARIZE, default=binarize)
 
 
-def add_training_options(p, recipe):
+def add_training_options(p: Any, recipe: Recipe) -> None:
     """The options every ``pplm train MODEL`` takes, with ``recipe``'s defaults."""
     p.add_argument("--elbo", default=recipe.default_elbo, help=f"objective spec: {', '.join(ELBO_SPECS)}")
     p.add_argument("--epochs", type=positive_int, default=recipe.default_epochs)
@@ -156,7 +159,7 @@ def add_training_options(p, recipe):
                    help="replace the run in --out (once the new run has finished its first epoch)")
 
 
-def run_config(ns, recipe):
+def run_config(ns: Any, recipe: Recipe) -> RunConfig:
     """The typed configuration of ``pplm train`` from argparse's namespace ``ns`` (the CLI boundary)."""
     shared = {f.name: getattr(ns, f.name) for f in dataclasses.fields(RunConfig) if f.name not in ("options", "validate", "given")}
     options = recipe.Options(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(recipe.Options)})

@@ -13,9 +13,13 @@ knows nothing of argparse: each model's file pairs its recipe with an
 ``add_options(parser)`` function that declares the same fields as ``Options``.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -77,16 +81,18 @@ class RunConfig:
     # with --resume must equal the stored run's
     RESUME_OVERRIDES = ("epochs", "device", "particles", "quiet", "validate", "jit", "tensorboard", "threads")
 
-    def stored(self):
+    def stored(self) -> dict[str, Any]:
         """The JSON-able record of this run for ``config.json``: ``{"run": {...}, "options": {...}}``."""
-        options = dataclasses.asdict(self.options) if dataclasses.is_dataclass(self.options) else {}
+        # typeshed narrows is_dataclass() to an instance or a dataclass type; options is always an instance
+        options = (dataclasses.asdict(self.options)  # type: ignore[arg-type]
+                   if dataclasses.is_dataclass(self.options) else {})
         return {"run": {k: getattr(self, k) for k in self.STORED}, "options": options}
 
 
 LR_SCHEDULES = "none, cosine, exponential:GAMMA, step:EPOCHS:GAMMA, plateau:PATIENCE:FACTOR"
 
 
-def lr_scheduler(spec, epochs):
+def lr_scheduler(spec: Any, epochs: int) -> Any:
     """``None`` or ``f(optimizer) -> scheduler`` for a ``--lr-schedule`` spec (stepped once per epoch).
 
     * ``none``: a constant learning rate;
@@ -165,40 +171,40 @@ class Recipe:
 
     Options: Any = NoOptions
 
-    def options_from_dict(self, stored):
+    def options_from_dict(self, stored: Any) -> Any:
         """``Options`` from a stored dict; keys it does not know are ignored, missing ones take their defaults."""
         names = {f.name for f in dataclasses.fields(self.Options)}
         return self.Options(**{k: v for k, v in stored.items() if k in names})
 
     # ---- what a run does -------------------------------------------------------------
-    def check(self, run):
+    def check(self, run: RunConfig) -> None:
         """Raise UsageError for option combinations that make no sense (before anything is loaded)."""
 
-    def load_data(self, run):
+    def load_data(self, run: RunConfig) -> Any:
         """(train, test) on the CPU."""
         return load_dataset(run.dataset, data_root=run.data_root, binarize=run.binarize, download=run.download)
 
-    def build(self, run, train):
+    def build(self, run: RunConfig, train: Any) -> Any:
         """A fresh module for this run and this training data."""
         raise NotImplementedError
 
-    def rebuild(self, module_config):
+    def rebuild(self, module_config: dict[str, Any]) -> Any:
         """The module of a finished run, from its ``config.json``'s ``"module"`` entry."""
         return self.model_class.from_config(module_config)
 
-    def before_fit(self, module, train, run, device):
+    def before_fit(self, module: Any, train: Any, run: RunConfig, device: str | torch.device) -> dict[str, Any]:
         """Optional initialisation before SVI (e.g. VaDE's pretraining). Returns a dict for metrics.json."""
         return {}
 
-    def metrics(self, module, train, test, run):
+    def metrics(self, module: Any, train: Any, test: Any, run: RunConfig) -> dict[str, Any]:
         """Extra entries for metrics.json (e.g. clustering accuracy)."""
         return {}
 
-    def figures(self, run_dir, module, train, test, run):
+    def figures(self, run_dir: Path, module: Any, train: Any, test: Any, run: RunConfig) -> list[Any]:
         """Write the model's PNG figures into ``run_dir`` (loss.png is written for every model); returns their names."""
         return []
 
-    def save_samples(self, module, n, path, module_config=None):
+    def save_samples(self, module: Any, n: int, path: str | Path, module_config: dict[str, Any] | None = None) -> Any:
         """``pplm sample``: a grid of ``n`` draws from the model (``module.sample(n)``) saved to ``path``."""
         shape = (module_config or {}).get("image_shape")
         if not hasattr(module, "sample") or not shape:
@@ -207,9 +213,9 @@ class Recipe:
 
     # ``pplm generate``: a recipe whose model generates one modality from others sets this to a method
     # ``generate(module, run, given, target, path, *, n, seed)`` (see the mvae recipe).
-    generate = None
+    generate: Callable[..., Any] | None = None
 
 
-def default_list(values):
+def default_list(values: Any) -> Any:
     """A dataclass field whose default is the list ``values`` (a fresh copy per instance)."""
     return field(default_factory=lambda: list(values))

@@ -4,9 +4,12 @@ Adding a model to the CLI: write its recipe file in this package (see CONTRIBUTI
 module in ``_MODULES`` below.
 """
 
+from __future__ import annotations
+
 from inference.errors import UsageError
 
 from . import gmm, mvae, vade, vae
+from .recipe import Recipe
 
 _MODULES = (gmm, mvae, vade, vae)
 
@@ -14,7 +17,7 @@ RECIPES = {m.RECIPE.name: m.RECIPE for m in sorted(_MODULES, key=lambda m: m.REC
 ADD_OPTIONS = {m.RECIPE.name: m.add_options for m in _MODULES}
 
 
-def get_recipe(name):
+def get_recipe(name: str) -> Recipe:
     """The recipe of model ``name``; UsageError naming the valid ones otherwise."""
     if name not in RECIPES:
         raise UsageError(f"unknown model {name!r}; valid: {', '.join(RECIPES)}")

@@ -22,6 +22,8 @@ the model's) and ``ppl-models/run/1`` (earlier versions: ``"args"``, argparse's
 namespace as a dict) are both read.
 """
 
+from __future__ import annotations
+
 import csv
 import dataclasses
 import io
@@ -32,8 +34,10 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TextIO
 
 import numpy
 import pyro
@@ -48,7 +52,7 @@ from inference.plots import plot_history
 from inference.psis import khat_summary, min_particles, psis_khat
 from inference.train import Trainer, resolve_device
 
-from .recipe import RunConfig, lr_scheduler
+from .recipe import Recipe, RunConfig, lr_scheduler
 from .recipes import RECIPES, get_recipe
 
 RUN_FILES = ("config.json", FILENAME, "history.csv", "metrics.json", "loss.png")
@@ -63,7 +67,7 @@ CONFIG_FORMAT = "ppl-models/run/2"
 READABLE_FORMATS = ("ppl-models/run/1", CONFIG_FORMAT)
 
 
-def versions():
+def versions() -> dict[str, Any]:
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -72,7 +76,7 @@ def versions():
     }
 
 
-def write_json(path, obj):
+def write_json(path: str | Path, obj: Any) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, default=_jsonable) + "\n").encode()))
 
 
@@ -84,7 +88,7 @@ def _jsonable(value):
     return float(value)
 
 
-def read_config(run_dir):
+def read_config(run_dir: str | Path) -> dict[str, Any]:
     """The dict in ``run_dir/config.json``; UsageError without one, CheckpointError if it is no run config
     of a format this version reads."""
     path = Path(run_dir) / "config.json"
@@ -102,7 +106,7 @@ def read_config(run_dir):
     return config
 
 
-def read_run_config(config, recipe, **changes):
+def read_run_config(config: dict[str, Any], recipe: Recipe, **changes: Any) -> RunConfig:
     """The :class:`RunConfig` a run folder's ``config`` (from :func:`read_config`) was trained with, with ``changes``."""
     if config["format"] == "ppl-models/run/1":
         shared = dict(config["args"])
@@ -115,7 +119,7 @@ def read_run_config(config, recipe, **changes):
     return RunConfig(**{**shared, **changes}, options=recipe.options_from_dict(options))
 
 
-def write_history(path, history):
+def write_history(path: str | Path, history: list[dict[str, Any]]) -> None:
     keys = []
     for record in history:
         keys += [k for k in record if k not in keys]
@@ -126,14 +130,14 @@ def write_history(path, history):
     atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
 
 
-def open_run(run_dir, **changes):
+def open_run(run_dir: str | Path, **changes: Any) -> tuple[Any, ...]:
     """A finished run's recipe, its ``config.json`` dict and its :class:`RunConfig` (with ``changes``)."""
     config = read_config(run_dir)
     recipe = get_recipe(config["model"])
     return recipe, config, read_run_config(config, recipe, **changes)
 
 
-def load_module(recipe, config, run_dir, device):
+def load_module(recipe: Recipe, config: dict[str, Any], run_dir: str | Path, device: str | torch.device) -> Any:
     """The trained module of the run in ``run_dir`` (rebuilt from ``config``, weights from its checkpoint), in eval mode."""
     module = recipe.rebuild(config["module"])
     state = load_checkpoint(Path(run_dir) / FILENAME, expect_model=type(module).__name__, map_location=device)
@@ -142,7 +146,7 @@ def load_module(recipe, config, run_dir, device):
     return module.to(device).eval()
 
 
-def prepare_training(module, train, test, run, device):
+def prepare_training(module: Any, train: Any, test: Any, run: RunConfig, device: str | torch.device) -> Trainer:
     """Every check of the data, the model and the objective, each once, before the run folder is touched.
 
     The test set is checked here (finite, accepted by the model's ``check_data``);
@@ -189,7 +193,7 @@ def _train(trainer, run, *callbacks):
 
 
 @contextmanager
-def phase(what, quiet=True):
+def phase(what: str, quiet: bool = True) -> Iterator[Any]:
     """A long phase without a progress bar: one line on stderr when it starts and one when it ends."""
     if quiet:
         log.info(f"{what} ...")
@@ -199,7 +203,7 @@ def phase(what, quiet=True):
         log.info(f"{what}: done in {time.perf_counter() - t0:.1f} s")
 
 
-def choose_threads(module, run, device):
+def choose_threads(module: Any, run: RunConfig, device: torch.device) -> int:
     """torch's CPU threads for a run: ``--threads``, else 1 for small work (an MLP's ``batch x parameters``
     multiply-adds per step below ``SMALL_WORK``: more threads only add overhead), else the cores this process
     may use, divided among the ranks of this machine (``LOCAL_WORLD_SIZE``), less the load of other processes."""
@@ -215,7 +219,7 @@ def choose_threads(module, run, device):
 
 
 @contextmanager
-def threads(n):
+def threads(n: int) -> Iterator[Any]:
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -228,7 +232,7 @@ def _option(name):
     return "--" + {"validate": "no-validate"}.get(name, name).replace("_", "-")
 
 
-def resumed_run(config, recipe, run):
+def resumed_run(config: dict[str, Any], recipe: Recipe, run: RunConfig) -> RunConfig:
     """The :class:`RunConfig` of ``--resume``: the stored run's, with the options that may change
     (``RunConfig.RESUME_OVERRIDES``) taken from ``run`` where its command line gave them; any other option
     the command line gave that differs from the stored run is refused, naming it."""
@@ -256,7 +260,7 @@ def _run_file_names(folder):
     return set(RUN_FILES) | {EVALUATION} | {str(n) for n in outputs if isinstance(n, str)}
 
 
-def check_output_file(path, *, image=False):
+def check_output_file(path: str | Path, *, image: bool = False) -> Path:
     """Refuse an empty path, a folder, an unknown image format (``image=True``) and a path naming a file of a run.
 
     :raises inference.errors.UsageError: naming the path.
@@ -339,7 +343,7 @@ class _Commit(Callback):
             self.done = True
 
 
-def train_run(recipe, run):
+def train_run(recipe: Recipe, run: RunConfig) -> dict[str, Any]:
     """Train ``recipe``'s model as the :class:`RunConfig` ``run`` says, into the folder ``run.out``.
 
     Refuses, before writing anything, a folder that already holds a run unless
@@ -348,6 +352,8 @@ def train_run(recipe, run):
     during its final evaluation is completed) or ``run.overwrite`` (replace it,
     once the new run has written its first checkpoint). Returns the metrics dict.
     """
+    if run.out is None:
+        raise UsageError("a training run needs its output folder (--out)")
     out = Path(run.out)
     if run.resume and run.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
@@ -481,7 +487,8 @@ def _psis_metrics(ev):
     return khat_summary(psis_khat(ev.log_weights))
 
 
-def evaluate_run(run_dir, *, particles=None, device="auto", quiet=False, out=None):
+def evaluate_run(run_dir: str | Path, *, particles: int | None = None, device: str | torch.device = "auto",
+                 quiet: bool = False, out: Any = None) -> dict[str, Any]:
     """Reload a finished run and recompute its test metrics into ``out`` (default: ``evaluation.json`` in the
     run folder, beside the training-time ``metrics.json``, which is kept). Returns the metrics."""
     target = check_output_file(out) if out is not None else Path(run_dir) / EVALUATION
@@ -496,7 +503,8 @@ def evaluate_run(run_dir, *, particles=None, device="auto", quiet=False, out=Non
     return metrics
 
 
-def sample_run(run_dir, n, out_file, *, device="auto", seed=0):
+def sample_run(run_dir: str | Path, n: int, out_file: str | Path, *, device: str | torch.device = "auto",
+               seed: int = 0) -> Any:
     """Draw ``n`` samples from a finished run's model and save them as an image grid."""
     if n < 1:
         raise UsageError(f"-n must be positive, got {n}")
@@ -507,7 +515,8 @@ def sample_run(run_dir, n, out_file, *, device="auto", seed=0):
     return recipe.save_samples(module, n, out_file, config["module"])
 
 
-def generate_run(run_dir, given, target, out_file, *, n=10, device="auto", seed=0):
+def generate_run(run_dir: str | Path, given: Any, target: Any, out_file: str | Path, *, n: int = 10,
+                 device: str | torch.device = "auto", seed: int = 0) -> Any:
     """``pplm generate``: a grid of the run's test tuples' ``given`` modalities and ``target`` generated from them."""
     check_output_file(out_file, image=True)
     recipe, config, run = open_run(run_dir)
@@ -518,7 +527,8 @@ def generate_run(run_dir, given, target, out_file, *, n=10, device="auto", seed=
     return recipe.generate(module, run, given, target, out_file, n=n, seed=seed)
 
 
-def impute_run(run_dir, dataset, out_file, *, device="auto", seed=0):
+def impute_run(run_dir: str | Path, dataset: Any, out_file: str | Path, *, device: str | torch.device = "auto",
+               seed: int = 0) -> Any:
     """``pplm impute``: fill the missing entries of ``dataset`` by cross-modal generation from a run's model."""
     recipe, config, run = open_run(run_dir)
     if getattr(recipe, "impute", None) is None:
@@ -528,7 +538,7 @@ def impute_run(run_dir, dataset, out_file, *, device="auto", seed=0):
     return recipe.impute(module, run, dataset, out_file)
 
 
-def print_metrics(metrics, file=None):
+def print_metrics(metrics: Any, file: TextIO | None = None) -> None:
     keys = ("test_elbo", "test_log_likelihood", "train_seconds")
     parts = []
     for k in keys:

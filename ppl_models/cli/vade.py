@@ -1,6 +1,10 @@
 """``pplm train vade --clusters K``: VaDE, a VAE with a Gaussian-mixture prior, for clustering."""
 
+from __future__ import annotations
+
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -12,7 +16,7 @@ from inference.plots import save_image_grid, save_latent_projection
 from ..vade import VaDE
 from ..vade_init import initialise
 from .options import add_data_options, non_negative_int, positive_float, positive_int
-from .recipe import Recipe, default_list
+from .recipe import Recipe, RunConfig, default_list
 
 
 @dataclass
@@ -37,7 +41,7 @@ class VaDEOptions:
     select_epochs: int = 10
 
 
-def add_options(p):
+def add_options(p: Any) -> None:
     d = VaDEOptions()
     add_data_options(p, binarize=VaDERecipe.default_binarize)
     p.add_argument("--clusters", type=positive_int, default=d.clusters, help="number of mixture components K")
@@ -79,7 +83,7 @@ class VaDERecipe(Recipe):
     default_batch_size = 128
     default_lr = 2e-3
 
-    def check(self, run):
+    def check(self, run: RunConfig) -> None:
         args = run.options
         if not 0 <= args.pretrain_dropout < 1:
             raise UsageError(f"--pretrain-dropout must lie in [0, 1), got {args.pretrain_dropout}")
@@ -92,7 +96,7 @@ class VaDERecipe(Recipe):
         if args.pretrain_epochs == 0:
             raise UsageError("--pretrain-epochs 0 leaves the mixture fitted to random codes; VaDE needs pretraining")
 
-    def build(self, run, train):
+    def build(self, run: RunConfig, train: Any) -> Any:
         args = run.options
         if args.clusters > len(train):
             raise UsageError(f"--clusters {args.clusters} exceeds the {len(train)} training points")
@@ -111,7 +115,7 @@ class VaDERecipe(Recipe):
             min_scale=args.min_scale,
         )
 
-    def before_fit(self, module, train, run, device):
+    def before_fit(self, module: Any, train: Any, run: RunConfig, device: str | torch.device) -> Any:
         """Pretrain the autoencoder and set the mixture (``--init``: from a t-SNE map or a GMM on the codes)."""
         args = run.options
         module.to(device)
@@ -140,7 +144,7 @@ class VaDERecipe(Recipe):
             info["init_train_acc"] = cluster_accuracy(train.y, module.cluster(x))
         return info
 
-    def metrics(self, module, train, test, run):
+    def metrics(self, module: Any, train: Any, test: Any, run: RunConfig) -> dict[str, Any]:
         """Clustering accuracy (Hungarian), NMI and ARI of q(c | x) on the training and test sets."""
         device = next(module.parameters()).device
         out = {"cluster_weights": module.mixture_weights.detach().cpu().tolist()}
@@ -150,7 +154,7 @@ class VaDERecipe(Recipe):
                 out.update({f"{split_name}_{k}": v for k, v in clustering_scores(split.y, pred).items()})
         return out
 
-    def figures(self, run_dir, module, train, test, run):
+    def figures(self, run_dir: Path, module: Any, train: Any, test: Any, run: RunConfig) -> Any:
         """Samples per cluster (one row each) and the PCA of the test set's latent means coloured by cluster."""
         outputs = []
         shape = train.image_shape

@@ -1,7 +1,11 @@
 """``pplm train vae``: the VAE's options and its run recipe (figures: prior samples, test reconstructions)."""
 
+from __future__ import annotations
+
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -11,7 +15,7 @@ from inference.plots import save_image_grid
 from ..flows import parse_guide
 from ..vae import VAE
 from .options import add_data_options, positive_float, positive_int
-from .recipe import Recipe, default_list
+from .recipe import Recipe, RunConfig, default_list
 
 
 @dataclass
@@ -24,7 +28,7 @@ class VAEOptions:
     guide: str = "diag"
 
 
-def guide_spec(text):
+def guide_spec(text: str) -> str:
     """argparse type of ``--guide``: a spec :func:`ppl_models.flows.parse_guide` accepts."""
     try:
         parse_guide(text)
@@ -33,7 +37,7 @@ def guide_spec(text):
     return text
 
 
-def add_options(p):
+def add_options(p: Any) -> None:
     d = VAEOptions()
     add_data_options(p, binarize=VAERecipe.default_binarize)
     p.add_argument("--likelihood", default=d.likelihood, help="bernoulli, cbernoulli, normal[:S|:learned], laplace[:S]")
@@ -55,7 +59,7 @@ class VAERecipe(Recipe):
     default_epochs = 200
     default_batch_size = 64
 
-    def build(self, run, train):
+    def build(self, run: RunConfig, train: Any) -> Any:
         o = run.options
         return VAE(
             train.dim,
@@ -68,7 +72,7 @@ class VAERecipe(Recipe):
             guide=o.guide,
         )
 
-    def figures(self, run_dir, module, train, test, run):
+    def figures(self, run_dir: Path, module: Any, train: Any, test: Any, run: RunConfig) -> list[Any]:
         shape = train.image_shape
         samples = module.sample(100)
         save_image_grid(samples, shape, run_dir / "samples.png", nrow=10, title="samples from the prior (E[x|z])")
