@@ -11,6 +11,7 @@ callback (:mod:`inference.callbacks`). :func:`fit` is the one-call convenience.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 import warnings
@@ -37,6 +38,7 @@ GROWTH = 1e3
 # torch.distributions' message for arguments outside their constraint (Pyro's validation)
 _INVALID_VALUES = "but found invalid values"
 
+_log = logging.getLogger(__name__)
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 SCHEDULER_INTERVALS = ("epoch", "step")
 
@@ -287,6 +289,11 @@ class Trainer:
             self.steps_per_epoch = batching.num_batches(self.num_data, self.batch_size, drop_last=self.drop_last)
             self._collect_parameters()
             self._check_validation()
+        _log.debug("%s: %d training and %d validation points, objective %s, latents %s (global %s, enumerated %s), "
+                   "%d parameter tensors", self.pair.name, self.num_data,
+                   0 if self.validation is None else batching.length(self.validation), self.spec,
+                   list(self.info.latents), list(self.info.global_latents), list(self.info.enumerated),
+                   len(self.params))
 
     def _check_validation(self):
         """Score the validation data once before training (RNG state kept), so that a pair that cannot score
@@ -462,6 +469,7 @@ class Trainer:
                     record = self._epoch(self.epoch + 1)
                     self.epoch = record["epoch"]
                     self.history.append(record)
+                    _log.debug("epoch %s", {k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()})
                     for cb in self.callbacks:
                         cb.on_epoch_end(self, record)
                 for cb in self.callbacks:

@@ -212,6 +212,8 @@ def _check_y(path, key, y, n):
         raise DataError(f"{path}: {key!r} must hold integer labels, got non-integer values")
     if y.shape[0] != n:
         raise DataError(f"{path}: {key!r} has {y.shape[0]} labels for {n} rows of x")
+    if y.size and y.min() < 0:
+        raise DataError(f"{path}: {key!r} holds negative labels (e.g. {int(y.min())}); labels are 0..K-1")
     return y.astype(np.int64)
 
 
@@ -226,6 +228,11 @@ def _load_npz(path):
             arrays = {k: f[k] for k in f.files}
     except Exception as exc:
         raise DataError(f"cannot read {path} as .npz ({type(exc).__name__})") from None
+    known = {"x", "y"} if "x" in arrays else {"x_train", "x_test", "y_train", "y_test"}
+    unknown = sorted(set(arrays) - known)
+    if unknown:
+        raise DataError(f"{path} holds arrays this loader does not read ({', '.join(unknown)}); give 'x' (and 'y'), "
+                        "or 'x_train' and 'x_test' (and 'y_train', 'y_test'), and nothing else")
     if "x_train" in arrays and "x_test" in arrays:
         x_tr, x_te = arrays["x_train"], arrays["x_test"]
         _check_x(path, "x_train", x_tr)

@@ -471,6 +471,8 @@ def check_arrays(arrays: Any, modalities: Any, shapes: Any = None, *, suffix: st
                 not np.isfinite(y).all() or (y != np.round(y)).any())):
             raise DataError(f"{where}: {ykey} must hold one integer class per row, got {y.dtype} {y.shape}")
         y = y.astype(np.int64)
+        if y.size and y.min() < 0:
+            raise DataError(f"{where}: {ykey} holds negative classes (e.g. {int(y.min())}); classes are 0..K-1")
     if len(set(rows.values())) > 1:
         raise DataError(f"{where}: the arrays disagree on the number of rows: "
                         + ", ".join(f"{k} {v}" for k, v in rows.items()))

@@ -299,3 +299,12 @@ def test_validation_early_stopping_schedule_and_tensorboard_from_the_command_lin
     events = EventAccumulator(str(tb))
     events.Reload()
     assert [e.value for e in events.Scalars("val/elbo")] == pytest.approx(val, rel=1e-6)
+
+
+def test_verbose_shows_the_engines_debug_lines(tmp_path, capsys):
+    """pplm -v: the Trainer's set-up summary and each epoch's record reach stderr (default: they do not)."""
+    assert main(["-v", "train", "vae", "--out", str(tmp_path / "v"), *FAST]) == 0
+    err = capsys.readouterr().err
+    assert "objective trace, latents ['z']" in err and "epoch {'epoch': 1," in err
+    assert main(["train", "vae", "--out", str(tmp_path / "q"), *FAST]) == 0
+    assert "epoch {'epoch': 1," not in capsys.readouterr().err

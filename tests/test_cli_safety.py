@@ -143,6 +143,12 @@ def cases(tmp, done, monkeypatch):
             return [command, str(r), *extra, "--out", str(r / name)], r, 2, "names a file of the run", "same"
         return make
 
+    def c_config_twice():
+        path = tmp / "twice.toml"
+        path.write_text("latent-dim = 4\nlatent_dim = 8\n")
+        return ["train", "vae", "--config", str(path), *FAST, "--out", str(new)], new, 2, "name the same option", \
+            "absent"
+
     def c_read_only_train():
         monkeypatch.setattr(Path, "mkdir", _read_only_mkdir)
         return [*train, "--out", str(new)], new, 2, "Permission denied", "absent"
@@ -180,6 +186,7 @@ def cases(tmp, done, monkeypatch):
         "no stub: mvae --max-train 1": lambda: (["train", "mvae", "--max-train", "1", *FAST[:4], "--quiet",
                                                  "--out", str(new)], new, 2, "validation", "absent"),
         "sample --out RUN/loss.png": c_output_in_run("sample", "loss.png"),
+        "embed --out RUN/history.csv": c_output_in_run("embed", "history.csv"),
         "sample --out RUN/samples.png": c_output_in_run("sample", "samples.png"),
         "evaluate --out RUN/metrics.json": c_output_in_run("evaluate", "metrics.json"),
         "sample --out ''": lambda: (lambda r: (["sample", str(r), "--out", ""], r, 2, "empty", "same"))(run()),
@@ -198,6 +205,10 @@ def cases(tmp, done, monkeypatch):
         "npz: non-integer labels": lambda: data_case("yfloat", "non-integer", x=GREY, y=np.full(30, 0.5)),
         "npz: train/test widths differ": lambda: data_case("widths", "different shapes", x_train=GREY,
                                                            x_test=GREY[:, :8]),
+        "npz: an array the loader does not read": lambda: data_case("xtest", "does not read (x_test)", x=GREY,
+                                                                    x_test=GREY[:5]),
+        "npz: negative labels": lambda: data_case("yneg", "negative labels", x=GREY, y=np.full(30, -1)),
+        "config: one option twice": c_config_twice,
         "read-only --out": c_read_only_train,
         "read-only run (evaluate)": c_read_only_evaluate,
         "seed -1": lambda: ([*train, "--seed", "-1", "--out", str(new)], new, 2, "expected a seed", "absent"),
@@ -227,6 +238,8 @@ CASES = [
     "resume with another --likelihood", "already finished", "no stub: bad scale normal:inf",
     "no stub: bad scale normal:1e-30", "no stub: t-SNE perplexity", "no stub: mvae --max-train 1",
     "sample --out RUN/loss.png", "sample --out RUN/samples.png", "evaluate --out RUN/metrics.json",
+    "embed --out RUN/history.csv", "npz: an array the loader does not read", "npz: negative labels",
+    "config: one option twice",
     "sample --out ''", "train --out ''",
     "npz: 0 rows", "npz: 1 row", "npz: 2 rows (empty test split)", "npz: empty x_test", "npz: 0-d x", "npz: 1-D x",
     "npz: complex x", "npz: string labels", "npz: y shorter than x", "npz: y longer than x",

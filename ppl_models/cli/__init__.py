@@ -26,6 +26,7 @@ import argparse
 import logging
 import sys
 import warnings
+from pathlib import Path
 
 from inference.errors import NonFiniteLossError, UsageError
 
@@ -165,9 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         "command", "model", "func", "log_level", "config"}
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("pplm: %(message)s"))
-    logger = logging.getLogger("ppl_models")
-    logger.addHandler(handler)
-    level, logger.level = logger.level, ns.log_level
+    loggers = [logging.getLogger(name) for name in ("ppl_models", "inference")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(ns.log_level)
     try:
         with warnings.catch_warnings():
             # after any filter already set (a test's "error" stays an error): each warning once, in one line
@@ -182,11 +185,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pplm: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("pplm: interrupted; the last checkpoint is kept (continue with --resume)", file=sys.stderr)
+        out = getattr(ns, "out", None)
+        saved = ns.command != "train" or (out is not None and (Path(out) / "checkpoint.pt").is_file())
+        if saved:
+            print("pplm: interrupted; the last checkpoint is kept (continue with --resume)", file=sys.stderr)
+        else:
+            print("pplm: interrupted before the first checkpoint: nothing was saved", file=sys.stderr)
         return 130
     finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+        for lg, lvl in zip(loggers, levels):
+            lg.removeHandler(handler)
+            lg.setLevel(lvl)
     return 0
 
 

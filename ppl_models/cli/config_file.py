@@ -125,9 +125,13 @@ def expand_config(argv: list[str], model_parser_of: Any) -> list[str]:
     model = argv[model_index]
     data = read_options_file(path, model)
     actions = _option_actions(model_parser_of(model))
-    tokens = []
+    tokens: list[str] = []
+    seen: dict[str, Any] = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
+        if name in seen:
+            raise UsageError(f"--config {path}: {seen[name]!r} and {key!r} name the same option; keep one")
+        seen[name] = key
         if name == "validate" and isinstance(value, bool):  # RunConfig's name of --no-validate
             name, value = "no_validate", not value
         if name not in actions:

@@ -35,7 +35,7 @@ from inference.latent import (
 from inference.plots import plot_activity, plot_latent_map, save_labelled_grid
 
 from ..vae import VAE
-from .runs import load_module, open_run
+from .runs import check_output_file, load_module, open_run
 
 SPLITS = ("train", "test")
 MAP_METHODS = ("pca", "tsne")
@@ -64,7 +64,7 @@ def embed_run(run_dir: str | Path, out_file: str | Path, *, split: str = "test",
     the data have labels. ``.csv``: one row per datapoint, columns ``index``, ``label`` (when known),
     ``mean_1..mean_L``, ``sd_1..sd_L``. Raises UsageError for another suffix or a model without codes.
     """
-    out_file = Path(out_file)
+    out_file = check_output_file(out_file)
     if out_file.suffix not in (".npz", ".csv"):
         raise UsageError(f"--out must end in .npz or .csv, got {out_file.name!r}")
     module, data, _ = _open(run_dir, split, device, "embed")

@@ -382,6 +382,9 @@ def train_run(recipe: Recipe, run: RunConfig) -> dict[str, Any]:
     resuming = run.resume and ckpt.exists()
     if resuming:
         state = load_checkpoint(ckpt, expect_model=type(module).__name__)
+        if state["epoch"] > run.epochs:
+            raise UsageError(f"{out} has trained {state['epoch']} epochs; --epochs must be at least that "
+                             f"(--epochs {state['epoch']} completes its evaluation)")
         if state["epoch"] >= run.epochs and (out / "metrics.json").exists():
             raise UsageError(f"{out} already finished {state['epoch']} epochs; ask for more with --epochs")
     config = {
@@ -530,6 +533,11 @@ def generate_run(run_dir: str | Path, given: Any, target: Any, out_file: str | P
 def impute_run(run_dir: str | Path, dataset: Any, out_file: str | Path, *, device: str | torch.device = "auto",
                seed: int = 0) -> Any:
     """``pplm impute``: fill the missing entries of ``dataset`` by cross-modal generation from a run's model."""
+    out = check_output_file(out_file)
+    if out.suffix != ".npz":
+        raise UsageError(f"--out must end in .npz, got {out.name!r}")
+    if isinstance(dataset, (str, Path)) and Path(dataset).resolve() == out.resolve():
+        raise UsageError(f"--out {out} is the input file; write the filled data elsewhere")
     recipe, config, run = open_run(run_dir)
     if getattr(recipe, "impute", None) is None:
         raise UsageError(f"{run_dir} holds a {config['model']!r} run; impute needs an mvae run")
