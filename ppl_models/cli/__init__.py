@@ -28,7 +28,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from inference.errors import NonFiniteLossError, UsageError
+from inference.errors import UsageError
 
 from .. import __version__
 from .config_file import expand_config
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             warnings.filterwarnings("once", append=True)
             warnings.showwarning = _warning_line
             ns.func(ns)
-    except (UsageError, NonFiniteLossError) as exc:
+    except (UsageError, FloatingPointError) as exc:  # NonFiniteLossError and evaluate's non-finite weights
         print(f"pplm: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
