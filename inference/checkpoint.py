@@ -132,10 +132,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def model_name(module: torch.nn.Module) -> str:
-    return type(module).__name__
-
-
 def dump_checkpoint(file: str | Path, state: dict[str, Any]) -> None:
     """``torch.save`` ``state`` (a dict) with the format tag added to ``file`` (an open binary file)."""
     torch.save(dict(state, format=FORMAT), file)

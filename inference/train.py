@@ -295,6 +295,10 @@ class Trainer:
                    list(self.info.latents), list(self.info.global_latents), list(self.info.enumerated),
                    len(self.params))
 
+    def validation_elbo(self) -> float:
+        """The ELBO per datapoint of the validation data, one particle per point (see :func:`evaluate`)."""
+        return evaluate(self.pair, self.validation, particles=1, batch_size=max(self.batch_size, 1000)).elbo
+
     def _check_validation(self):
         """Score the validation data once before training (RNG state kept), so that a pair that cannot score
         held-out points (a guide with parameters per training point, too few rows for a subsampled plate,
@@ -303,7 +307,7 @@ class Trainer:
             return
         state = get_rng_state()
         try:
-            evaluate(self.pair, self.validation, particles=1, batch_size=max(self.batch_size, 1000))
+            self.validation_elbo()
         except UsageError as exc:
             raise UsageError(f"the validation data cannot be scored: {exc}") from None
         finally:
@@ -497,9 +501,7 @@ class Trainer:
         if self.validation is not None:
             t1 = time.perf_counter()
             try:
-                record["val_elbo"] = evaluate(
-                    self.pair, self.validation, particles=1, batch_size=max(self.batch_size, 1000)
-                ).elbo
+                record["val_elbo"] = self.validation_elbo()
             except (ValueError, FloatingPointError) as exc:
                 if isinstance(exc, ValueError) and _INVALID_VALUES not in str(exc):
                     raise
