@@ -45,6 +45,11 @@ def _items(data, what="data"):
     return [(what, data)]
 
 
+def values_per_point(data: Any) -> int:
+    """Numbers per datapoint, summed over every tensor of ``data`` (at least 1): what sizes particle chunks."""
+    return max(1, sum(v[0].numel() for _, v in _items(fixed_view(data)) if torch.is_tensor(v) and v.dim() > 0))
+
+
 def length(data: Any) -> Any:
     """The number of datapoints: the common first dimension of every tensor in ``data``."""
     data = fixed_view(data)

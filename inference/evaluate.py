@@ -282,18 +282,6 @@ def trace_log_weights(model: Callable[..., Any], guide: Callable[..., Any], batc
     return _log_weights(pair, info, batch, None, num_particles, PER_DATAPOINT)
 
 
-def _points_size(batch):
-    """Number of values per datapoint, used to size particle chunks."""
-    view = batching.fixed_view(batch)
-    if isinstance(view, dict):
-        values = view.values()
-    elif isinstance(view, (tuple, list)):
-        values = view
-    else:
-        values = [view]
-    return max(1, sum(v[0].numel() for v in values if torch.is_tensor(v) and v.dim() > 0))
-
-
 def _mean_se(values):
     """Mean over datapoints and its standard error (NaN for one point)."""
     se = float(values.std() / math.sqrt(values.numel())) if values.numel() > 1 else float("nan")
@@ -403,6 +391,7 @@ def _per_datapoint(hook, pair, info, data, n, particles, batch_size, max_element
 
         groups = tqdm(groups, desc=f"evaluate K={particles}", unit="batch")
     exact = info is not None and not _sampled_latents(info)
+    per_point = batching.values_per_point(data)  # the same for every row
     for rows, fresh in groups:
         if fresh is None:
             batch, index = batching.take(data, rows), None
@@ -412,7 +401,7 @@ def _per_datapoint(hook, pair, info, data, n, particles, batch_size, max_element
             batch, index = data, rows
             b = len(index)
             keep = slice(b - fresh, None)
-        chunk = max(1, min(particles, max_elements // (b * _points_size(batching.take(data, rows)))))
+        chunk = max(1, min(particles, max_elements // (b * per_point)))
         lse, mean, kept = None, 0.0, []
         k0 = 0
         while k0 < particles:
@@ -456,7 +445,7 @@ def _per_datapoint(hook, pair, info, data, n, particles, batch_size, max_element
 
 def _whole_data(pair, info, data, n, particles, max_elements, keep_log_weights):
     rows = info.batch_size if info.subsampled else n
-    chunk = max(1, min(particles, max_elements // (rows * _points_size(data))))
+    chunk = max(1, min(particles, max_elements // (rows * batching.values_per_point(data))))
 
     def draw(k):
         if info.subsampled:
