@@ -252,7 +252,7 @@ class Checkpoint(Callback):
     def __init__(self, directory: str | Path, *, resume: bool = False) -> None:
         self.path = Path(directory) / FILENAME
         self.resume = resume
-        self.pending: Path | None = None
+        self.pending: bytes | None = None
 
     def setup(self, trainer: Trainer) -> None:
         _check_folder(self.path.parent, "checkpoint_dir")
@@ -265,10 +265,10 @@ class Checkpoint(Callback):
             state = self._read(trainer)
         if state is None:
             return
-        stored, now = state["settings"].get("world_size", 1), trainer.world_size
-        if stored != now:
-            raise CheckpointError(f"cannot resume: the checkpoint was trained on {stored} process(es) and this run "
-                                  f"has {now}; resume with the same world size")
+        ranks = state["settings"].get("world_size", 1)
+        if ranks != trainer.world_size:
+            raise CheckpointError(f"cannot resume: the checkpoint was trained on {ranks} process(es) and this run "
+                                  f"has {trainer.world_size}; resume with the same world size")
         for key in self.MATCH:
             stored, now = state["settings"].get(key), trainer.settings.get(key)
             if stored != now:

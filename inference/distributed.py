@@ -87,6 +87,12 @@ def is_writer() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def shutdown() -> None:
+    """Leave the default process group, if one is initialised (at the end of a ``pplm train`` under torchrun)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def rank_device(device: torch.device) -> torch.device:
     """The device of this rank: ``cuda:LOCAL_RANK`` for a CUDA device given without an index, else ``device``."""
     if device.type == "cuda" and device.index is None:
@@ -192,9 +198,11 @@ class DataParallel:
         groups: dict[Any, list[int]] = {}
         for i, p in enumerate(params):
             groups.setdefault((p.dtype, p.device), []).append(i)
-        for k, members in enumerate(groups.values()):
-            parts = [params[i].grad if params[i].grad is not None else torch.zeros_like(params[i])
-                     for i in members]
+        for members in groups.values():
+            parts = []
+            for i in members:
+                grad = params[i].grad
+                parts.append(torch.zeros_like(params[i]) if grad is None else grad)
             marks = torch.tensor([float(params[i].grad is not None) for i in members],
                                  dtype=params[members[0]].dtype, device=params[members[0]].device)
             flat = torch.cat([t.reshape(-1) for t in parts] + [marks])
@@ -251,4 +259,4 @@ class DataParallel:
         return self.device if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
 
 
-__all__ = ["DataParallel", "epoch_generator", "is_writer", "rank_seed", "setup", "shard", "wanted"]
+__all__ = ["DataParallel", "epoch_generator", "is_writer", "rank_seed", "setup", "shard", "shutdown", "wanted"]

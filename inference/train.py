@@ -25,7 +25,8 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
-from . import batching, distributed as parallel
+from . import batching
+from . import distributed as parallel
 from .callbacks import Callback, Checkpoint, EarlyStopping, ProgressBar, TensorBoard, as_callback
 from .checkpoint import get_rng_state, set_rng_state
 from .elbo import DifferentiableRenyiELBO
