@@ -193,8 +193,10 @@ class DataParallel:
 
         Each rank sends every gradient (zeros where it has none) and a 0/1 mark
         per tensor; a tensor marked on no rank gets ``None`` back, one marked on
-        some ranks the sum of theirs.
+        some ranks the sum of theirs. One rank: nothing to do.
         """
+        if self.world_size == 1:
+            return
         groups: dict[Any, list[int]] = {}
         for i, p in enumerate(params):
             groups.setdefault((p.dtype, p.device), []).append(i)
@@ -207,7 +209,9 @@ class DataParallel:
                                  dtype=params[members[0]].dtype, device=params[members[0]].device)
             flat = torch.cat([t.reshape(-1) for t in parts] + [marks])
             dist.all_reduce(flat, group=self.group)
-            seen = flat[-len(members):].tolist()
+            # a rank that has every gradient knows every mark is >= 1: no host read of the marks
+            local = all(params[i].grad is not None for i in members)
+            seen = [1.0] * len(members) if local else flat[-len(members):].tolist()
             offset = 0
             for i, mark in zip(members, seen):
                 p = params[i]
@@ -224,18 +228,22 @@ class DataParallel:
         """One host read: the window's contributions and ``failed`` summed over ranks, and this rank's ``largest``."""
         f64 = torch.float64
         local = torch.stack([*(w.to(f64) for w in window), torch.tensor(float(failed), dtype=f64, device=largest.device)])
-        dist.all_reduce(local, group=self.group)  # float64 on every rank, whatever each rank's loss dtype
+        if self.world_size > 1:
+            dist.all_reduce(local, group=self.group)  # float64 on every rank, whatever each rank's loss dtype
         *values, flag, big = torch.cat([local, largest.to(f64).reshape(1)]).tolist()
         return values, int(flag), big
 
     def sum(self, values: list[float]) -> list[float]:
         """``values`` (floats) summed over ranks, in float64."""
         t = torch.tensor(values, dtype=torch.float64, device=self._collective_device())
-        dist.all_reduce(t, group=self.group)
+        if self.world_size > 1:
+            dist.all_reduce(t, group=self.group)
         return t.tolist()
 
     def broadcast_tensors(self, tensors: list[torch.Tensor]) -> None:
         """Overwrite ``tensors`` on every rank with rank 0's (in place)."""
+        if self.world_size == 1:
+            return
         with torch.no_grad():
             for t in tensors:
                 dist.broadcast(t.data, src=self.src, group=self.group)
