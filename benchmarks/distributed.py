@@ -171,6 +171,27 @@ class Ranks:
                 p.kill()
 
 
+def summarise(samples):
+    """The table's rows from each setting's measurements (lists of :func:`_measure` results, one per round)."""
+    rows = []
+    for setting in SETTINGS:
+        runs = samples[setting]
+        world = 2 if setting.startswith("W=2") else 1
+        rows.append({
+            "setting": setting, "world_size": world, "batch_per_rank": runs[0]["batch_per_rank"],
+            "global_batch": runs[0]["batch_per_rank"] * world,
+            "samples_per_s": statistics.median(o["rows"] / o["seconds"] for o in runs),
+            "step_ms": statistics.median(1000 * o["seconds"] / o["steps"] for o in runs),
+            "comm_ms_per_step": statistics.median(o["comm_ms_per_step"] for o in runs),
+            "epoch2_loss": statistics.median(o["loss"] for o in runs),
+        })
+    base = {r["batch_per_rank"]: r["samples_per_s"] for r in rows if r["setting"] == "W=1"}
+    for r in rows:
+        one = base.get(r["batch_per_rank"]) if r["setting"] in ("W=1", "W=2") else None
+        r["efficiency"] = r["samples_per_s"] / (r["world_size"] * one) if one else None
+    return rows
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda needs one GPU per rank")
@@ -208,22 +229,7 @@ def main(argv=None):
                           f"comm {out['comm_ms_per_step']:.2f} ms/step")
         finally:
             ranks.close()
-    rows = []
-    for setting in SETTINGS:
-        runs = samples[setting]
-        world = 2 if setting.startswith("W=2") else 1
-        rows.append({
-            "setting": setting, "world_size": world, "batch_per_rank": runs[0]["batch_per_rank"],
-            "global_batch": runs[0]["batch_per_rank"] * world,
-            "samples_per_s": statistics.median(o["rows"] / o["seconds"] for o in runs),
-            "step_ms": statistics.median(1000 * o["seconds"] / o["steps"] for o in runs),
-            "comm_ms_per_step": statistics.median(o["comm_ms_per_step"] for o in runs),
-            "epoch2_loss": statistics.median(o["loss"] for o in runs),
-        })
-    base = {r["batch_per_rank"]: r["samples_per_s"] for r in rows if r["setting"] == "W=1"}
-    for r in rows:
-        one = base.get(r["batch_per_rank"]) if r["setting"] in ("W=1", "W=2") else None
-        r["efficiency"] = r["samples_per_s"] / (r["world_size"] * one) if one else None
+    rows = summarise(samples)
     stem = args.name or f"distributed-{'mnist' if args.data_root else 'digits'}-vae-mlp-{args.device}"
     env = environment(args.device)
     record = {"benchmark": "distributed", "environment": env, "load_average_at_start": load,

@@ -363,7 +363,7 @@ class Trainer:
                                  f"{info.batch_size}: use batch_size={info.batch_size}")
             self.drop_last = True
             return
-        if self.batch_size >= self.num_data:
+        if self.global_batch_size >= self.num_data:
             return
         check_minibatching(self.pair, info, num_data=self.num_data, batch_size=self.batch_size)
         if info.global_latents and not self.scaled_to_full_data:
@@ -379,15 +379,18 @@ class Trainer:
         if self.parallel is None or self.world_size == 1:
             return
         info = self.info
-        if info.global_latents and not self.scaled_to_full_data:
-            raise UsageError(
-                f"site {_model_site(info, info.global_latents)!r} is a global latent and the data plate is not "
-                f"scaled to the full data, so each of the {self.world_size} ranks would count it once: give the "
-                "pair a num_data hook or subsample the plate in the model to train it data-parallel")
-        if info.global_latents and isinstance(self.objective, DifferentiableRenyiELBO):
-            warnings.warn(f"{self.spec} with the global latent {_model_site(info, info.global_latents)!r} is a "
-                          f"whole-batch bound: on {self.world_size} ranks each bounds its own part of the batch, "
+        if not info.global_latents or self.scaled_to_full_data:
+            return
+        site = _model_site(info, info.global_latents)
+        if isinstance(self.objective, DifferentiableRenyiELBO):
+            warnings.warn(f"{self.spec} with the global latent {site!r} is a whole-batch bound: on {self.world_size} "
+                          "ranks each bounds its own part of the batch (the global latent's terms once per rank), "
                           "which is another objective than one process's", stacklevel=3)
+            return
+        raise UsageError(
+            f"site {site!r} is a global latent and the data plate is not scaled to the full data, so each of the "
+            f"{self.world_size} ranks would count its terms once: give the pair a num_data hook or subsample the "
+            "plate in the model to train it data-parallel")
 
     @property
     def global_batch_size(self) -> int:

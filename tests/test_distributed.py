@@ -63,7 +63,9 @@ def _worker(rank, rendezvous, tasks, results):
             results.put((rank, "ok", globals()[name](rank, **kwargs)))
         except Exception as exc:
             results.put((rank, "error", f"{type(exc).__name__}: {exc}"))
-    tdist.destroy_process_group()
+    results.close()
+    results.join_thread()
+    os._exit(0)  # the process group goes with the process (destroying it waits on the other rank)
 
 
 class Pool:
@@ -147,6 +149,28 @@ class StoreMixture:
 
     def guide(self, x, first):
         pass
+
+
+class Regression:
+    """y = w x + noise with a global latent w; with ``scaled`` a ``num_data`` hook scales minibatches to N."""
+
+    max_plate_nesting = 1
+
+    def __init__(self, scaled):
+        if scaled:
+            self.num_data = None
+
+    def model(self, x, y):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        n, total = x.shape[0], getattr(self, "num_data", None)
+        plate = pyro.plate("data", total, subsample=torch.arange(n)) if total and total != n else pyro.plate("data", n)
+        with plate:
+            pyro.sample("y", dist.Normal(w * x, 0.5), obs=y)
+
+    def guide(self, x, y):
+        loc = pyro.param("w_loc", lambda: torch.tensor(0.0))
+        scale = pyro.param("w_scale", lambda: torch.tensor(1.0), constraint=dist.constraints.positive)
+        pyro.sample("w", dist.Normal(loc, scale))
 
 
 def _flat(tensors):
@@ -247,6 +271,24 @@ def task_resume(rank, folder):
     return bool(torch.equal(whole, resumed)), float((whole - resumed).abs().max())
 
 
+def task_global(rank):
+    """At W = 2 with a global batch of all 20 points: IWAE with a global latent warns (each rank bounds its
+    half), trace is refused (each rank would count the global latent's terms once)."""
+    from inference import Trainer
+
+    x = torch.linspace(-1, 1, 20)
+    data = (x, 1.5 * x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(Regression(scaled=False), data, elbo="iwae:2", batch_size=10, lr=0.01, distributed=True)
+    try:
+        Trainer(Regression(scaled=False), data, batch_size=10, lr=0.01, distributed=True)
+        refused = None
+    except UsageError as exc:
+        refused = str(exc)
+    return [str(w.message) for w in caught if "whole-batch" in str(w.message)], refused
+
+
 class Poison(Callback):
     """On rank 1 only, in the second epoch's second read: the training data become NaN."""
 
@@ -320,6 +362,12 @@ def test_a_nan_on_one_rank_stops_both_and_keeps_the_last_good_checkpoint(pool, t
     assert load_checkpoint(tmp_path / FILENAME)["epoch"] == 1
 
 
+def test_a_global_latent_warns_under_iwae_and_is_refused_unscaled(pool):
+    for warned, refused in pool.values("task_global"):
+        assert len(warned) == 1 and "iwae:2 with the global latent 'w' is a whole-batch bound" in warned[0], warned
+        assert refused is not None and "global latent" in refused and "\n" not in refused, refused
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -342,6 +390,29 @@ def test_torchrun_writes_one_run_folder(tmp_path):
                             "reconstructions.png", "samples.png"]), names
     state = load_checkpoint(out / FILENAME)
     assert state["settings"]["world_size"] == 2 and len(state["rank_rng"]) == 2
+
+
+def task_bench(rank, setting):
+    from benchmarks import distributed as bench
+
+    one = tdist.new_group([0])
+    return bench._measure(rank, one, {}, "cpu", setting=setting, batch_size=32, points=128, data_root=None, seed=0)
+
+
+def test_the_benchmark_rows_are_consistent(pool):
+    """benchmarks/distributed.py's measurements on 128 digits, run by this pool's ranks: samples/s is the rows
+    over the timed epoch's seconds, the efficiency samples/s over W times W=1's, the batches as named."""
+    from benchmarks import distributed as bench
+
+    samples = {s: [pool.values("task_bench", setting=s)[0]] for s in bench.SETTINGS}
+    rows = {r["setting"]: r for r in bench.summarise(samples)}
+    for setting, runs in samples.items():
+        assert rows[setting]["samples_per_s"] == pytest.approx(runs[0]["rows"] / runs[0]["seconds"])
+        assert runs[0]["rows"] == 128
+    assert rows["W=2"]["efficiency"] == pytest.approx(rows["W=2"]["samples_per_s"] / (2 * rows["W=1"]["samples_per_s"]))
+    assert rows["fit"]["efficiency"] is None and rows["W=1"]["efficiency"] == 1.0
+    assert rows["W=2"]["global_batch"] == 64 and rows["W=2 (B/2)"]["global_batch"] == 32
+    assert pool.values("task_bench", setting="allreduce")[0] > 0
 
 
 # ---- one process ---------------------------------------------------------------------------------
