@@ -175,11 +175,12 @@ class DataParallel:
         """
         size = batch_size * self.world_size
         order = torch.randperm(n, generator=epoch_generator(seed, epoch)) if shuffle else torch.arange(n)
+        order = order.to(device)  # one copy per epoch
         stop = n - n % size if drop_last and n >= size else n
         steps = []
         for i in range(0, stop, size):
             rows = order[i : i + size]
-            steps.append((rows[shard(len(rows), self.world_size, self.rank)].to(device), len(rows)))
+            steps.append((rows[shard(len(rows), self.world_size, self.rank)], len(rows)))
         return steps
 
     @staticmethod

@@ -669,8 +669,8 @@ class Trainer:
                         bad = next((k for k, v in enumerate(values) if not math.isfinite(v)), len(values) - 1)
                         raise DivergenceError(
                             f"training diverged at epoch {epoch}, step {step - len(values) + 1 + bad}: the networks' "
-                            f"outputs left their distributions' support (non-finite values) on {failures} "
-                            f"step(s) of the {self.world_size} ranks{self._kept()}")
+                            f"outputs left their distributions' support (non-finite values; {failures} failed "
+                            f"step(s) over the {self.world_size} ranks){self._kept()}")
                 self._check_finite(values, epoch, step, largest)
                 if first is None:
                     first = values[0] / sizes[0]
@@ -679,10 +679,7 @@ class Trainer:
                 total += math.fsum(values)
                 for cb in self.callbacks:
                     cb.on_steps(self, len(values), total, points + size)
-            if self.parallel is None:
-                self.update(loss, size)
-            else:
-                self.update(loss, 1)
+            self.update(loss, size if self.parallel is None else 1)  # data-parallel: loss is already per datapoint
             points += size
         return total / points
 
