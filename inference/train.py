@@ -574,7 +574,7 @@ class Trainer:
             loss=self.loss,
             train_seconds=sum(r["seconds"] for r in self.history),
             best_epoch=self.best_epoch,
-            stopped_early=self.should_stop,
+            stopped_early=self.should_stop and self.epoch < epochs,  # a stop at the last epoch ends nothing early
         )
 
     def _start_parallel(self):
