@@ -174,8 +174,9 @@ class Trainer:
     :param train: a tensor (N, ...), a mapping of such tensors (modalities, or
         the model's keyword arguments), a tuple of them (its positional
         arguments), or a data object with ``.data`` (a fixed view), ``.epoch()``
-        (a fresh view per epoch, e.g. dynamic binarisation) and ``.rows(index)``
-        (:class:`ppl_models.data.DataSplit`).
+        (a fresh view, e.g. dynamic binarisation: training takes
+        ``rows(index).epoch()`` per batch, a fresh draw of the batch's rows) and
+        ``.rows(index)`` (:class:`ppl_models.data.DataSplit`).
     :param elbo: an ELBO spec (:func:`inference.make_elbo`) or a Pyro ELBO object.
     :param batch_size: datapoints per step; ``drop_last`` drops the ragged last batch.
         A pair that subsamples its own data plate
