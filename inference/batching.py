@@ -16,8 +16,9 @@ tensors with device index tensors, so the hot path makes no host-to-device
 copies. *Streaming* (:func:`should_stream`: data larger than
 :data:`STREAM_FRACTION` of the free CUDA memory, or asked for): the data stay
 in host memory and each batch's rows are gathered on the host into page-locked
-(pinned) memory and copied with ``non_blocking=True``, so the copy overlaps the
-device's work (PyTorch's caching host allocator keeps a pinned block until the
+(pinned) memory and copied with ``non_blocking=True`` (tensors, mappings and
+tuples; a data object's rows are copied by its own ``to(device)``), so the copy
+overlaps the device's work (PyTorch's caching host allocator keeps a pinned block until the
 copy that reads it has finished). Both draw the same index permutation (on the
 device) and the same per-batch noise (on the device, after the copy), so they
 give the same batches and results.

@@ -741,7 +741,7 @@ def fit(
     is ``Trainer(pair, train, validation=validation, **trainer_options).run(epochs, callbacks=...)``
     (see :class:`Trainer` for ``elbo``, ``batch_size``, ``lr``, ``optimizer``,
     ``scheduler``, ``device``, ``seed``, ``clip_norm``, ``drop_last``,
-    ``validate``, ``jit``, ``sync_every``), with these callbacks
+    ``validate``, ``jit``, ``sync_every``, ``distributed``, ``stream``), with these callbacks
     (:mod:`inference.callbacks`) switched on by keyword:
 
     * ``progress``: a progress bar on stderr;
