@@ -6,8 +6,22 @@ dimension), a tuple of such tensors (a model's positional arguments), or an
 object with ``.data`` (a fixed view, used for evaluation), ``.epoch()`` (a
 fresh view per training epoch, e.g. dynamic binarisation) and ``.rows(index)``
 (the same kind of object for a subset of the datapoints), such as
-:class:`ppl_models.data.DataSplit`. Batches are formed by indexing device tensors
-with device index tensors, so the hot path makes no host-to-device copies.
+:class:`ppl_models.data.DataSplit`. A training batch is the object's rows
+``rows(index).epoch()``, so a fresh view (dynamic binarisation) is drawn per
+batch, for the batch's rows only.
+
+Two ways to feed the device. *Resident* (the default when the data fit): the
+data are moved to the device once and batches are formed by indexing device
+tensors with device index tensors, so the hot path makes no host-to-device
+copies. *Streaming* (:func:`should_stream`: data larger than
+:data:`STREAM_FRACTION` of the free CUDA memory, or asked for): the data stay
+in host memory and each batch's rows are gathered on the host into page-locked
+(pinned) memory and copied with ``non_blocking=True`` (tensors, mappings and
+tuples; a data object's rows are copied by its own ``to(device)``), so the copy
+overlaps the device's work (PyTorch's caching host allocator keeps a pinned block until the
+copy that reads it has finished). Both draw the same index permutation (on the
+device) and the same per-batch noise (on the device, after the copy), so they
+give the same batches and results.
 """
 from collections.abc import Mapping
 from typing import Any
@@ -15,6 +29,9 @@ from typing import Any
 import torch
 
 from .errors import UsageError
+
+# streaming is chosen when the training data exceed this fraction of the device's free memory
+STREAM_FRACTION = 0.5
 
 
 def fixed_view(data: Any) -> Any:
@@ -89,6 +106,57 @@ def to_device(data: Any, device: str | torch.device) -> Any:
     return _map(data, lambda v: v.to(device))
 
 
+def nbytes(data: Any) -> int:
+    """Bytes held by the tensors of ``data`` (a data object: its fixed view, plus its ``grey`` levels if any)."""
+    total = sum(v.numel() * v.element_size() for _, v in _items(fixed_view(data)) if torch.is_tensor(v))
+    extra = getattr(data, "grey", None)
+    return total + (extra.numel() * extra.element_size() if torch.is_tensor(extra) else 0)
+
+
+def should_stream(data: Any, device: torch.device) -> bool:
+    """Stream batches from the host: on CUDA, when ``data`` exceed :data:`STREAM_FRACTION` of the free memory."""
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes(data) > STREAM_FRACTION * free
+
+
+def to_host(data: Any, device: torch.device) -> Any:
+    """``data`` in host memory, page-locked (pinned) when ``device`` is CUDA so copies from it can be non-blocking."""
+    data = to_device(data, "cpu")
+    if device.type != "cuda":
+        return data
+    if hasattr(data, "epoch"):
+        return data  # a data object's own tensors: copied per batch by its rows() and to()
+    return _map(data, lambda v: v.pin_memory())
+
+
+def per_batch(data: Any) -> bool:
+    """Whether training batches can be drawn per step by :func:`batch` (tensors, or a data object with ``rows``)."""
+    return not hasattr(data, "epoch") or hasattr(data, "rows")
+
+
+def batch(data: Any, index: torch.Tensor, device: torch.device | None = None) -> Any:
+    """The training rows ``index`` of ``data``: a data object's ``rows(index).epoch()`` (a fresh draw of these
+    rows), a tensor's (or mapping's, tuple's) indexed rows.
+
+    With ``device`` (streaming), ``data`` live on the host and ``index`` is a host
+    tensor: the rows are gathered into pinned memory and copied to ``device``
+    without blocking; a data object's draw happens on ``device`` after the copy.
+    """
+    if device is None:
+        return epoch_view(data.rows(index)) if hasattr(data, "epoch") else take(data, index)
+    if hasattr(data, "epoch"):
+        return epoch_view(to_device(data.rows(index), device))
+
+    def copy(v):
+        rows = torch.empty((index.shape[0], *v.shape[1:]), dtype=v.dtype, pin_memory=device.type == "cuda")
+        torch.index_select(v, 0, index, out=rows)
+        return rows.to(device, non_blocking=True)
+
+    return _map(data, copy)
+
+
 def data_device(data: Any) -> torch.device:
     return _items(fixed_view(data))[0][1].device
 
@@ -112,10 +180,15 @@ def num_batches(n: int, batch_size: int, *, drop_last: bool = False) -> int:
 
 
 def batch_indices(n: int, batch_size: int, *, shuffle: bool, device: str | torch.device,
-                  drop_last: bool = False) -> list[Any]:
-    """Index tensors for one pass over ``n`` points; shuffling draws from the device's RNG."""
+                  drop_last: bool = False, host: bool = False) -> list[Any]:
+    """Index tensors for one pass over ``n`` points; shuffling draws from the device's RNG.
+
+    ``host=True`` (streaming) returns them in host memory (the permutation is
+    still drawn on the device, then copied once), so both paths batch alike."""
     if shuffle:
         order = torch.randperm(n, device=device)
     else:
         order = torch.arange(n, device=device)
+    if host:
+        order = order.cpu()
     return [order[i : i + batch_size] for i in range(0, _stop(n, batch_size, drop_last), batch_size)]

@@ -107,7 +107,7 @@ class ProgressBar(Callback):
         left = max(trainer.epochs - trainer.epoch, 0)
         self.bar = tqdm(
             total=left * trainer.steps_per_epoch,
-            disable=not self.enabled,
+            disable=not (self.enabled and trainer.is_writer),
             desc=f"fit {trainer.pair.name} [{trainer.spec}]",
             unit="step",
             file=sys.stderr,
@@ -202,6 +202,8 @@ class TensorBoard(Callback):
         _check_folder(self.log_dir, "the TensorBoard folder")
 
     def on_fit_start(self, trainer: Trainer) -> None:
+        if not trainer.is_writer:
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -210,6 +212,8 @@ class TensorBoard(Callback):
         self.writer = SummaryWriter(str(self.log_dir), purge_step=trainer.epoch + 1 if trainer.epoch else None)
 
     def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
         for key, tag in self.TAGS.items():
             if key in record:
                 self.writer.add_scalar(tag, record[key], record["epoch"])
@@ -236,6 +240,10 @@ class Checkpoint(Callback):
     between an epoch's end and that read leaves the previous epoch's). When early stopping restored the best
     epoch's parameters, the final checkpoint holds them (and says so), so a
     finished run is reloaded as it was returned.
+
+    Data-parallel (:mod:`inference.distributed`), rank 0 alone writes; the
+    checkpoint holds every rank's RNG state, every rank resumes from rank 0's
+    reading of it, and a checkpoint of another world size is refused.
     """
 
     order = 100
@@ -244,30 +252,52 @@ class Checkpoint(Callback):
     def __init__(self, directory: str | Path, *, resume: bool = False) -> None:
         self.path = Path(directory) / FILENAME
         self.resume = resume
-        self.pending: Path | None = None
+        self.pending: bytes | None = None
 
     def setup(self, trainer: Trainer) -> None:
         _check_folder(self.path.parent, "checkpoint_dir")
         trainer.checkpoint_path = self.path
-        if not (self.resume and self.path.exists()):
+        if trainer.parallel is not None:
+            state = trainer.parallel.broadcast_object(self._read(trainer) if trainer.is_writer else None)
+            if isinstance(state, Exception):
+                raise state
+        else:
+            state = self._read(trainer)
+        if state is None:
             return
-        state = load_checkpoint(self.path, expect_model=trainer.pair.name, map_location=trainer.device)
+        ranks = state["settings"].get("world_size", 1)
+        if ranks != trainer.world_size:
+            raise CheckpointError(f"cannot resume: the checkpoint was trained on {ranks} process(es) and this run "
+                                  f"has {trainer.world_size}; resume with the same world size")
         for key in self.MATCH:
             stored, now = state["settings"].get(key), trainer.settings.get(key)
             if stored != now:
                 raise CheckpointError(f"cannot resume: the checkpoint was trained with {key}={stored!r}, not {now!r}")
         trainer.load_state_dict(state)
 
+    def _read(self, trainer):
+        """The checkpoint to resume from (None: nothing to resume); an error is returned, to be raised on every rank."""
+        if not (self.resume and self.path.exists()):
+            return None
+        try:
+            return load_checkpoint(self.path, expect_model=trainer.pair.name, map_location=trainer.device)
+        except CheckpointError as exc:
+            if trainer.parallel is None:
+                raise
+            return exc
+
     def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         # kept in memory until the next read of the losses shows its parameters finite and its next loss finite
-        self.pending = _serialise(trainer.state_dict())
+        state = trainer.state_dict()  # on every rank: it gathers the ranks' RNG states
+        self.pending = _serialise(state) if trainer.is_writer else b""  # b"": the other ranks write nothing
 
     def on_steps(self, trainer: Trainer, steps: int, loss_sum: float, points: int) -> None:
         self._write_pending()
 
     def on_fit_end(self, trainer: Trainer) -> None:
         if trainer.best_epoch is not None and trainer.history and trainer.best_epoch != trainer.history[-1]["epoch"]:
-            self.pending = _serialise(trainer.state_dict())
+            state = trainer.state_dict()
+            self.pending = _serialise(state) if trainer.is_writer else b""
         if self.pending is not None and not trainer.parameters_finite():
             self.pending = None
             kept = f"; the last good checkpoint {self.path} is kept" if self.path.exists() else ""
@@ -277,7 +307,8 @@ class Checkpoint(Callback):
     def _write_pending(self):
         if self.pending is not None:
             data, self.pending = self.pending, None
-            atomic_write(self.path, lambda f: f.write(data))
+            if data:
+                atomic_write(self.path, lambda f: f.write(data))
 
 
 def _serialise(state):

@@ -26,8 +26,10 @@ import pyro.poutine as poutine
 import torch
 
 from . import batching
+from . import distributed as parallel
 from .callbacks import Callback, Checkpoint, EarlyStopping, ProgressBar, TensorBoard, as_callback
 from .checkpoint import get_rng_state, set_rng_state
+from .elbo import DifferentiableRenyiELBO
 from .errors import DivergenceError, NonFiniteLossError, UsageError
 from .evaluate import evaluate
 from .loss import make_step_loss
@@ -172,8 +174,9 @@ class Trainer:
     :param train: a tensor (N, ...), a mapping of such tensors (modalities, or
         the model's keyword arguments), a tuple of them (its positional
         arguments), or a data object with ``.data`` (a fixed view), ``.epoch()``
-        (a fresh view per epoch, e.g. dynamic binarisation) and ``.rows(index)``
-        (:class:`ppl_models.data.DataSplit`).
+        (a fresh view, e.g. dynamic binarisation: training takes
+        ``rows(index).epoch()`` per batch, a fresh draw of the batch's rows) and
+        ``.rows(index)`` (:class:`ppl_models.data.DataSplit`).
     :param elbo: an ELBO spec (:func:`inference.make_elbo`) or a Pyro ELBO object.
     :param batch_size: datapoints per step; ``drop_last`` drops the ragged last batch.
         A pair that subsamples its own data plate
@@ -195,6 +198,15 @@ class Trainer:
     :param sync_every: steps between host reads of the losses (default 1 on CPU,
         where a read costs nothing, 50 on CUDA); a non-finite loss is found at
         the next read and stops the run with :class:`NonFiniteLossError`.
+    :param distributed: data parallelism on ``torch.distributed``
+        (:mod:`inference.distributed`): True (join the default process group,
+        initialised from torchrun's environment if needed), a process group, False
+        (off) or None (on when ``WORLD_SIZE > 1``). ``batch_size`` is then per rank:
+        each step trains on a global batch of ``world_size * batch_size`` rows.
+    :param stream: keep the training data in host memory and copy each batch's
+        rows to the device (pinned memory, non-blocking copies); None chooses it on
+        CUDA when the data exceed ``batching.STREAM_FRACTION`` of the free device
+        memory. Batches and results are the same as with the data on the device.
 
     Divergence stops the run with :class:`~inference.errors.DivergenceError`
     (a :class:`NonFiniteLossError`): non-finite parameters (their largest
@@ -236,6 +248,8 @@ class Trainer:
         validate: bool | None = None,
         jit: bool = False,
         sync_every: int | None = None,
+        distributed: Any = None,
+        stream: bool | None = None,
     ) -> None:
         _positive("batch_size", batch_size, int)
         _positive("lr", lr)
@@ -251,6 +265,11 @@ class Trainer:
         self.pair = as_pair(pair, model=model, guide=guide)
         self.batch_size, self.lr, self.seed = batch_size, lr, seed
         self.device = resolve_device(device)
+        self.parallel = None
+        if parallel.wanted(distributed):
+            self.device = parallel.rank_device(self.device)
+            self.parallel = parallel.setup(distributed, self.device)
+        self.world_size = 1 if self.parallel is None else self.parallel.world_size
         self.spec = elbo if isinstance(elbo, str) else type(elbo).__name__
         if batching.length(train) == 0:
             raise UsageError("the training data is empty")
@@ -265,12 +284,15 @@ class Trainer:
         self.clip_norm, self.drop_last, self.validate = clip_norm, drop_last, validate
         self.sync_every = sync_every or (1 if self.device.type == "cpu" else 50)
         self.pair.to(self.device)
-        self.train_data = batching.to_device(train, self.device)
+        self.stream = batching.should_stream(train, self.device) if stream is None else bool(stream)
+        self.train_data = batching.to_host(train, self.device) if self.stream else batching.to_device(train, self.device)
         self.validation = batching.to_device(validation, self.device) if validation is not None else None
         self.num_data = batching.length(self.train_data)
         if self.pair.has("num_data"):
             self.pair.owner.num_data = self.num_data
         self.settings = {"elbo": self.spec, "batch_size": batch_size, "seed": seed, "lr": lr, "validation": fraction}
+        if self.parallel is not None:
+            self.settings["world_size"] = self.world_size
         self.history: list[dict[str, Any]]
         self.callbacks: list[Callback]
         self.checkpoint_path: Path | None
@@ -278,7 +300,7 @@ class Trainer:
         self.should_stop, self.best_epoch, self.checkpoint_path, self.callbacks = False, None, None, []
         with self._pyro_validation():
             pyro.set_rng_seed(seed)
-            self.info = inspect_pair(self.pair, batching.fixed_view(self.train_data), rows=batch_size)
+            self.info = inspect_pair(self.pair, self._device_view(), rows=batch_size)
             if jit and self.info.subsampled:
                 warnings.warn("jit=True: a pair that subsamples its own plate runs the eager loss", stacklevel=2)
             self.objective, self.loss = make_step_loss(
@@ -286,7 +308,8 @@ class Trainer:
             )
             check_objective(self.info, self.objective, spec=self.spec)
             self._check_batching()
-            self.steps_per_epoch = batching.num_batches(self.num_data, self.batch_size, drop_last=self.drop_last)
+            self._check_parallel()
+            self.steps_per_epoch = batching.num_batches(self.num_data, self.global_batch_size, drop_last=self.drop_last)
             self._collect_parameters()
             self._check_validation()
         _log.debug("%s: %d training and %d validation points, objective %s, latents %s (global %s, enumerated %s), "
@@ -296,8 +319,23 @@ class Trainer:
                    len(self.params))
 
     def validation_elbo(self) -> float:
-        """The ELBO per datapoint of the validation data, one particle per point (see :func:`evaluate`)."""
-        return evaluate(self.pair, self.validation, particles=1, batch_size=max(self.batch_size, 1000)).elbo
+        """The ELBO per datapoint of the validation data, one particle per point (see :func:`evaluate`).
+
+        Data-parallel, each rank scores its contiguous shard and the sums are
+        all-reduced (a pair with a global latent: every rank scores all of it and
+        the ranks' values are averaged)."""
+        size = max(self.batch_size, 1000)
+        if self.parallel is None:
+            return evaluate(self.pair, self.validation, particles=1, batch_size=size).elbo
+        n = batching.length(self.validation)
+        part = slice(0, n) if self.info.global_latents else parallel.shard(n, self.world_size, self.parallel.rank)
+        rows = part.stop - part.start
+        local = 0.0
+        if rows:
+            data = batching.subset(self.validation, torch.arange(part.start, part.stop, device=self.device))
+            local = evaluate(self.pair, data, particles=1, batch_size=size).elbo * rows
+        total, count = self.parallel.sum([local, float(rows)])
+        return total / count
 
     def _check_validation(self):
         """Score the validation data once before training (RNG state kept), so that a pair that cannot score
@@ -326,7 +364,7 @@ class Trainer:
                                  f"{info.batch_size}: use batch_size={info.batch_size}")
             self.drop_last = True
             return
-        if self.batch_size >= self.num_data:
+        if self.global_batch_size >= self.num_data:
             return
         check_minibatching(self.pair, info, num_data=self.num_data, batch_size=self.batch_size)
         if info.global_latents and not self.scaled_to_full_data:
@@ -337,11 +375,39 @@ class Trainer:
                 f"subsample_size={self.batch_size}) with the full data passed in) or use batch_size >= {self.num_data}"
             )
 
+    def _check_parallel(self):
+        """Data-parallel runs: refuse what cannot be split across ranks; warn where the objective changes."""
+        if self.parallel is None or self.world_size == 1:
+            return
+        info = self.info
+        if not info.global_latents or self.scaled_to_full_data:
+            return
+        site = _model_site(info, info.global_latents)
+        if isinstance(self.objective, DifferentiableRenyiELBO):
+            warnings.warn(f"{self.spec} with the global latent {site!r} is a whole-batch bound: on {self.world_size} "
+                          "ranks each bounds its own part of the batch (the global latent's terms once per rank), "
+                          "which is another objective than one process's", stacklevel=3)
+            return
+        raise UsageError(
+            f"site {site!r} is a global latent and the data plate is not scaled to the full data, so each of the "
+            f"{self.world_size} ranks would count its terms once: give the pair a num_data hook or subsample the "
+            "plate in the model to train it data-parallel")
+
+    @property
+    def global_batch_size(self) -> int:
+        """Rows per step over all ranks: ``world_size * batch_size``."""
+        return self.batch_size * self.world_size
+
+    @property
+    def is_writer(self) -> bool:
+        """Whether this process writes files and prints (rank 0, or the only process)."""
+        return self.parallel is None or self.parallel.is_writer
+
     @property
     def shuffle(self) -> bool:
         """Minibatches are drawn from a fresh permutation each epoch; one batch of every point keeps their order
         (a guide with parameters per datapoint, e.g. a local AutoNormal, relies on it)."""
-        return self.info.subsampled or self.batch_size < self.num_data
+        return self.info.subsampled or self.global_batch_size < self.num_data
 
     @property
     def scaled_to_full_data(self) -> bool:
@@ -359,7 +425,7 @@ class Trainer:
     def _collect_parameters(self):
         """Find the parameters (one run of the objective) and build the optimiser and scheduler for them."""
         self.pair.train()
-        data = batching.fixed_view(self.train_data)
+        data = self._device_view()
         first = data if self.info.subsampled else batching.take(data, slice(0, min(self.batch_size, self.num_data)))
         self.params = collect_params(self.pair, self.objective, first, self.info)
         self._nonempty = [p for p in self.params if p.numel()]
@@ -369,6 +435,16 @@ class Trainer:
         plateau = isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
         if plateau and self.scheduler_interval == "step":
             raise UsageError("ReduceLROnPlateau steps on the validation ELBO once an epoch: use scheduler_interval='epoch'")
+
+    def _device_view(self):
+        """The fixed view of the training data on the device (streaming: its first rows, copied once)."""
+        if not self.stream:
+            return batching.fixed_view(self.train_data)
+        if not hasattr(self, "_first"):
+            rows = min(self.batch_size, self.num_data)
+            self._first = batching.to_device(batching.take(batching.fixed_view(self.train_data), slice(0, rows)),
+                                             self.device)
+        return self._first
 
     def _modules_state(self):
         owner = self.pair.owner
@@ -406,6 +482,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "rng": get_rng_state(),
+            **({} if self.parallel is None else {"rank_rng": self.parallel.gather_objects(get_rng_state())}),
             "epoch": self.epoch,
             "history": self.history,
             "settings": self.settings,
@@ -425,7 +502,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"] if self.parallel is None else state["rank_rng"][self.parallel.rank])
         self.epoch, self.history = state["epoch"], list(state["history"])
         self.should_stop, self.best_epoch = state.get("stopped", False), state.get("best_epoch")
         saved = state.get("callbacks", {})
@@ -440,8 +517,15 @@ class Trainer:
         return self.loss.differentiable_loss(model, guide, *args, **kwargs)
 
     def update(self, loss: torch.Tensor, points: int) -> None:
-        """One optimiser step on ``loss / points`` (the per-datapoint objective)."""
-        (loss / points).backward()
+        """One optimiser step on ``loss / points`` (the per-datapoint objective).
+
+        Data-parallel, ``loss`` is this rank's contribution (a rank without rows
+        or whose model failed has no gradient), and the gradients are summed over
+        ranks after backward (:meth:`inference.distributed.DataParallel.all_reduce_gradients`)."""
+        if self.parallel is None or loss.requires_grad:
+            (loss / points).backward()
+        if self.parallel is not None:
+            self.parallel.all_reduce_gradients(self.params)
         if self.clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
         self.optimizer.step()
@@ -466,6 +550,8 @@ class Trainer:
         with self._pyro_validation():
             for cb in self.callbacks:
                 cb.setup(self)
+            if self.parallel is not None:
+                self._start_parallel()
             for cb in self.callbacks:
                 cb.on_fit_start(self)
             try:
@@ -489,8 +575,16 @@ class Trainer:
             loss=self.loss,
             train_seconds=sum(r["seconds"] for r in self.history),
             best_epoch=self.best_epoch,
-            stopped_early=self.should_stop,
+            stopped_early=self.should_stop and self.epoch < epochs,  # a stop at the last epoch ends nothing early
         )
+
+    def _start_parallel(self):
+        """Rank 0's parameters (and module buffers) on every rank; a fresh run seeds each rank's noise."""
+        buffers = list({id(b): b for m in self.pair.modules() for b in m.buffers()}.values())
+        self.parallel.broadcast_tensors(self.params + buffers)
+        if self.epoch == 0 and not getattr(self, "_seeded", False):
+            pyro.set_rng_seed(parallel.rank_seed(self.seed, self.parallel.rank))
+            self._seeded = True
 
     def _epoch(self, epoch):
         t0 = time.perf_counter()
@@ -516,28 +610,68 @@ class Trainer:
                 self.scheduler.step()
         return record
 
-    def _train_epoch(self, epoch):
-        """One pass over the training data; the losses are read to the host every ``sync_every`` steps."""
-        data = batching.epoch_view(self.train_data)
+    def _batches(self, epoch):
+        """``(rows of this process, rows of the step over all ranks)`` for each step of the epoch."""
+        if self.parallel is not None:
+            where = torch.device("cpu") if self.stream else self.device
+            return self.parallel.batches(self.num_data, self.batch_size, seed=self.seed, epoch=epoch,
+                                         shuffle=self.shuffle, drop_last=self.drop_last, device=where)
         batches = batching.batch_indices(
-            self.num_data, self.batch_size, shuffle=self.shuffle, device=self.device, drop_last=self.drop_last
+            self.num_data, self.batch_size, shuffle=self.shuffle, device=self.device, drop_last=self.drop_last,
+            host=self.stream,
         )
-        last, window, sizes, total, points, first = len(batches), [], [], 0.0, 0, None
-        for step, idx in enumerate(batches, start=1):
+        return [(idx, idx.shape[0]) for idx in batches]
+
+    def _step_loss(self, source, idx):
+        """The loss on rows ``idx``: of the epoch's view ``source``, or (None) of a batch drawn for this step."""
+        if source is not None:
+            return self.loss_of(source, idx)
+        if idx.shape[0] == 0:  # a rank without rows in a ragged last batch
+            return torch.zeros((), device=self.device)
+        return self.loss_of(batching.batch(self.train_data, idx, self.device if self.stream else None), None)
+
+    def _train_epoch(self, epoch):
+        """One pass over the training data; the losses are read to the host every ``sync_every`` steps.
+
+        Batches are drawn per step (:func:`inference.batching.batch`: dynamic
+        binarisation draws each batch's rows); a pair that subsamples its own
+        plate, or a data object without ``rows``, gets the epoch's view whole."""
+        per_batch = not self.info.subsampled and batching.per_batch(self.train_data)
+        source = None if per_batch else batching.epoch_view(self.train_data)
+        batches = self._batches(epoch)
+        last, window, sizes, total, points, first, failed = len(batches), [], [], 0.0, 0, None, 0
+        for step, (idx, rows) in enumerate(batches, start=1):
             try:
-                loss = self.loss_of(data, idx)
+                loss = self._step_loss(source, idx)
             except ValueError as exc:
                 if _INVALID_VALUES not in str(exc):
                     raise
-                raise DivergenceError(f"training diverged at epoch {epoch}, step {step}: the networks' outputs left "
-                                      f"their distributions' support (non-finite values){self._kept()}") from None
+                if self.parallel is None:
+                    raise DivergenceError(f"training diverged at epoch {epoch}, step {step}: the networks' outputs "
+                                          f"left their distributions' support (non-finite values){self._kept()}"
+                                          ) from None
+                # the other ranks learn of it in the next read; until then this rank takes part without a gradient
+                loss, failed = torch.full((), math.nan, device=self.device), failed + 1
+            size = self.points_per_step(rows)
+            if self.parallel is not None:
+                loss = self.parallel.contribution(loss, idx.shape[0], rows, self.points_per_step(max(idx.shape[0], 1)))
             window.append(loss.detach())
-            size = self.points_per_step(idx.shape[0])
             sizes.append(size)
             if step % self.sync_every == 0 or step == last:
                 # the only host read: the losses of the window and the parameters' largest absolute value,
                 # checked before this step's update
-                *values, largest = _read(window + [self.parameters_max().to(window[0].dtype)])
+                largest = self.parameters_max().to(window[0].dtype)
+                if self.parallel is None:
+                    *values, largest = _read(window + [largest])
+                else:
+                    values, failures, largest = self.parallel.read(window, failed, largest)
+                    values = [v * s for v, s in zip(values, sizes)]
+                    if failures:
+                        bad = next((k for k, v in enumerate(values) if not math.isfinite(v)), len(values) - 1)
+                        raise DivergenceError(
+                            f"training diverged at epoch {epoch}, step {step - len(values) + 1 + bad}: the networks' "
+                            f"outputs left their distributions' support (non-finite values; {failures} failed "
+                            f"step(s) over the {self.world_size} ranks){self._kept()}")
                 self._check_finite(values, epoch, step, largest)
                 if first is None:
                     first = values[0] / sizes[0]
@@ -546,7 +680,7 @@ class Trainer:
                 total += math.fsum(values)
                 for cb in self.callbacks:
                     cb.on_steps(self, len(values), total, points + size)
-            self.update(loss, size)
+            self.update(loss, size if self.parallel is None else 1)  # data-parallel: loss is already per datapoint
             points += size
         return total / points
 
@@ -607,7 +741,7 @@ def fit(
     is ``Trainer(pair, train, validation=validation, **trainer_options).run(epochs, callbacks=...)``
     (see :class:`Trainer` for ``elbo``, ``batch_size``, ``lr``, ``optimizer``,
     ``scheduler``, ``device``, ``seed``, ``clip_norm``, ``drop_last``,
-    ``validate``, ``jit``, ``sync_every``), with these callbacks
+    ``validate``, ``jit``, ``sync_every``, ``distributed``, ``stream``), with these callbacks
     (:mod:`inference.callbacks`) switched on by keyword:
 
     * ``progress``: a progress bar on stderr;

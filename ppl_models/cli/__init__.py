@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
 
+from inference import distributed as parallel
 from inference.errors import UsageError
 
 from .. import __version__
@@ -107,8 +109,13 @@ def _run_command(sub, name, help, func, *, with_seed=True):
 def _train(ns):
     recipe = RECIPES[ns.model]
     run = run_config(ns, recipe)
-    print_metrics(train_run(recipe, run))
-    print(f"run written to {run.out}")
+    try:
+        metrics = train_run(recipe, run)
+        if parallel.is_writer():  # under torchrun, rank 0 prints
+            print_metrics(metrics)
+            print(f"run written to {run.out}")
+    finally:
+        parallel.shutdown()
 
 
 def _evaluate(ns):
@@ -168,9 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter("pplm: %(message)s"))
     loggers = [logging.getLogger(name) for name in ("ppl_models", "inference")]
     levels = [lg.level for lg in loggers]
+    # under torchrun, ranks other than 0 log warnings only
+    level = ns.log_level if os.environ.get("RANK", "0") in ("", "0") else max(ns.log_level, logging.WARNING)
     for lg in loggers:
         lg.addHandler(handler)
-        lg.setLevel(ns.log_level)
+        lg.setLevel(level)
     try:
         with warnings.catch_warnings():
             # after any filter already set (a test's "error" stays an error): each warning once, in one line

@@ -16,6 +16,13 @@ staging folder of a killed run is removed by the next run in that folder.
 ``pplm evaluate`` writes ``evaluation.json`` beside the training-time
 ``metrics.json`` (or its ``--out``), and no output path may name a run's files.
 
+Under ``torchrun --nproc-per-node=N -m ppl_models.cli train ...`` the same
+command trains data-parallel (:mod:`inference.distributed`): every rank checks
+the input and trains, rank 0 alone runs the model's initialisation (its
+parameters reach the other ranks when training starts), writes the one run
+folder, evaluates, draws the figures and prints; the others wait for it at a
+barrier.
+
 ``config.json`` formats: ``ppl-models/run/2`` (written now: ``"run"``, the
 shared options of :class:`~ppl_models.cli.recipe.RunConfig`, and ``"options"``,
 the model's) and ``ppl-models/run/1`` (earlier versions: ``"args"``, argparse's
@@ -44,6 +51,7 @@ import pyro
 import torch
 
 from inference import batching
+from inference import distributed as parallel
 from inference.callbacks import Callback, Checkpoint, EarlyStopping, TensorBoard
 from inference.checkpoint import FILENAME, atomic_write, load_checkpoint
 from inference.errors import CheckpointError, DivergenceError, UsageError
@@ -209,6 +217,8 @@ def choose_threads(module: Any, run: RunConfig, device: torch.device) -> int:
     may use, divided among the ranks of this machine (``LOCAL_WORLD_SIZE``), less the load of other processes."""
     if run.threads is not None:
         return run.threads
+    if parallel.env_world_size() > 1 and device.type == "cpu":
+        return 1  # data-parallel on CPU: one intra-op thread per rank
     work = run.batch_size * sum(p.numel() for p in module.parameters())
     if device.type != "cpu" or work < SMALL_WORK:
         return 1
@@ -379,6 +389,7 @@ def train_run(recipe: Recipe, run: RunConfig) -> dict[str, Any]:
     pyro.set_rng_seed(run.seed)
     module = recipe.build(run, train)
     trainer = prepare_training(module, train, test, run, device)
+    device = trainer.device  # data-parallel on CUDA: this rank's device
     resuming = run.resume and ckpt.exists()
     if resuming:
         state = load_checkpoint(ckpt, expect_model=type(module).__name__)
@@ -398,6 +409,8 @@ def train_run(recipe: Recipe, run: RunConfig) -> dict[str, Any]:
     # ---- every check passed: from here on we write ------------------------------------
     created = not out.exists()
     stage = None
+    if not trainer.is_writer:
+        return _follow(recipe, run, trainer, n_threads)
     if not run.resume:
         if not created:
             _clear_leftovers(out)
@@ -412,6 +425,14 @@ def train_run(recipe: Recipe, run: RunConfig) -> dict[str, Any]:
             if created and out.is_dir() and not any(out.iterdir()):
                 out.rmdir()
         raise
+
+
+def _follow(recipe, run, trainer, n_threads):
+    """What a rank other than 0 does in a data-parallel run: train (writing nothing), then wait for rank 0."""
+    with threads(n_threads):
+        _train(trainer, run, Checkpoint(run.out, resume=run.resume))
+    trainer.parallel.barrier()
+    return {}
 
 
 def _write_run(recipe, run, module, trainer, train, test, device, config, resuming, stage, n_threads):
@@ -435,6 +456,7 @@ def _write_run(recipe, run, module, trainer, train, test, device, config, resumi
         final_train_loss=result.history[-1]["train_loss"],
         epochs_trained=result.history[-1]["epoch"],
         threads=n_threads,
+        world_size=trainer.world_size,
         **init,
     )
     if result.best_epoch is not None:
@@ -446,6 +468,8 @@ def _write_run(recipe, run, module, trainer, train, test, device, config, resumi
     config["outputs"] = sorted(set(RUN_FILES) | {Path(p).name for p in outputs})
     write_json(out / "config.json", config)
     write_json(out / "metrics.json", metrics)
+    if trainer.parallel is not None:
+        trainer.parallel.barrier()  # the other ranks wait for the run folder
     return metrics
 
 
