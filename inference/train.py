@@ -30,7 +30,7 @@ from .callbacks import Callback, Checkpoint, EarlyStopping, ProgressBar, TensorB
 from .checkpoint import get_rng_state, set_rng_state
 from .errors import DivergenceError, NonFiniteLossError, UsageError
 from .evaluate import evaluate
-from .loss import make_step_loss
+from .loss import BACKEND, MIN_COMPILE_STEPS, StepLoss, make_step_loss, worth_compiling
 from .pair import Pair, PairInfo, as_pair, check_minibatching, check_objective, inspect_pair
 
 # a step's loss per datapoint this far above the epoch's first (in units of max(|first|, 1 nat)) is divergence
@@ -191,7 +191,22 @@ class Trainer:
         training points held out (a permutation seeded by ``seed``): the ELBO on
         it (one particle per point) is recorded after every epoch as ``val_elbo``.
     :param validate: switch Pyro's validation on/off for the run (None leaves it).
-    :param jit: compile the loss (:func:`inference.loss.make_step_loss`).
+    :param compile: how the step's loss runs (:mod:`inference.loss`). None
+        (default) chooses when :meth:`run` starts: compiled (``torch.compile``,
+        inductor) when the objective has a compiled path (Trace_ELBO,
+        TraceMeanField_ELBO, IWAE/Renyi), the pair does not subsample its own
+        plate, and the run is long enough to repay the compilation by the rule of
+        :func:`inference.loss.worth_compiling`: ``S * t * 0.2 > C`` with ``S``
+        the full-batch steps left, ``t`` the eager step's seconds measured on the
+        first batch (three loss-and-backward calls with the random state restored,
+        only when ``S >= 200``) and ``C`` the estimated first compilation (40 s on
+        CPU, 60 s on CUDA); eager otherwise. A resumed run keeps the choice its
+        history records, so it continues exactly. True compiles (inductor), a
+        string names another ``torch.compile`` backend, False stays eager. The
+        choice is ``settings["loss_path"]`` and each history record's
+        ``loss_path`` (``"eager"`` or the backend's name).
+    :param jit: deprecated alias of ``compile`` (``jit=True`` is ``compile=True``,
+        ``jit=False`` is ``compile=False``; a ``FutureWarning``).
     :param sync_every: steps between host reads of the losses (default 1 on CPU,
         where a read costs nothing, 50 on CUDA); a non-finite loss is found at
         the next read and stops the run with :class:`NonFiniteLossError`.
@@ -234,7 +249,8 @@ class Trainer:
         clip_norm: float | None = None,
         drop_last: bool = False,
         validate: bool | None = None,
-        jit: bool = False,
+        compile: bool | str | None = None,
+        jit: bool | None = None,
         sync_every: int | None = None,
     ) -> None:
         _positive("batch_size", batch_size, int)
@@ -279,11 +295,7 @@ class Trainer:
         with self._pyro_validation():
             pyro.set_rng_seed(seed)
             self.info = inspect_pair(self.pair, batching.fixed_view(self.train_data), rows=batch_size)
-            if jit and self.info.subsampled:
-                warnings.warn("jit=True: a pair that subsamples its own plate runs the eager loss", stacklevel=2)
-            self.objective, self.loss = make_step_loss(
-                elbo, max_plate_nesting=self.info.max_plate_nesting, jit=jit and not self.info.subsampled
-            )
+            self._build_step_loss(elbo, compile, jit)
             check_objective(self.info, self.objective, spec=self.spec)
             self._check_batching()
             self.steps_per_epoch = batching.num_batches(self.num_data, self.batch_size, drop_last=self.drop_last)
@@ -294,6 +306,59 @@ class Trainer:
                    0 if self.validation is None else batching.length(self.validation), self.spec,
                    list(self.info.latents), list(self.info.global_latents), list(self.info.enumerated),
                    len(self.params))
+
+    def _build_step_loss(self, elbo, compile, jit):
+        """The objective and the step's loss (eager until :meth:`run` chooses the path, see ``compile``)."""
+        if jit is not None:
+            warnings.warn("jit= is deprecated: use compile= (jit=True is compile=True, jit=False is compile=False)",
+                          FutureWarning, stacklevel=3)
+            if compile is None:
+                compile = bool(jit)
+        if compile and self.info.subsampled:
+            warnings.warn("compile: a pair that subsamples its own plate runs the eager loss", stacklevel=3)
+        asked = compile if compile and not self.info.subsampled else False
+        self.objective, self.loss = make_step_loss(elbo, max_plate_nesting=self.info.max_plate_nesting, compile=asked)
+        self.compile, self.loss_path = compile, "eager"
+        if isinstance(self.loss, StepLoss):
+            self._backend, self.loss.backend = self.loss.backend, None
+
+    def _choose_loss_path(self, epochs):
+        """Set the step loss's path for this run (see ``compile``); records it in ``settings``."""
+        path = "eager"
+        if isinstance(self.loss, StepLoss) and not self.info.subsampled and self.compile is not False:
+            recorded = self.history[-1].get("loss_path") if self.history else None
+            steps = (epochs - self.epoch) * (self.num_data // self.batch_size or 1)
+            if self.compile is not None:
+                path = self._backend
+            elif recorded is not None:
+                path = recorded
+            elif steps >= MIN_COMPILE_STEPS and worth_compiling(self._eager_step_seconds(), steps, self.device.type):
+                path = BACKEND
+            self.loss.backend = None if path == "eager" else path
+            # the ragged last batch (one step an epoch) stays eager: its compilation would never repay
+            self.loss.compile_rows = {min(self.batch_size, self.num_data)}
+        self.loss_path = self.settings["loss_path"] = path
+        _log.debug("step loss: %s", path)
+
+    def _eager_step_seconds(self):
+        """Seconds of one eager loss-and-backward on the first batch (the fastest of the 2nd and 3rd of 3 calls;
+        validation off; the random state is restored and the gradients dropped, so training is unchanged)."""
+        state = get_rng_state()
+        rows = torch.arange(min(self.batch_size, self.num_data), device=self.device)
+        model, guide, args, kwargs = self.pair.bind(batching.fixed_view(self.train_data), rows, self.info)
+        times = []
+        try:
+            with pyro.validation_enabled(False):
+                for _ in range(3):
+                    _synchronize(self.device)
+                    t0 = time.perf_counter()
+                    self.loss.eager_loss(model, guide, *args, **kwargs).backward()
+                    _synchronize(self.device)
+                    times.append(time.perf_counter() - t0)
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+            set_rng_state(state)
+        return min(times[1:])
 
     def validation_elbo(self) -> float:
         """The ELBO per datapoint of the validation data, one particle per point (see :func:`evaluate`)."""
@@ -466,6 +531,7 @@ class Trainer:
         with self._pyro_validation():
             for cb in self.callbacks:
                 cb.setup(self)
+            self._choose_loss_path(epochs)
             for cb in self.callbacks:
                 cb.on_fit_start(self)
             try:
@@ -497,7 +563,8 @@ class Trainer:
         self.pair.train()
         lr = self.optimizer.param_groups[0]["lr"]
         train_loss = self._train_epoch(epoch)
-        record = {"epoch": epoch, "train_loss": train_loss, "lr": lr, "seconds": time.perf_counter() - t0}
+        record = {"epoch": epoch, "train_loss": train_loss, "lr": lr, "seconds": time.perf_counter() - t0,
+                  "loss_path": self.loss_path}
         if self.validation is not None:
             t1 = time.perf_counter()
             try:
@@ -572,6 +639,11 @@ class Trainer:
                 )
 
 
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _read(window):
     """Host copies of the losses in ``window``: one device-to-host transfer."""
     if len(window) == 1:
@@ -607,7 +679,7 @@ def fit(
     is ``Trainer(pair, train, validation=validation, **trainer_options).run(epochs, callbacks=...)``
     (see :class:`Trainer` for ``elbo``, ``batch_size``, ``lr``, ``optimizer``,
     ``scheduler``, ``device``, ``seed``, ``clip_norm``, ``drop_last``,
-    ``validate``, ``jit``, ``sync_every``), with these callbacks
+    ``validate``, ``compile``, ``sync_every``), with these callbacks
     (:mod:`inference.callbacks`) switched on by keyword:
 
     * ``progress``: a progress bar on stderr;
