@@ -424,15 +424,18 @@ class StepLoss:
         t0 = time.perf_counter()
         try:
             loss = graph(*params, *tensors)
-        except Exception as exc:  # inductor compiles on the first call
+            if key not in self.compile_seconds:
+                self.compile_seconds[key] = self._flatten_seconds.pop(key, 0.0) + time.perf_counter() - t0
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        except Exception as exc:  # inductor compiles on the first call, the backward on the first grad
             return self._fallback(key, f"torch.compile failed ({_describe(exc)})", model, guide, args, start)
-        if key not in self.compile_seconds:
-            self.compile_seconds[key] = self._flatten_seconds.pop(key, 0.0) + time.perf_counter() - t0
-        grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
         bad = _mismatch(reference, loss, ref_grads, grads)
         if bad:
             return self._fallback(key, f"the compiled loss differs from the eager loss ({bad})", model, guide, args, start)
-        return loss
+        # the compiled backward frees its buffers (no retain_graph), so the caller's loss is a second
+        # run of the graph on the same draws
+        _set_rng_state(start)
+        return graph(*params, *tensors)
 
     def _compile(self, key, model, guide, owners, tensors, spec, args):
         start = _rng_state({t.device for t in tensors})
