@@ -294,6 +294,7 @@ class SVIRun:
 
     def __init__(self, bench, split, x, batch_size, spec, dev, seed):
         torch.manual_seed(0)
+        pyro.clear_param_store()  # pyro.module would otherwise take the previous run's trained "net" parameters
         module = bench.build(split).to(dev)
         self.x, self.batch_size, self.dev = x, batch_size, dev
         # the loss per datapoint, as fit and hand use; a scale inside the IWAE/Renyi log-sum-exp
