@@ -39,7 +39,23 @@ GROWTH = 1e3
 _INVALID_VALUES = "but found invalid values"
 
 _log = logging.getLogger(__name__)
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+def _fused(cls):
+    """``cls(params, lr=lr)`` in torch's fused implementation where it has one for the parameters (floating point,
+    on CPU or CUDA): one kernel over all parameters instead of a loop of small ops per parameter, the same update;
+    measured 2.5-4x faster than the default on the MLP VAEs' parameters on CPU (benchmarks/throughput.py)."""
+
+    def build(params, lr):
+        params = list(params)
+        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+        return cls(params, lr=lr, fused=True) if fused else cls(params, lr=lr)
+
+    build.__name__ = build.__qualname__ = cls.__name__
+    return build
+
+
+OPTIMIZERS = {"adam": _fused(torch.optim.Adam), "adamw": _fused(torch.optim.AdamW), "sgd": torch.optim.SGD}
 SCHEDULER_INTERVALS = ("epoch", "step")
 
 
@@ -624,8 +640,13 @@ class Trainer:
     def _check_finite(self, values, epoch, step, largest=0.0):
         for k, value in enumerate(values):
             if not math.isfinite(value):
-                raise NonFiniteLossError(f"non-finite loss at epoch {epoch}, step {step - len(values) + 1 + k}"
-                                         f"{self._kept()}")
+                where = f"non-finite loss at epoch {epoch}, step {step - len(values) + 1 + k}"
+                if not math.isfinite(largest):
+                    # non-finite parameters make the loss non-finite too (Pyro's validation, which would have
+                    # named them, runs on the first calls of each batch shape only)
+                    raise DivergenceError(f"training diverged: {where}, and the parameters are not finite"
+                                          f"{self._kept()}")
+                raise NonFiniteLossError(f"{where}{self._kept()}")
         if not math.isfinite(largest):
             raise DivergenceError(f"training diverged at epoch {epoch}, step {step}: non-finite parameters"
                                   f"{self._kept()}")
