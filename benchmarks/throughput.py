@@ -388,11 +388,14 @@ def step_flops(bench, split, x, batch_size, spec, dev):
     return counter.get_total_flops()
 
 
-def default_path(eager_step_s, full_n, batch_size, dev):
+def default_path(eager_step_s, compiled_step_s, full_n, batch_size, dev):
     """The path ``fit`` chooses by default for the CLI's default run (:data:`DEFAULT_RUN_EPOCHS` epochs of the full
-    training set less the validation split) at this eager step time (:func:`inference.loss.worth_compiling`)."""
+    training set less the validation split) at these step times: compiled when
+    :func:`inference.loss.worth_compiling` says so and the compiled step is the faster (as
+    :class:`inference.Trainer` decides, there from a few steps on the first batch)."""
     steps = DEFAULT_RUN_EPOCHS * max(int((1 - DEFAULT_VALIDATION) * full_n) // batch_size, 1)
-    return "fit[compiled]" if worth_compiling(eager_step_s, steps, dev.type) else "fit[eager]"
+    faster = compiled_step_s is not None and compiled_step_s < eager_step_s
+    return "fit[compiled]" if worth_compiling(eager_step_s, steps, dev.type) and faster else "fit[eager]"
 
 
 def measure(name, bench, split, spec, batch_size, dev, *, steps, rounds, seed, impls, log, backend="inductor",
@@ -454,7 +457,8 @@ def measure(name, bench, split, spec, batch_size, dev, *, steps, rounds, seed, i
             f"ratio {row['ratio']:.3f}" + (f"  loss diff {rel:.1e}" if rel is not None else "")
             + (f"  compile {compile_s[impl]:.1f} s" if compile_s.get(impl) else ""))
     if "fit[eager]" in times:
-        chosen = default_path(statistics.median(times["fit[eager]"]) / steps, size, batch_size, dev)
+        compiled = statistics.median(times["fit[compiled]"]) / steps if "fit[compiled]" in times else None
+        chosen = default_path(statistics.median(times["fit[eager]"]) / steps, compiled, size, batch_size, dev)
         for row in rows:
             row["default"] = chosen
         log(f"{name:15s} {spec:10s} B={batch_size:5d} fit's default for a {DEFAULT_RUN_EPOCHS}-epoch run: {chosen}")
@@ -637,7 +641,7 @@ def main(argv=None):
               f"({rate / 1e9:.1f} GFLOP/s, a 2048 x 2048 torch.mm, {torch.get_num_threads()} thread(s)); "
               "over_lower: step_ms / lower_ms. default: the path fit chooses by itself for the CLI's default run "
               f"({DEFAULT_RUN_EPOCHS} epochs of the full training set less a 10% validation split, at this batch "
-              "size: inference.loss.worth_compiling with the measured eager step time).\n\n"
+              "size: inference.loss.worth_compiling with the measured eager step time, and the compiled step the faster).\n\n"
               + (f"Machine: {args.note}\n\n" if args.note else "")
               + "## Summary (ratios to hand)\n\n" + markdown_table(summary_rows, summary_columns) + "\n\n"
               + "## All measurements\n\n")

@@ -211,12 +211,13 @@ class Trainer:
         (default) chooses when :meth:`run` starts: compiled (``torch.compile``,
         inductor) when the objective has a compiled path (Trace_ELBO,
         TraceMeanField_ELBO, IWAE/Renyi), the pair does not subsample its own
-        plate, and the run is long enough to repay the compilation by the rule of
+        plate, the run is long enough to repay the compilation by the rule of
         :func:`inference.loss.worth_compiling`: ``S * t * 0.2 > C`` with ``S``
         the full-batch steps left, ``t`` the eager step's seconds measured on the
         first batch (three loss-and-backward calls with the random state restored,
         only when ``S >= 200``) and ``C`` the estimated first compilation (40 s on
-        CPU, 60 s on CUDA); eager otherwise. A resumed run keeps the choice its
+        CPU, 60 s on CUDA), and the compiled step, compiled there and timed the
+        same way, is faster than ``t``; eager otherwise. A resumed run keeps the choice its
         history records, so it continues exactly. True compiles (inductor), a
         string names another ``torch.compile`` backend, False stays eager. The
         choice is ``settings["loss_path"]`` and each history record's
@@ -344,37 +345,48 @@ class Trainer:
         if isinstance(self.loss, StepLoss) and not self.info.subsampled and self.compile is not False:
             recorded = self.history[-1].get("loss_path") if self.history else None
             steps = (epochs - self.epoch) * (self.num_data // self.batch_size or 1)
+            # the ragged last batch (one step an epoch) stays eager: its compilation would never repay
+            self.loss.compile_rows = {min(self.batch_size, self.num_data)}
             if self.compile is not None:
                 path = self._backend
             elif recorded is not None:
                 path = recorded
-            elif steps >= MIN_COMPILE_STEPS and worth_compiling(self._eager_step_seconds(), steps, self.device.type):
-                path = BACKEND
+            elif steps >= MIN_COMPILE_STEPS:
+                eager = self._step_seconds(self.loss.eager_loss)
+                if worth_compiling(eager, steps, self.device.type):
+                    path = self._faster_than_eager(eager)
             self.loss.backend = None if path == "eager" else path
-            # the ragged last batch (one step an epoch) stays eager: its compilation would never repay
-            self.loss.compile_rows = {min(self.batch_size, self.num_data)}
         self.loss_path = self.settings["loss_path"] = path
         _log.debug("step loss: %s", path)
 
-    def _eager_step_seconds(self):
-        """Seconds of one eager loss-and-backward on the first batch (the fastest of the 2nd and 3rd of 3 calls;
-        validation off; the random state is restored and the gradients dropped, so training is unchanged)."""
+    def _faster_than_eager(self, eager):
+        """Compile (on the first batch) and keep the compiled loss if its step is faster than ``eager`` seconds."""
+        self.loss.backend = BACKEND
+        compiled = self._step_seconds(self.loss.differentiable_loss, calls=5)  # compile, 2 checked, 2 timed
+        self.settings["step_seconds"] = {"eager": eager, BACKEND: compiled}
+        if self.loss.fallbacks or compiled >= eager:
+            _log.info("the compiled loss is not faster here (%.3g s vs %.3g s a step, eager): eager", compiled, eager)
+            return "eager"
+        return BACKEND
+
+    def _step_seconds(self, loss, calls=3):
+        """Seconds of one loss-and-backward on the first batch, the fastest of the last 2 of ``calls`` calls
+        (validation as set; the random state is restored and the gradients dropped, so training is unchanged)."""
         state = get_rng_state()
         rows = torch.arange(min(self.batch_size, self.num_data), device=self.device)
         model, guide, args, kwargs = self.pair.bind(batching.fixed_view(self.train_data), rows, self.info)
         times = []
         try:
-            with pyro.validation_enabled(False):
-                for _ in range(3):
-                    _synchronize(self.device)
-                    t0 = time.perf_counter()
-                    self.loss.eager_loss(model, guide, *args, **kwargs).backward()
-                    _synchronize(self.device)
-                    times.append(time.perf_counter() - t0)
+            for _ in range(calls):
+                _synchronize(self.device)
+                t0 = time.perf_counter()
+                loss(model, guide, *args, **kwargs).backward()
+                _synchronize(self.device)
+                times.append(time.perf_counter() - t0)
         finally:
             self.optimizer.zero_grad(set_to_none=True)
             set_rng_state(state)
-        return min(times[1:])
+        return min(times[-2:])
 
     def validation_elbo(self) -> float:
         """The ELBO per datapoint of the validation data, one particle per point (see :func:`evaluate`)."""

@@ -26,7 +26,7 @@ import torch
 from pyro.infer.util import is_validation_enabled
 
 import inference.train as train_module
-from inference import fit
+from inference import Trainer, fit
 from inference.checkpoint import FILENAME, load_checkpoint
 from inference.loss import (COMPILE_SECONDS, COMPILED_SAVING, MIN_COMPILE_STEPS, StepLoss, make_step_loss,
                             worth_compiling)
@@ -57,11 +57,14 @@ def test_worth_compiling_is_the_stated_rule():
     assert not worth_compiling(60.0 / (steps * COMPILED_SAVING) * 0.99, steps, "mps")
 
 
-def _cheap_compiler(monkeypatch, worth):
-    """fit's automatic choice with a cheap backend and a forced verdict of the rule."""
+def _cheap_compiler(monkeypatch, worth, faster=True):
+    """fit's automatic choice with a cheap backend, a forced verdict of the rule, and step times (seconds:
+    eager 1.0, compiled 0.5 or 2.0) in place of the measured ones."""
     monkeypatch.setattr(train_module, "BACKEND", "aot_eager")
     monkeypatch.setattr(train_module, "MIN_COMPILE_STEPS", 1)
     monkeypatch.setattr(train_module, "worth_compiling", lambda t, steps, device: worth)
+    monkeypatch.setattr(train_module.Trainer, "_step_seconds",
+                        lambda self, loss, calls=3: 1.0 if calls == 3 else (0.5 if faster else 2.0))
 
 
 def test_default_is_eager_for_a_short_run(digits):
@@ -80,6 +83,33 @@ def test_default_follows_the_rule_and_records_it(worth, path, digits, tmp_path, 
     assert len(result.loss.compiled) == (1 if worth else 0)  # the full batch; the ragged one (4 rows) stays eager
     state = load_checkpoint(tmp_path / FILENAME)
     assert state["settings"]["loss_path"] == path and state["history"][-1]["loss_path"] == path
+
+
+def test_default_keeps_eager_when_the_compiled_step_is_not_faster(digits, monkeypatch):
+    _cheap_compiler(monkeypatch, True, faster=False)
+    trainer = Trainer(_vae(), digits[0].x[:64], batch_size=32, lr=1e-3, device="cpu")
+    trainer.run(1, progress=False)
+    assert trainer.history[0]["loss_path"] == "eager" and trainer.loss.backend is None
+    assert trainer.settings["step_seconds"] == {"eager": 1.0, "aot_eager": 2.0}
+
+
+def test_the_probe_compiles_and_times_both_steps_without_changing_training(digits, monkeypatch):
+    """The real probe (no step times patched): it compiles on the first batch and times both steps, and the run
+    that follows equals an eager run (the probe restores the random state and drops its gradients)."""
+    x = digits[0].x[:64]
+    monkeypatch.setattr(train_module, "BACKEND", "aot_eager")
+    monkeypatch.setattr(train_module, "MIN_COMPILE_STEPS", 1)
+    monkeypatch.setattr(train_module, "worth_compiling", lambda t, steps, device: True)
+    probed = Trainer(_vae(), x, batch_size=32, lr=1e-2, device="cpu", seed=2)
+    probed.run(2, progress=False)
+    seconds = probed.settings["step_seconds"]
+    assert set(seconds) == {"eager", "aot_eager"} and min(seconds.values()) > 0
+    assert len(probed.loss.compiled) == 1 and not probed.loss.fallbacks
+    assert probed.history[0]["loss_path"] == ("aot_eager" if seconds["aot_eager"] < seconds["eager"] else "eager")
+    eager = Trainer(_vae(), x, batch_size=32, lr=1e-2, device="cpu", seed=2, compile=False)
+    eager.run(2, progress=False)
+    for a, b in zip(eager.history, probed.history):
+        assert math.isclose(a["train_loss"], b["train_loss"], rel_tol=RTOL)
 
 
 def test_compile_false_and_jit_alias(digits, monkeypatch):
