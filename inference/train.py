@@ -543,8 +543,13 @@ class Trainer:
             self.scheduler.step()
 
     def parameters_max(self) -> torch.Tensor:
-        """The largest absolute value over all parameters (a device scalar, no host read; NaN if any is NaN)."""
-        return torch.stack(torch._foreach_norm([p.detach() for p in self._nonempty], math.inf)).max()
+        """The largest absolute value over all parameters (a device scalar, no host read; NaN if any is NaN).
+
+        Each tensor's minimum and maximum (``torch.aminmax``, which propagates NaN), then the largest absolute
+        value of those: the same number as the infinity norm, whose CPU kernel (``_foreach_norm(ps, inf)``) is
+        not vectorised and took about 15 times as long on an MNIST VAE's 0.7 M parameters, a sixth of a step.
+        """
+        return torch.stack([torch.stack(torch.aminmax(p.detach())) for p in self._nonempty]).abs().max()
 
     def parameters_finite(self) -> bool:
         """Whether every parameter is finite (one host read)."""
