@@ -28,8 +28,14 @@ from pyro.infer.util import is_validation_enabled
 import inference.train as train_module
 from inference import Trainer, fit
 from inference.checkpoint import FILENAME, load_checkpoint
-from inference.loss import (COMPILE_SECONDS, COMPILED_SAVING, MIN_COMPILE_STEPS, StepLoss, make_step_loss,
-                            worth_compiling)
+from inference.loss import (
+    COMPILE_SECONDS,
+    COMPILED_SAVING,
+    MIN_COMPILE_STEPS,
+    StepLoss,
+    make_step_loss,
+    worth_compiling,
+)
 from ppl_models.vae import VAE
 
 RTOL = 1e-5  # as tests/test_speed_paths.py: same float32 ops on the same draws

@@ -14,7 +14,6 @@ the loss, so 1e-5 relative is ample and still far below any modelling change
 """
 
 import math
-import warnings
 
 import pyro
 import pyro.distributions as dist
