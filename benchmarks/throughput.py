@@ -421,7 +421,7 @@ def measure(name, bench, split, spec, batch_size, dev, *, steps, rounds, seed, i
             runs[impl] = FitRun(bench, split, x, batch_size, spec, dev, seed, options)
         _, first[impl] = runs[impl].epoch()
         if impl in FIT_IMPLS:
-            compile_s[impl] = runs[impl].compile_seconds
+            compile_s[impl] = runs[impl].compile_seconds or None  # None: nothing compiled (the eager path)
             path[impl] = runs[impl].trainer.loss_path
             fallbacks = getattr(runs[impl].trainer.loss, "fallbacks", {})
             if fallbacks:
