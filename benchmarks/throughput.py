@@ -13,23 +13,37 @@ What is compared, per model, objective, batch size and device:
   same ELBO (networks registered with ``pyro.module``, loss scaled to per
   datapoint with ``poutine.scale`` for trace/meanfield; summed over the batch
   for IWAE, where a scale would change the bound), validation off;
-* ``fit``: :func:`inference.fit` with Pyro validation on (``fit[validate]``) and
-  off (``fit``), eager;
-* ``fit+jit``: ``fit(jit=True, validate=False)``, the compiled loss of
-  :mod:`inference.loss`;
-* ``pythae`` (when the package imports): pythae's ``BaseTrainer`` on its VAE
-  with the same encoder/decoder weights (wrapped to its (mu, log_var) and
-  sigmoid-output interface), same data, batch size, optimiser and learning rate;
-  its loss is the analytic-KL ELBO, so it is listed under ``meanfield``.
+* ``fit[eager]``: :class:`inference.Trainer` (what :func:`inference.fit` runs)
+  with the eager loss, ``compile=False``: fit's path for short runs; Pyro
+  validation on, which the step loss applies to the first calls of each batch
+  shape only;
+* ``fit[compiled]``: the same with ``compile=True``, the compiled loss of
+  :mod:`inference.loss` (make_fx + ``torch.compile``, inductor): fit's path for
+  runs long enough to repay the compilation. Its compilation (the flattening,
+  the first call and its check) is timed apart: ``compile_s``, with a fresh
+  inductor cache unless ``--warm-cache``;
+* ``pythae`` (asked for with ``--impls``, when the package imports): pythae's
+  ``BaseTrainer`` on its VAE with the same encoder/decoder weights (wrapped to
+  its (mu, log_var) and sigmoid-output interface), same data, batch size,
+  optimiser and learning rate; its loss is the analytic-KL ELBO, so it is
+  listed under ``meanfield``; a fresh two-epoch run each round.
 
-Each measurement is the second epoch of a fresh run (the first warms up and
-compiles), ``steps`` steps of ``batch_size`` points, no ragged batch. The
-implementations are interleaved round by round (order rotated every round) and
-the reported step time is the median over rounds; ``ratio`` is the median over
-rounds of (implementation / hand) measured in the same round. As a check that
-both sides train the same thing, the first-epoch training losses of ``hand``
-and ``fit`` are compared (``loss_rel_diff``): with the same draws they agree to
-float rounding.
+Each implementation is built and trained one warm-up epoch in turn (each from
+the same seeded state, so the first-epoch losses of ``hand`` and each other
+path are compared, ``loss_rel_diff``: with the same draws they agree to float
+rounding); then all are timed in this one process, interleaved round by round
+(order rotated every round), ``steps`` steps of ``batch_size`` points per
+round, no ragged batch. The reported step time is the median over rounds;
+``ratio`` is the median over rounds of (implementation / hand) measured in the
+same round, so contention from other processes hits every path alike.
+
+Distance to the hardware: the step's matmul (and convolution) FLOPs, forward
+and backward, are counted by :class:`torch.utils.flop_counter.FlopCounterMode`
+on the hand-written loss, and divided by this machine's measured matmul rate (a
+2048 x 2048 ``torch.mm``) for a lower bound on the step time (``lower_ms``; it
+ignores the elementwise ops, the optimiser and memory traffic). ``default``:
+the path ``fit`` chooses by itself (:func:`inference.loss.worth_compiling`)
+for the CLI's default run length at the measured eager step time.
 
 ``--quick``: the two MLP VAEs, batch 32/128/1024 for trace and batch 128 for
 the other objectives, 3 rounds of 10 steps: about 80 s on the 2-core CPU while
@@ -67,8 +81,10 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer import SVI
 from torch.distributions import Bernoulli, Categorical, Normal, kl_divergence
+from torch.utils.flop_counter import FlopCounterMode
 
-from inference import batching, fit, make_elbo
+from inference import Trainer, batching, make_elbo
+from inference.loss import COMPILE_SECONDS, COMPILED_SAVING, worth_compiling
 from ppl_models.data import load_dataset
 from ppl_models.multimodal import MultimodalVAE
 from ppl_models.multimodal_data import load_multimodal
@@ -206,98 +222,115 @@ MODELS = {
         load=lambda root: load_multimodal("mnist-label", data_root=root, binarize="fixed")),
 }
 
-IMPLS = {
-    "hand": None,
-    "pyro-svi": dict(validate=False),
-    "fit[validate]": dict(jit=False, validate=True),
-    "fit": dict(jit=False, validate=False),
-    "fit+jit": dict(jit=True, validate=False),
+# the paths of the library's step; "hand" and "pyro-svi" are the references, "pythae" (optional) a peer
+FIT_IMPLS = {
+    "fit[eager]": dict(compile=False, validate=True),  # fit's path for short runs (validation on first calls)
+    "fit[compiled]": dict(compile=True, validate=True),  # fit's path for long runs (torch.compile)
 }
+IMPLS = ["hand", "pyro-svi", *FIT_IMPLS]
+# the run whose length decides fit's default path in the table: the CLI recipe's default epochs over the
+# training set less the CLI's default 10% validation split, at the benchmark's batch size
+DEFAULT_RUN_EPOCHS, DEFAULT_VALIDATION = 200, 0.1
 
 
-# ---- one timed run per implementation ---------------------------------------------------
+# ---- one persistent run per implementation: built, then one epoch at a time ------------------
 def _sync(dev):
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
 
 
-def run_hand(bench, split, x, batch_size, spec, dev, seed):
-    """Two epochs of the hand-written loop; (seconds of epoch 2, training loss of epoch 1)."""
-    torch.manual_seed(0)
-    module = bench.build(split).to(dev)
-    opt = torch.optim.Adam(module.parameters(), lr=LR)
-    pyro.set_rng_seed(seed)
-    with torch.no_grad():  # fit draws one batch's noise while collecting parameters: so do we
-        bench.hand_loss(module, batching.take(x, slice(0, batch_size)), spec)
-    n, out = batching.length(x), []
-    for _ in range(2):
+class HandRun:
+    """The hand-written loop: ``epoch()`` is one timed pass (loss accumulated on the device, read once)."""
+
+    def __init__(self, bench, split, x, batch_size, spec, dev, seed):
+        torch.manual_seed(0)
+        self.bench, self.x, self.batch_size, self.spec, self.dev = bench, x, batch_size, spec, dev
+        self.module = bench.build(split).to(dev)
+        self.opt = torch.optim.Adam(self.module.parameters(), lr=LR)
+        pyro.set_rng_seed(seed)
+        with torch.no_grad():  # fit draws one batch's noise while collecting parameters: so do we
+            bench.hand_loss(self.module, batching.take(x, slice(0, batch_size)), spec)
+
+    def step(self, xb):
+        loss = self.bench.hand_loss(self.module, xb, self.spec)
+        (loss / batching.length(xb)).backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss
+
+    def epoch(self):
+        n, dev = batching.length(self.x), self.dev
         _sync(dev)
         t0 = time.perf_counter()
         order = torch.randperm(n, device=dev)
         total = torch.zeros((), device=dev)
-        for i in range(0, n, batch_size):
-            idx = order[i : i + batch_size]
-            loss = bench.hand_loss(module, batching.take(x, idx), spec)
-            total += loss.detach()
-            (loss / idx.shape[0]).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        for i in range(0, n, self.batch_size):
+            total += self.step(batching.take(self.x, order[i : i + self.batch_size])).detach()
         mean = float(total) / n  # the host read, once per epoch
-        out.append((time.perf_counter() - t0, mean))
-    return out[1][0], out[0][1]
+        return time.perf_counter() - t0, mean
 
 
-def run_fit(bench, split, x, batch_size, spec, dev, seed, options):
-    torch.manual_seed(0)
-    module = bench.build(split)
-    pyro.clear_param_store()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch marks jit.trace deprecated
-        result = fit(module, x, elbo=spec, epochs=2, batch_size=batch_size, lr=LR, device=dev, seed=seed,
-                     progress=False, **options)
-    return result.history[1]["seconds"], result.history[0]["train_loss"]
+class FitRun:
+    """:class:`inference.Trainer` (what ``fit`` builds), one ``run`` epoch at a time."""
+
+    def __init__(self, bench, split, x, batch_size, spec, dev, seed, options):
+        torch.manual_seed(0)
+        pyro.clear_param_store()
+        self.trainer = Trainer(bench.build(split), x, elbo=spec, batch_size=batch_size, lr=LR, device=dev,
+                               seed=seed, **options)
+
+    def epoch(self):
+        t = self.trainer
+        t.run(t.epoch + 1, progress=False)
+        return t.history[-1]["seconds"], t.history[-1]["train_loss"]
+
+    @property
+    def compile_seconds(self):
+        return sum(getattr(self.trainer.loss, "compile_seconds", {}).values())
 
 
-def run_svi(bench, split, x, batch_size, spec, dev, seed):
+class SVIRun:
     """Plain Pyro: ``SVI(model, guide, pyro.optim.Adam, elbo).step(batch)``, the networks registered with pyro.module."""
-    torch.manual_seed(0)
-    module = bench.build(split).to(dev)
-    pyro.clear_param_store()
 
-    # the loss per datapoint, as fit and hand use; a scale inside the IWAE/Renyi log-sum-exp
-    # would change the bound, so there the summed loss is used (Adam's step is invariant to
-    # the scale of the loss up to its epsilon) and the reported value divided by B
-    per_point = spec.split(":")[0] in ("trace", "meanfield")
+    def __init__(self, bench, split, x, batch_size, spec, dev, seed):
+        torch.manual_seed(0)
+        pyro.clear_param_store()  # pyro.module would otherwise take the previous run's trained "net" parameters
+        module = bench.build(split).to(dev)
+        self.x, self.batch_size, self.dev = x, batch_size, dev
+        # the loss per datapoint, as fit and hand use; a scale inside the IWAE/Renyi log-sum-exp
+        # would change the bound, so there the summed loss is used (Adam's step is invariant to
+        # the scale of the loss up to its epsilon) and the reported value divided by B
+        self.per_point = per_point = spec.split(":")[0] in ("trace", "meanfield")
 
-    def scaled(fn, xb):
-        pyro.module("net", module)
-        with poutine.scale(scale=1.0 / batching.length(xb)) if per_point else contextlib.nullcontext():
-            fn(xb)
+        def scaled(fn, xb):
+            pyro.module("net", module)
+            with poutine.scale(scale=1.0 / batching.length(xb)) if per_point else contextlib.nullcontext():
+                fn(xb)
 
-    def model(xb):
-        scaled(module.model, xb)
+        def model(xb):
+            scaled(module.model, xb)
 
-    def guide(xb):
-        scaled(module.guide, xb)
+        def guide(xb):
+            scaled(module.guide, xb)
 
-    elbo = make_elbo(spec, max_plate_nesting=getattr(module, "max_plate_nesting", None))
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": LR}), elbo)
-    pyro.set_rng_seed(seed)
-    with torch.no_grad():  # the same draws as fit and hand (see run_hand)
-        bench.hand_loss(module, batching.take(x, slice(0, batch_size)), spec)
-    n, out = batching.length(x), []
-    with pyro.validation_enabled(False):
-        for _ in range(2):
-            _sync(dev)
+        elbo = make_elbo(spec, max_plate_nesting=getattr(module, "max_plate_nesting", None))
+        self.svi = SVI(model, guide, pyro.optim.Adam({"lr": LR}), elbo)
+        pyro.set_rng_seed(seed)
+        with torch.no_grad():  # the same draws as fit and hand (see HandRun)
+            bench.hand_loss(module, batching.take(x, slice(0, batch_size)), spec)
+
+    def epoch(self):
+        n = batching.length(self.x)
+        with pyro.validation_enabled(False):
+            _sync(self.dev)
             t0 = time.perf_counter()
-            order = torch.randperm(n, device=dev)
+            order = torch.randperm(n, device=self.dev)
             total = 0.0
-            for i in range(0, n, batch_size):
-                idx = order[i : i + batch_size]
-                loss = svi.step(batching.take(x, idx))  # a host read per step: SVI returns a float
-                total += loss * idx.shape[0] if per_point else loss
-            out.append((time.perf_counter() - t0, total / n))
-    return out[1][0], out[0][1]
+            for i in range(0, n, self.batch_size):
+                idx = order[i : i + self.batch_size]
+                loss = self.svi.step(batching.take(self.x, idx))  # a host read per step: SVI returns a float
+                total += loss * idx.shape[0] if self.per_point else loss
+            return time.perf_counter() - t0, total / n
 
 
 def run_pythae(bench, split, x, batch_size, spec, dev, seed):
@@ -331,48 +364,130 @@ def run_pythae(bench, split, x, batch_size, spec, dev, seed):
 
 
 # ---- the benchmark ---------------------------------------------------------------------
-def measure(name, bench, split, spec, batch_size, dev, *, steps, rounds, seed, impls, log):
+def matmul_rate(dev, n=2048, reps=5):
+    """This machine's measured matmul rate (FLOP/s): the fastest of ``reps`` ``torch.mm`` of two n x n float32 matrices."""
+    a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
+    torch.mm(a, b)
+    best = math.inf
+    for _ in range(reps):
+        _sync(dev)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        _sync(dev)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best
+
+
+def step_flops(bench, split, x, batch_size, spec, dev):
+    """The matmul (and convolution) FLOPs of one training step, forward and backward, counted by
+    :class:`torch.utils.flop_counter.FlopCounterMode` on the hand-written loss."""
+    torch.manual_seed(0)
+    module = bench.build(split).to(dev)
+    with FlopCounterMode(display=False) as counter:
+        bench.hand_loss(module, batching.take(x, slice(0, batch_size)), spec).backward()
+    return counter.get_total_flops()
+
+
+def default_path(eager_step_s, compiled_step_s, full_n, batch_size, dev):
+    """The path ``fit`` chooses by default for the CLI's default run (:data:`DEFAULT_RUN_EPOCHS` epochs of the full
+    training set less the validation split) at these step times: compiled when
+    :func:`inference.loss.worth_compiling` says so and the compiled step is the faster (as
+    :class:`inference.Trainer` decides, there from a few steps on the first batch)."""
+    steps = DEFAULT_RUN_EPOCHS * max(int((1 - DEFAULT_VALIDATION) * full_n) // batch_size, 1)
+    faster = compiled_step_s is not None and compiled_step_s < eager_step_s
+    return "fit[compiled]" if worth_compiling(eager_step_s, steps, dev.type) and faster else "fit[eager]"
+
+
+def measure(name, bench, split, spec, batch_size, dev, *, steps, rounds, seed, impls, log, backend="inductor",
+            rate=None):
     n, size = steps * batch_size, batching.length(split.x)
     index = torch.arange(n) % size  # the first n points, cycling: the same fixed data for every implementation
     x = batching.to_device(batching.take(split.x, index), dev)
     names = [i for i in impls if i != "pythae" or (spec == "meanfield" and bench.pythae and bench.pythae(bench.build(split)))]
+    # each run is built and trained one (warm-up) epoch in turn, from the same seeded state: its first-epoch
+    # loss is compared with hand's (same draws), and the compiled path compiles here (timed separately)
+    runs, first, compile_s, path = {}, {}, {}, {}
+    for impl in names:
+        if impl == "pythae":
+            continue
+        if impl == "hand":
+            runs[impl] = HandRun(bench, split, x, batch_size, spec, dev, seed)
+        elif impl == "pyro-svi":
+            runs[impl] = SVIRun(bench, split, x, batch_size, spec, dev, seed)
+        else:
+            options = dict(FIT_IMPLS[impl])
+            if options["compile"]:
+                options["compile"] = backend
+            runs[impl] = FitRun(bench, split, x, batch_size, spec, dev, seed, options)
+        _, first[impl] = runs[impl].epoch()
+        if impl in FIT_IMPLS:
+            compile_s[impl] = runs[impl].compile_seconds or None  # None: nothing compiled (the eager path)
+            path[impl] = runs[impl].trainer.loss_path
+            fallbacks = getattr(runs[impl].trainer.loss, "fallbacks", {})
+            if fallbacks:
+                log(f"{name} {spec} {impl}: eager fallback: {list(fallbacks.values())}")
+    flops = step_flops(bench, split, x, batch_size, spec, dev)
     times = {i: [] for i in names}
-    losses, peak = {}, {}
     for r in range(rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for impl in order:
-            if dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(dev)
-            if impl == "hand":
-                t, loss = run_hand(bench, split, x, batch_size, spec, dev, seed)
-            elif impl == "pyro-svi":
-                t, loss = run_svi(bench, split, x, batch_size, spec, dev, seed)
-            elif impl == "pythae":
+            if impl == "pythae":
                 t, loss = run_pythae(bench, split, x, batch_size, spec, dev, seed)
+                first.setdefault(impl, loss)
             else:
-                t, loss = run_fit(bench, split, x, batch_size, spec, dev, seed, IMPLS[impl])
+                t, _ = runs[impl].epoch()
             times[impl].append(t)
-            losses.setdefault(impl, loss)
-            if dev.type == "cuda":
-                peak[impl] = max(peak.get(impl, 0), torch.cuda.max_memory_allocated(dev) / 2**20)
+    lower_ms = 1e3 * flops / rate if rate else None
     rows = []
     for impl in names:
         step = statistics.median(times[impl]) / steps
         ratios = [a / b for a, b in zip(times[impl], times["hand"])]
-        rel = abs(losses[impl] - losses["hand"]) / abs(losses["hand"]) if not math.isnan(losses[impl]) else None
+        rel = abs(first[impl] - first["hand"]) / abs(first["hand"]) if not math.isnan(first[impl]) else None
         row = {
             "model": name, "impl": impl, "elbo": spec, "device": str(dev), "batch_size": batch_size,
             "step_ms": 1e3 * step, "samples_per_s": batch_size / step, "ratio": statistics.median(ratios),
             "epoch_s": size / (batch_size / step),  # one pass over the full training set at this rate
             "loss_rel_diff": rel, "rounds": rounds, "steps": steps,
             "step_ms_rounds": [1e3 * t / steps for t in times[impl]],
+            "path": path.get(impl, ""), "compile_s": compile_s.get(impl), "flops": flops,
+            "lower_ms": lower_ms, "over_lower": 1e3 * step / lower_ms if lower_ms else None,
         }
-        if dev.type == "cuda":
-            row["peak_mem_mb"] = peak[impl]
         rows.append(row)
         log(f"{name:15s} {spec:10s} B={batch_size:5d} {impl:14s} {row['step_ms']:8.3f} ms/step  "
-            f"ratio {row['ratio']:.3f}" + (f"  loss diff {rel:.1e}" if rel is not None else ""))
+            f"ratio {row['ratio']:.3f}" + (f"  loss diff {rel:.1e}" if rel is not None else "")
+            + (f"  compile {compile_s[impl]:.1f} s" if compile_s.get(impl) else ""))
+    if "fit[eager]" in times:
+        compiled = statistics.median(times["fit[compiled]"]) / steps if "fit[compiled]" in times else None
+        chosen = default_path(statistics.median(times["fit[eager]"]) / steps, compiled, size, batch_size, dev)
+        for row in rows:
+            row["default"] = chosen
+        log(f"{name:15s} {spec:10s} B={batch_size:5d} fit's default for a {DEFAULT_RUN_EPOCHS}-epoch run: {chosen}")
     return rows
+
+
+def summary(rows):
+    """One row per model, objective and batch size: the ratios of each path, fit's default, compile seconds, bound."""
+    out = []
+    keys = list(dict.fromkeys((r["model"], r["elbo"], r["batch_size"]) for r in rows))
+    for key in keys:
+        group = {r["impl"]: r for r in rows if (r["model"], r["elbo"], r["batch_size"]) == key}
+        hand = group["hand"]
+        row = {"model": key[0], "elbo": key[1], "batch_size": key[2], "hand_ms": hand["step_ms"]}
+        for impl in group:
+            if impl != "hand":
+                row[impl] = group[impl]["ratio"]
+        if "default" in hand:
+            row["default"] = hand["default"]
+            row["default_ratio"] = group[hand["default"]]["ratio"] if hand["default"] in group else None
+        if "fit[compiled]" in group:
+            row["compile_s"] = group["fit[compiled]"]["compile_s"]
+        if hand.get("lower_ms"):
+            row["lower_ms"] = hand["lower_ms"]
+            row["hand/lower"] = hand["over_lower"]
+            best = min(group.values(), key=lambda r: r["step_ms"])
+            row["best/lower"] = best["over_lower"]
+        out.append(row)
+    return out
 
 
 def figure(rows, path):
@@ -417,7 +532,11 @@ def main(argv=None):
     p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=None)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     p.add_argument("--elbos", nargs="+", default=None, help="default: each model's (trace, meanfield, iwae:5)")
-    p.add_argument("--impls", nargs="+", default=None, choices=list(IMPLS) + ["pythae"])
+    p.add_argument("--impls", nargs="+", default=None, choices=IMPLS + ["pythae"],
+                   help=f"default: {' '.join(IMPLS)} (pythae only when asked for)")
+    p.add_argument("--backend", default="inductor", help="torch.compile backend of fit[compiled] (tests: aot_eager)")
+    p.add_argument("--warm-cache", action="store_true",
+                   help="use inductor's on-disk cache (default: a fresh one, so compile_s is a first compilation)")
     p.add_argument("--steps", type=int, default=None, help="steps per timed epoch")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on CPU)")
@@ -425,6 +544,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--machine", default=None, help="a label for the machine, e.g. cpu-2core (JSON, markdown, file name)")
     p.add_argument("--name", default=None, help="output file stem (default throughput-<device>[-quick])")
+    p.add_argument("--note", default="", help="a line for the markdown, e.g. how busy the machine was")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
 
@@ -432,15 +552,21 @@ def main(argv=None):
     if dev.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda asked for, but CUDA is not available")
     torch.set_num_threads(args.threads or (1 if dev.type == "cpu" else torch.get_num_threads()))
+    cache = None
+    if not args.warm_cache:
+        cache = tempfile.TemporaryDirectory(prefix="inductor-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.name
     quick = args.quick
     models = args.models or (["vae-mlp-digits", "vae-mlp-mnist"] if quick else list(MODELS))
     batch_sizes = args.batch_sizes or ([32, 128, 1024] if quick else [32, 64, 128, 256, 512, 1024])
     steps = args.steps or (10 if quick else 20)
     rounds = args.rounds or (3 if quick else 5)
-    impls = args.impls or (list(IMPLS) + ["pythae"])
+    impls = args.impls or list(IMPLS)
     if "hand" not in impls:
         impls = ["hand"] + impls
     t_start = time.perf_counter()
+    rate = matmul_rate(dev)
+    print(f"matmul rate: {rate / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
     rows, skipped = [], []
     for name in models:
         bench = MODELS[name]
@@ -457,13 +583,19 @@ def main(argv=None):
                 if quick and spec != "trace" and b != 128:
                     continue
                 rows += measure(name, bench, split, spec, b, dev, steps=steps, rounds=rounds, seed=args.seed,
-                                impls=impls, log=print)
+                                impls=impls, log=print, backend=args.backend, rate=rate)
     seconds = time.perf_counter() - t_start
-    columns = ["model", "elbo", "batch_size", "impl", "step_ms", "samples_per_s", "ratio", "epoch_s", "loss_rel_diff"]
-    if dev.type == "cuda":
-        columns.append("peak_mem_mb")
-    shown = [dict(r, loss_rel_diff="" if r["loss_rel_diff"] is None else f"{r['loss_rel_diff']:.1e}") for r in rows]
+    if cache is not None:
+        cache.cleanup()
+    columns = ["model", "elbo", "batch_size", "impl", "step_ms", "samples_per_s", "ratio", "epoch_s", "compile_s",
+               "over_lower", "loss_rel_diff"]
+    shown = [dict(r, loss_rel_diff="" if r["loss_rel_diff"] is None else f"{r['loss_rel_diff']:.1e}",
+                  compile_s="" if r["compile_s"] is None else r["compile_s"],
+                  over_lower="" if r["over_lower"] is None else r["over_lower"]) for r in rows]
     table = markdown_table(shown, columns)
+    summary_rows = summary(rows) if rows else []
+    summary_columns = ["model", "elbo", "batch_size", "hand_ms", *[i for i in impls if i != "hand"], "default",
+                       "default_ratio", "compile_s", "lower_ms", "hand/lower", "best/lower"]
     stem = args.name or f"throughput-{args.machine or dev.type}" + ("-quick" if quick else "")
     try:
         import pythae
@@ -479,10 +611,16 @@ def main(argv=None):
         "settings": {
             "quick": quick, "models": models, "batch_sizes": batch_sizes, "steps_per_epoch": steps,
             "rounds": rounds, "lr": LR, "optimizer": "adam", "threads": torch.get_num_threads(),
-            "impls": {k: v for k, v in IMPLS.items()}, "pythae": pythae_version, "data": "fixed binarisation",
+            "impls": impls, "fit_options": FIT_IMPLS, "backend": args.backend, "warm_cache": args.warm_cache,
+            "pythae": pythae_version, "data": "fixed binarisation", "default_run_epochs": DEFAULT_RUN_EPOCHS,
+            "default_validation": DEFAULT_VALIDATION, "compile_seconds_estimate": COMPILE_SECONDS,
+            "compiled_saving_estimate": COMPILED_SAVING,
         },
+        "matmul_flops_per_s": rate,
+        "note": args.note,
         "skipped": skipped,
         "seconds": seconds,
+        "summary": summary_rows,
         "results": rows,
     }
     header = (f"# Training throughput on {args.machine or record['environment']['device_name']} ({dev}, "
@@ -490,15 +628,27 @@ def main(argv=None):
               "Same network (the model's own modules), loss, optimiser (Adam, lr 1e-3), data on the device, batch "
               "order and random draws for every implementation. hand: hand-written PyTorch loop (torch.distributions "
               "densities, loss read once per epoch); pyro-svi: plain pyro.infer.SVI.step with pyro.optim.Adam, "
-              "validation off; fit[validate] / fit: inference.fit eager with Pyro validation "
-              "on / off; fit+jit: fit(jit=True, validate=False); pythae: pythae's BaseTrainer on the same "
-              "networks (analytic-KL loss, listed under meanfield).\n\n"
-              f"step_ms: median over {rounds} interleaved rounds of one {steps}-step epoch; ratio: median of "
-              f"per-round (impl / hand). epoch_s: one pass over the model's full training set (digits 1,438, MNIST 60,000 points) at that rate. loss_rel_diff: first-epoch training loss vs hand-written (same draws).\n\n")
+              "validation off; fit[eager]: the eager loss (fit(compile=False), Pyro validation on the first calls "
+              "of each batch shape, as the CLI runs it); fit[compiled]: the compiled loss "
+              f"(fit(compile=True): make_fx + torch.compile, backend {args.backend}).\n\n"
+              f"Each implementation is built and trained one warm-up epoch (fit[compiled] compiles there: compile_s, "
+              f"{'a warm' if args.warm_cache else 'a fresh, empty'} inductor cache), then the implementations are timed "
+              f"interleaved in this one process, {rounds} rounds of one {steps}-step epoch each, order rotated. "
+              "step_ms: median over rounds; ratio: median of per-round (impl / hand). epoch_s: one pass over the "
+              "model's full training set at that rate. loss_rel_diff: warm-up epoch training loss vs hand (same draws). "
+              f"Lower bound (lower_ms): the step's matmul FLOPs, forward and backward (counted by torch's "
+              f"FlopCounterMode on the hand-written loss), at this machine's measured matmul rate "
+              f"({rate / 1e9:.1f} GFLOP/s, a 2048 x 2048 torch.mm, {torch.get_num_threads()} thread(s)); "
+              "over_lower: step_ms / lower_ms. default: the path fit chooses by itself for the CLI's default run "
+              f"({DEFAULT_RUN_EPOCHS} epochs of the full training set less a 10% validation split, at this batch "
+              "size: inference.loss.worth_compiling with the measured eager step time, and the compiled step the faster).\n\n"
+              + (f"Machine: {args.note}\n\n" if args.note else "")
+              + "## Summary (ratios to hand)\n\n" + markdown_table(summary_rows, summary_columns) + "\n\n"
+              + "## All measurements\n\n")
     json_path, md_path = write_results(args.out, stem, record, header + table)
     if rows:
         figure(rows, Path(args.out) / f"{stem}.png")
-    print(table)
+    print(markdown_table(summary_rows, summary_columns))
     print(f"\n{len(rows)} measurements in {seconds:.0f} s; wrote {json_path}, {md_path} and {stem}.png")
 
 

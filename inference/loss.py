@@ -1,7 +1,7 @@
 r"""The loss a training step runs, built in one place (:func:`make_step_loss`).
 
 It is the objective's ``differentiable_loss`` computed without host syncs and,
-optionally, compiled by ``torch.jit.trace``. Use it for training (it is what
+optionally, compiled by ``torch.compile``. Use it for training (it is what
 :func:`inference.fit` runs); use the Pyro ELBO objects of :mod:`inference.elbo`
 to report or compare bounds.
 
@@ -25,35 +25,52 @@ only change speed:
   function, so the loss is ``-L`` itself. TraceMeanField_ELBO uses the analytic
   KL(q || p) wherever ``torch.distributions.kl_divergence`` has it, as Pyro does.
 
-* **Compiled (``jit=True``).** The first call for a given model, guide and
-  input signature (shapes, dtypes, devices, and the plain Python attributes of
-  the module the model/guide are methods of, e.g. ``training`` or ``beta``)
+* **Compiled (``compile=True``).** The first call for a given model, guide
+  and input signature (shapes, dtypes, devices, and the plain Python attributes
+  of the module the model/guide are methods of, e.g. ``training`` or ``beta``)
   runs the eager loss with the current validation setting (so Pyro checks the
-  model/guide pair and the data once), then records the loss as a TorchScript
-  graph with :func:`torch.jit.trace`: every module parameter and ``pyro.param``
-  is an input of the graph, so gradients flow to them, and the random draws
-  (``Normal.rsample``) are ops of the graph, so each call draws fresh noise.
-  Dead and repeated bookkeeping ops are removed, and later calls run the graph
-  in TorchScript's plain interpreter (per-op autograd, as eager) without Pyro's
-  Python effect handlers or validation. The graph is checked twice, on its
-  first call and on the next one (new data, new draws): with the same random
-  state it must give the eager loss and gradients to float tolerance
-  (:data:`CHECK_RTOL`), or the wrapper warns and stays eager for that
-  signature; the same happens when tracing fails (e.g. a tensor that requires
-  grad but is no parameter). A trace is only valid for a model with static
-  structure: no Python control flow on tensor values and no Python-side state
-  that changes between steps other than the keyed attributes above; the checks
-  catch what the first two batches reveal, not more. A replaced ``pyro.param``
-  (e.g. after ``pyro.clear_param_store()``) is traced again. Each distinct
-  batch shape gets its own graph, so a ragged last batch costs one more trace;
-  ``fit(drop_last=True)`` keeps a single shape.
+  model/guide pair and the data), then flattens the loss into a pure function
+  ``(parameters, data) -> loss``: every module parameter (through
+  :func:`torch.func.functional_call`) and every ``pyro.param`` (its
+  unconstrained tensor, swapped into the param store) is an input, and
+  :func:`torch.fx.experimental.proxy_tensor.make_fx` records the aten ops that
+  Pyro's code runs for them, random draws (``normal_``) included, without
+  Pyro's Python effect handlers (which break a TorchDynamo graph). That graph is
+  compiled by :func:`torch.compile` (``backend="inductor"`` by default;
+  AOTAutograd derives the backward pass). Inductor is told to take its random
+  numbers from PyTorch's own generator (``fallback_random``), so the compiled
+  loss draws exactly what the eager loss draws from the same random state. The
+  graph is checked twice, on its first call and on the next one (new data, new
+  draws): with the same random state it must give the eager loss and gradients
+  to float tolerance (:data:`CHECK_RTOL`), or the wrapper warns, naming the
+  reason, and stays eager for that signature; the same happens when flattening
+  or compiling fails (e.g. a tensor that requires grad but is no parameter). A
+  flattened graph is only valid for a model with static structure: no Python
+  control flow on tensor values and no Python-side state that changes between
+  steps other than the keyed attributes above; the checks catch what the first
+  two batches reveal, not more. A replaced ``pyro.param`` (e.g. after
+  ``pyro.clear_param_store()``) is compiled again. Each distinct batch shape
+  gets its own graph; ``compile_rows`` limits compilation to chosen batch sizes
+  (:class:`inference.Trainer` compiles the full batch only: the ragged last
+  batch of an epoch runs eager, as compiling it for one step an epoch would
+  never repay).
 
-Pyro's own ``JitTrace_ELBO`` family takes only ``pyro.param`` tensors as graph
-inputs, so tracing fails ("Cannot insert a Tensor that requires grad as a
-constant") for the plain ``nn.Module`` parameters every model here uses.
+* **Validation on the first calls only.** Pyro's validation (argument and
+  support checks of every distribution) runs, as the caller set it, on the
+  first :data:`VALIDATE_CALLS` calls of each signature and is then switched off
+  for that signature: the checks look at shapes and supports, which the later
+  calls of the same signature repeat with other values only. Values and
+  gradients do not depend on validation.
+
+:func:`worth_compiling` is the rule by which :func:`inference.fit` chooses the
+compiled path by default. Pyro's own ``JitTrace_ELBO`` family takes only
+``pyro.param`` tensors as graph inputs and is built on ``torch.jit.trace``,
+which PyTorch deprecates; neither is used here.
 """
+import time
 import warnings
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import pyro
@@ -64,6 +81,7 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.trace_elbo import _compute_log_r
 from pyro.infer.util import check_fully_reparametrized, is_validation_enabled
 from pyro.util import warn_if_nan
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from .elbo import DifferentiableRenyiELBO, make_elbo
 from .errors import UsageError
@@ -74,6 +92,19 @@ SUPPORTED = (DifferentiableRenyiELBO, TraceMeanField_ELBO, Trace_ELBO)  # most s
 # float32 ops in the same order on the same random draws, so they agree to a few
 # ulps; 1e-4 relative leaves room for a reordered reduction and nothing more.
 CHECK_RTOL = 1e-4
+# calls of each signature that run with Pyro's validation as the caller set it (then off)
+VALIDATE_CALLS = 2
+# the default torch.compile backend of ``compile=True``
+BACKEND = "inductor"
+# worth_compiling's estimates: seconds of one first compilation of a small network's loss
+# (fwd + bwd; measured 25-35 s for the MLP VAEs with inductor on a 2-core CPU, one thread,
+# cold cache, benchmarks/throughput.py), and the fraction of an eager step that the
+# compiled step saves (measured 0.15-0.4 on CPU for the MLP VAEs; 0.2 is the cautious end)
+COMPILE_SECONDS = {"cpu": 40.0, "cuda": 60.0}
+COMPILED_SAVING = 0.2
+# runs shorter than this stay eager without measuring a step (40 s / 0.2 = 200 s of eager
+# steps would need more than 1 s per step)
+MIN_COMPILE_STEPS = 200
 
 
 def supports(elbo: Any) -> bool:
@@ -216,25 +247,89 @@ def _set_rng_state(state):
             torch.cuda.set_rng_state(value, key)
 
 
+def _backend(compile):
+    """The torch.compile backend named by a ``compile`` option (None: eager)."""
+    if compile is None or compile is False:
+        return None
+    if compile is True:
+        return BACKEND
+    if isinstance(compile, str) and compile:
+        return compile
+    raise UsageError(f"compile must be True, False or a torch.compile backend name, got {compile!r}")
+
+
+def _rows(tensors):
+    return tensors[0].shape[0] if tensors and tensors[0].dim() else None
+
+
+class _FlatLoss(torch.nn.Module):
+    """The eager loss as a module whose submodules are the pair's owners, for :func:`torch.func.functional_call`."""
+
+    def __init__(self, step_loss, model, guide, owners, spec):
+        super().__init__()
+        self.owners = torch.nn.ModuleList([])
+        for o in owners:
+            if isinstance(o, torch.nn.Module) and not any(o is m for m in self.owners):
+                self.owners.append(o)
+        self._loss, self._model, self._guide, self._spec = step_loss.eager_loss, model, guide, spec
+
+    def forward(self, *tensors):
+        return self._loss(self._model, self._guide, *_unflatten(self._spec, tensors))
+
+
+@contextmanager
+def _store_swapped(values):
+    """Pyro's param store with some unconstrained tensors replaced (restored on exit)."""
+    params = pyro.get_param_store()._params
+    old = {name: params[name] for name in values}
+    params.update(values)
+    try:
+        yield
+    finally:
+        params.update(old)
+
+
 class StepLoss:
-    """The loss of a Pyro ELBO without per-step host reads; ``jit=True`` compiles it (see the module docstring).
+    """The loss of a Pyro ELBO without per-step host reads; ``compile=True`` compiles it (see the module docstring).
 
     ``differentiable_loss(model, guide, *args)`` has the signature and meaning
     of the wrapped ELBO's. Other attributes (``num_particles``,
-    ``max_plate_nesting``, ...) are the wrapped ELBO's. ``compiled`` lists the
-    signatures with a graph; ``fallbacks`` maps signatures that stayed eager to
-    the reason.
+    ``max_plate_nesting``, ...) are the wrapped ELBO's.
+
+    :param elbo: one of :data:`SUPPORTED` (see :func:`supports`).
+    :param compile: False (eager), True (``torch.compile`` with :data:`BACKEND`,
+        inductor) or the name of a ``torch.compile`` backend (``"aot_eager"``
+        compiles nothing but runs the same flattened graph; tests use it).
+        The attribute ``backend`` may be changed later (the Trainer does, once it
+        has chosen the path).
+    :param validate_calls: calls of each signature that run with Pyro's
+        validation as set by the caller (None: every call).
+    :param jit: deprecated alias of ``compile`` (a ``FutureWarning``).
+
+    ``compiled`` lists the signatures with a graph, ``fallbacks`` maps
+    signatures that stayed eager to the reason, ``compile_seconds`` maps
+    signatures to the seconds their flattening and first (compiling) call took.
+    ``compile_rows``: None, or the set of leading batch sizes that are compiled
+    (others run eager).
     """
 
-    def __init__(self, elbo: Any, *, jit: bool = False) -> None:
+    def __init__(self, elbo: Any, *, compile: bool | str = False, validate_calls: int | None = VALIDATE_CALLS,
+                 jit: bool | None = None) -> None:
         if not supports(elbo):
             names = ", ".join(c.__name__ for c in SUPPORTED)
             raise UsageError(f"StepLoss supports {names} (and subclasses keeping their loss), not {type(elbo).__name__}")
+        if jit is not None:
+            warnings.warn("StepLoss(jit=...) is deprecated: use compile=...", FutureWarning, stacklevel=2)
+            compile = compile or jit
         self.elbo = elbo
-        self.jit = bool(jit)
+        self.backend = _backend(compile)
+        self.validate_calls = validate_calls
+        self.compile_rows: set[int] | None = None
         self._graphs: dict[Any, Any] = {}
+        self._calls: dict[Any, int] = {}
         self.fallbacks: dict[Any, Any] = {}
-        self.tracer_warnings: dict[Any, Any] = {}
+        self.compile_seconds: dict[Any, float] = {}
+        self._flatten_seconds: dict[Any, float] = {}
 
     def __getattr__(self, name):
         if name == "elbo":
@@ -242,7 +337,7 @@ class StepLoss:
         return getattr(self.elbo, name)
 
     def __repr__(self):
-        return f"StepLoss({type(self.elbo).__name__}, jit={self.jit})"
+        return f"StepLoss({type(self.elbo).__name__}, compile={self.backend or False!r})"
 
     @property
     def compiled(self) -> list[Any]:
@@ -267,7 +362,7 @@ class StepLoss:
 
     def differentiable_loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any,
                             **kwargs: Any) -> torch.Tensor:
-        if not self.jit or kwargs:
+        if kwargs:
             return self.eager_loss(model, guide, *args, **kwargs)
         tensors, spec = _flatten(args)
         owners = tuple(_owner(f) for f in (model, guide))
@@ -279,40 +374,42 @@ class StepLoss:
             spec,
             torch.is_grad_enabled(),
         )
+        calls = self._calls.get(key, 0)
+        self._calls[key] = calls + 1
+        quiet = self.validate_calls is not None and calls >= self.validate_calls
+        with pyro.validation_enabled(False) if quiet else nullcontext():
+            return self._loss(key, model, guide, owners, tensors, spec, args)
+
+    def _loss(self, key, model, guide, owners, tensors, spec, args):
+        if (self.backend is None or not torch.is_grad_enabled() or key in self.fallbacks
+                or (self.compile_rows is not None and _rows(tensors) not in self.compile_rows)):
+            return self.eager_loss(model, guide, *args)
         entry = self._graphs.get(key)
         if entry is None:
-            if key in self.fallbacks:
-                return self.eager_loss(model, guide, *args)
             return self._compile(key, model, guide, owners, tensors, spec, args)
         graph, params, store_params, checks_left = entry
         if store_params and _store_changed(store_params):
-            # a pyro.param was replaced (e.g. the param store was cleared): trace again
+            # a pyro.param was replaced (e.g. the param store was cleared): compile again
             del self._graphs[key]
             return self._compile(key, model, guide, owners, tensors, spec, args)
         if checks_left:
             # the second call sees new data and new draws: the graph must still match
             self._graphs[key] = (graph, params, store_params, checks_left - 1)
             return self._checked_call(key, graph, params, tensors, model, guide, args)
-        return _run(graph, params, tensors)
+        return graph(*params, *tensors)
 
     # ---- compiling -------------------------------------------------------------------
-    def _params(self, model, guide, owners, args):
+    def _store(self, model, guide, args):
+        """``(name, unconstrained tensor)`` of each ``pyro.param`` the loss reads."""
         with poutine.block(), poutine.trace(param_only=True) as capture, torch.no_grad():
             self.eager_loss(model, guide, *args)
-        params, seen = [], set()
-        candidates = [p for o in owners if isinstance(o, torch.nn.Module) for p in o.parameters()]
-        store = [(name, site["value"].unconstrained()) for name, site in capture.trace.nodes.items()]
-        candidates += [t for _, t in store]
-        for p in candidates:
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                params.append(p)
-        return params, store
+        return [(name, site["value"].unconstrained()) for name, site in capture.trace.nodes.items()]
 
     def _fallback(self, key, reason, model, guide, args, start):
         self._graphs.pop(key, None)
         self.fallbacks[key] = reason
-        warnings.warn(f"StepLoss(jit=True): using the eager loss for this model/input signature: {reason}", stacklevel=4)
+        warnings.warn(f"StepLoss(compile={self.backend!r}): using the eager loss for this model/input signature: "
+                      f"{reason}", stacklevel=5)
         _set_rng_state(start)  # the step then draws what one eager step draws
         return self.eager_loss(model, guide, *args)
 
@@ -324,98 +421,77 @@ class StepLoss:
             reference = self.eager_loss(model, guide, *args)
         ref_grads = torch.autograd.grad(reference, params, allow_unused=True)
         _set_rng_state(start)
-        loss = _run(graph, params, tensors)
-        grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+        t0 = time.perf_counter()
+        try:
+            loss = graph(*params, *tensors)
+            if key not in self.compile_seconds:
+                self.compile_seconds[key] = self._flatten_seconds.pop(key, 0.0) + time.perf_counter() - t0
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        except Exception as exc:  # inductor compiles on the first call, the backward on the first grad
+            return self._fallback(key, f"torch.compile failed ({_describe(exc)})", model, guide, args, start)
         bad = _mismatch(reference, loss, ref_grads, grads)
         if bad:
             return self._fallback(key, f"the compiled loss differs from the eager loss ({bad})", model, guide, args, start)
-        return loss
+        # the compiled backward frees its buffers (no retain_graph), so the caller's loss is a second
+        # run of the graph on the same draws
+        _set_rng_state(start)
+        return graph(*params, *tensors)
 
     def _compile(self, key, model, guide, owners, tensors, spec, args):
         start = _rng_state({t.device for t in tensors})
         # 1. the eager reference, with validation as the caller set it (checks the pair and the data)
         reference = self.eager_loss(model, guide, *args)
-        params, store_params = self._params(model, guide, owners, args)
+        t0 = time.perf_counter()
+        flat = _FlatLoss(self, model, guide, owners, spec)
+        named = [(name, p) for name, p in flat.named_parameters() if p.requires_grad]
+        store = self._store(model, guide, args)
+        params = [p for _, p in named]
+        index = {id(p): i for i, p in enumerate(params)}
+        for _, t in store:
+            if t.requires_grad and id(t) not in index:
+                index[id(t)] = len(params)
+                params.append(t)
+        store_params = [(name, t) for name, t in store if id(t) in index]
         if not torch.is_tensor(reference) or not reference.requires_grad or not params:
             self.fallbacks[key] = "the loss depends on no parameter"
             return reference
         n = len(params)
 
-        def loss_of(*inputs):
-            return self.eager_loss(model, guide, *_unflatten(spec, inputs[n:]))
+        def flat_loss(*inputs):
+            # the parameters are this function's inputs: swapped into the modules and the param store
+            swap = {name: inputs[index[id(t)]] for name, t in store_params}
+            with _store_swapped(swap):
+                return torch.func.functional_call(flat, {name: inputs[i] for i, (name, _) in enumerate(named)},
+                                                  tuple(inputs[n:]), strict=False)
 
-        # 2. record the graph (validation off: its checks would be frozen into the graph)
+        # 2. flatten to aten ops (validation off: its checks would be frozen into the graph), then compile
         _set_rng_state(start)
         try:
-            with warnings.catch_warnings(record=True) as caught, pyro.validation_enabled(False):
-                warnings.simplefilter("always")
-                graph = torch.jit.trace(loss_of, (*params, *tensors), check_trace=False)
+            with pyro.validation_enabled(False):
+                graph = make_fx(flat_loss)(*params, *tensors)
         except Exception as exc:  # e.g. a captured tensor that requires grad but is no parameter
-            reason = f"torch.jit.trace failed ({type(exc).__name__}: {str(exc).splitlines()[0]})"
-            return self._fallback(key, reason, model, guide, args, start)
+            return self._fallback(key, f"flattening the loss with make_fx failed ({_describe(exc)})",
+                                  model, guide, args, start)
+        options = {"fallback_random": True} if self.backend == "inductor" else None
         try:
-            _simplify(graph.graph, (*params, *tensors))
+            compiled = torch.compile(graph, backend=self.backend, options=options, fullgraph=True, dynamic=False)
         except Exception as exc:
-            return self._fallback(key, f"simplifying the graph failed ({type(exc).__name__})", model, guide, args, start)
-        # shape checks inside torch (e.g. binary_cross_entropy_with_logits) warn while
-        # tracing; graphs are keyed by input shapes, so only value-dependent control
-        # flow would be wrong, and the checks below compare the graph with the eager loss
-        self.tracer_warnings[key] = sorted({str(w.message).split(".")[0] for w in caught if _is_tracer(w)})
-        for w in caught:
-            if not _is_tracer(w) and not issubclass(w.category, FutureWarning):
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            return self._fallback(key, f"torch.compile failed ({_describe(exc)})", model, guide, args, start)
+        self._flatten_seconds[key] = time.perf_counter() - t0
         # 3. on the same draws the graph must reproduce the eager loss and gradients,
         #    here and once more on the next call with new data
-        self._graphs[key] = (graph, params, store_params, 1)
-        return self._checked_call(key, graph, params, tensors, model, guide, args, reference=reference, start=start)
+        self._graphs[key] = (compiled, params, store_params, 1)
+        return self._checked_call(key, compiled, params, tensors, model, guide, args, reference=reference, start=start)
 
 
-_PASSES = (
-    "_jit_pass_dce",
-    "_jit_pass_cse",
-    "_jit_pass_peephole",
-    "_jit_pass_constant_propagation",
-    "_jit_pass_peephole",
-    "_jit_pass_constant_propagation",
-    "_jit_pass_dce",
-)
-
-
-def _simplify(graph, inputs):
-    """Drop the bookkeeping a trace of Pyro leaves: about half the ops of a VAE's graph.
-
-    A graph serves one input signature, so its inputs get their complete types
-    (shapes, dtypes, devices); then TorchScript's own passes fold the sizes and
-    what depends on them only (plate scales, ``expand``, the zeros and ones fed
-    to the random draws), and drop dead and repeated ops (common-subexpression
-    elimination leaves random ops alone). The passes are private to torch, so a
-    torch without them keeps the graph as traced; either way the graph is then
-    checked against the eager loss.
-    """
-    passes = [getattr(torch._C, name, None) for name in _PASSES]
-    if any(p is None for p in passes) or not hasattr(torch._C.TensorType, "create_from_tensor"):
-        return
-    for value, tensor in zip(list(graph.inputs()), inputs):
-        value.setType(torch._C.TensorType.create_from_tensor(tensor))
-    for p in passes:
-        p(graph)
+def _describe(exc):
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
 def _store_changed(store_params):
     current = pyro.get_param_store()._params
     return any(current.get(name) is not tensor for name, tensor in store_params)
-
-
-def _run(graph, params, tensors):
-    # the plain interpreter: ops and their autograd are exactly the eager ones (no
-    # profiling executor, no symbolic differentiation or fusion), so the compiled loss
-    # and gradients are the eager ones; measured as fast on small nets (benchmarks/throughput.py)
-    with torch.jit.optimized_execution(False):
-        return graph(*params, *tensors)
-
-
-def _is_tracer(w):
-    return issubclass(w.category, torch.jit.TracerWarning)
 
 
 def _close(a, b):
@@ -434,23 +510,49 @@ def _mismatch(reference, loss, ref_grads, grads):
     return None
 
 
-def make_step_loss(elbo: Any, *, max_plate_nesting: int | None = None, jit: bool = False) -> tuple[Any, ...]:
+def worth_compiling(eager_step_seconds: float, steps: int, device_type: str = "cpu") -> bool:
+    """Whether compiling the loss is expected to repay its compilation over ``steps`` steps.
+
+    The rule: ``steps * eager_step_seconds * COMPILED_SAVING > COMPILE_SECONDS[device_type]``,
+    i.e. the time the compiled step is expected to save (:data:`COMPILED_SAVING`, a
+    fraction of the measured eager step) over the run exceeds an estimate of one
+    first compilation (:data:`COMPILE_SECONDS`; 60 s for a device type not listed).
+    Runs of fewer than :data:`MIN_COMPILE_STEPS` steps are never compiled.
+
+    :param eager_step_seconds: measured seconds of one eager step (loss and backward).
+    :param steps: the steps the run has left.
+    :param device_type: ``"cpu"``, ``"cuda"``, ...
+    """
+    if steps < MIN_COMPILE_STEPS:
+        return False
+    return steps * eager_step_seconds * COMPILED_SAVING > COMPILE_SECONDS.get(device_type, 60.0)
+
+
+def make_step_loss(elbo: Any, *, max_plate_nesting: int | None = None, compile: bool | str = False,
+                   jit: bool | None = None) -> tuple[Any, ...]:
     """The loss a training step runs: the one place where it is built (by :func:`inference.fit` and the CLI).
 
     :param elbo: an ELBO spec for :func:`inference.elbo.make_elbo` (``"trace"``,
         ``"iwae:5"``, ...) or a Pyro ELBO object.
     :param max_plate_nesting: passed to :func:`~inference.elbo.make_elbo` with a spec.
-    :param jit: compile the loss with ``torch.jit.trace`` (see the module docstring).
+    :param compile: compile the loss with ``torch.compile`` (True: inductor; a
+        string: that backend; see the module docstring).
+    :param jit: deprecated alias of ``compile`` (a ``FutureWarning``).
     :returns: ``(objective, loss)``: the Pyro ELBO object (to report, compare, or
         check validity) and an object with its ``differentiable_loss`` signature.
         For Trace_ELBO, TraceMeanField_ELBO and the IWAE/Renyi bounds the loss is
         a :class:`StepLoss` (the same value and gradients without per-site host
-        reads; compiled with ``jit=True``); other objectives (enum, tracegraph,
-        a user's own ELBO) are used as they are, and ``jit=True`` warns that they
+        reads; compiled with ``compile=True``); other objectives (enum, tracegraph,
+        a user's own ELBO) are used as they are, and ``compile=True`` warns that they
         have no compiled path.
-    :raises inference.errors.UsageError: for an unknown or malformed spec, or an
-        ELBO object without a ``differentiable_loss`` (Pyro's ``TraceGraph_ELBO``).
+    :raises inference.errors.UsageError: for an unknown or malformed spec, an
+        ELBO object without a ``differentiable_loss`` (Pyro's ``TraceGraph_ELBO``),
+        or a ``compile`` that is neither a bool nor a backend name.
     """
+    if jit is not None:
+        warnings.warn("make_step_loss(jit=...) is deprecated: use compile=...", FutureWarning, stacklevel=2)
+        compile = compile or jit
+    backend = _backend(compile)
     objective = make_elbo(elbo, max_plate_nesting=max_plate_nesting) if isinstance(elbo, str) else elbo
     if not callable(getattr(objective, "differentiable_loss", None)):
         raise UsageError(
@@ -458,10 +560,10 @@ def make_step_loss(elbo: Any, *, max_plate_nesting: int | None = None, jit: bool
             "for Pyro's TraceGraph_ELBO use the spec 'tracegraph' (inference.elbo.DifferentiableTraceGraphELBO)"
         )
     if supports(objective):
-        return objective, StepLoss(objective, jit=jit)
-    if jit:
+        return objective, StepLoss(objective, compile=backend or False)
+    if backend is not None:
         warnings.warn(
-            f"{type(objective).__name__} has no compiled path; jit=True is ignored and the eager loss is used",
+            f"{type(objective).__name__} has no compiled path; compile={compile!r} is ignored and the eager loss is used",
             stacklevel=2,
         )
     return objective, objective

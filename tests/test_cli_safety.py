@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+import inference.loss
 from inference.checkpoint import FILENAME, load_checkpoint, set_rng_state
 from inference.errors import CheckpointError
 from ppl_models.cli import main, runs
@@ -307,8 +308,10 @@ def test_resume_takes_the_stored_options_and_completes_a_run_killed_in_its_final
     # the same numbers as the uninterrupted run of the same command
     reference = json.loads((done / "metrics.json").read_text())
     assert metrics["test_elbo"] == pytest.approx(reference["test_elbo"], abs=1e-9)
+    monkeypatch.setattr(inference.loss, "BACKEND", "aot_eager")  # --jit compiles; aot_eager keeps it cheap
     code, _, _ = run_main(["train", "vae", "--out", str(out), "--resume", "--epochs", "2", "--jit", "--quiet"],
                           capsys)
+    monkeypatch.undo()
     assert code == 0
     config = json.loads((out / "config.json").read_text())
     assert config["run"]["particles"] == 10 and config["run"]["epochs"] == 2 and config["options"]["hidden"] == [32]

@@ -139,8 +139,11 @@ def add_training_options(p: Any, recipe: Recipe) -> None:
     p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads of torch (default: chosen from the model's size and the free cores)")
     p.add_argument("--no-validate", action="store_true", help="switch Pyro's validation off (faster)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="keep the eager loss (default: the loss is compiled with torch.compile when the run is long "
+                        "enough to repay the compilation, see inference.Trainer)")
     p.add_argument("--jit", action="store_true",
-                   help="compile the loss with torch.jit.trace (checked against the eager loss; fastest)")
+                   help="deprecated: compile the loss whatever the run's length (torch.compile; was torch.jit.trace)")
     p.add_argument("--validation", type=fraction, default=0.1,
                    help="fraction of the training data held out to monitor the ELBO each epoch (0: none)")
     p.add_argument("--patience", type=positive_int, default=None,

@@ -64,6 +64,7 @@ class RunConfig:
     quiet: bool = False
     validate: bool = True
     jit: bool = False
+    no_compile: bool = False
     validation: float = 0.1
     patience: int | None = None
     lr_schedule: str = "none"
@@ -76,10 +77,11 @@ class RunConfig:
 
     # what a finished run stores in config.json ("run"); the rest say how to run this command
     STORED = ("dataset", "data_root", "download", "binarize", "elbo", "epochs", "batch_size", "lr", "device", "seed",
-              "particles", "quiet", "validate", "jit", "validation", "patience", "lr_schedule")
+              "particles", "quiet", "validate", "jit", "no_compile", "validation", "patience", "lr_schedule")
     # what a resumed run may change (taken from the command line when given there); any other option given
     # with --resume must equal the stored run's
-    RESUME_OVERRIDES = ("epochs", "device", "particles", "quiet", "validate", "jit", "tensorboard", "threads")
+    RESUME_OVERRIDES = ("epochs", "device", "particles", "quiet", "validate", "jit", "no_compile", "tensorboard",
+                        "threads")
 
     def stored(self) -> dict[str, Any]:
         """The JSON-able record of this run for ``config.json``: ``{"run": {...}, "options": {...}}``."""

@@ -176,7 +176,7 @@ def prepare_training(module: Any, train: Any, test: Any, run: RunConfig, device:
         validation=run.validation or None,
         scheduler=lr_scheduler(run.lr_schedule, run.epochs),
         validate=run.validate,
-        jit=run.jit,
+        compile=False if run.no_compile else (True if run.jit else None),
     )
 
 
@@ -257,7 +257,7 @@ def resumed_run(config: dict[str, Any], recipe: Recipe, run: RunConfig) -> RunCo
     if differ:
         raise UsageError(f"{run.out} was trained with {', '.join(differ)}; --resume continues the stored run "
                          "(it may change only --epochs, --device, --particles, --quiet, --threads, --jit, "
-                         "--no-validate and --tensorboard): drop those options or train a new run")
+                         "--no-compile, --no-validate and --tensorboard): drop those options or train a new run")
     return dataclasses.replace(stored, **changes, out=run.out, resume=True, overwrite=False, given=run.given)
 
 
