@@ -166,7 +166,8 @@ class CVAE(Configurable, nn.Module):
             if y.shape != (n,) or (y < 0).any() or (y >= self.num_classes).any():
                 raise UsageError(f"y must be one class in 0..{self.num_classes - 1} or {n} of them")
         else:
-            y = y.expand(n, self.y_dim) if y.dim() == 1 else y
+            if y.shape == (self.y_dim,):
+                y = y.expand(n, self.y_dim)
             if y.shape != (n, self.y_dim):
                 raise UsageError(f"y must have shape ({self.y_dim},) or ({n}, {self.y_dim}), got {tuple(y.shape)}")
         return self.condition(y)
