@@ -210,14 +210,21 @@ class ConditionalData:
     @property
     def half(self) -> int:
         """Values in the top half of an image (C * H/2 * W)."""
-        c, h, w = self.split.image_shape
+        c, h, w = self._chw()
         return c * (h // 2) * w
+
+    def _chw(self) -> tuple[int, int, int]:
+        shape = self.split.image_shape
+        if shape is None or len(shape) != 3:
+            raise UsageError(f"{self.split.name!r} holds no images of shape (C, H, W)")
+        c, h, w = shape
+        return c, h, w
 
     @property
     def image_shape(self) -> Any:
         if self.condition == "class":
             return self.split.image_shape
-        c, h, w = self.split.image_shape
+        c, h, w = self._chw()
         return (c, h // 2, w)
 
     @property

@@ -151,7 +151,7 @@ class M2(Configurable, nn.Module):
         self.num_classes, self.latent_dim = num_classes, latent_dim
         self.alpha = float(alpha)
         self.likelihood = make_likelihood(likelihood, x_dim)
-        hidden = list(hidden)
+        hidden = tuple(hidden)
         self.classifier = nets.mlp([x_dim, *hidden, num_classes], activation)
         self.encoder_in = LabelledInput(x_dim, num_classes, hidden[0], activation)
         self.encoder_body, body_out = nets.mlp_encoder_body(hidden[0], tuple(hidden[1:]), activation)
@@ -320,7 +320,9 @@ class SemiSupervisedData:
             return x
         n, m = x.shape[0], len(self.labelled)
         order = torch.cat([torch.randperm(m, device=x.device) for _ in range(-(-n // m))])[:n]
-        return {"x": x, "x_lab": self.labelled.epoch()[order], "y_lab": self.labelled.y[order]}
+        y = self.labelled.y
+        assert y is not None  # split_labels keeps the labelled rows' labels
+        return {"x": x, "x_lab": self.labelled.epoch()[order], "y_lab": y[order]}
 
     def to(self, device: str | torch.device) -> "SemiSupervisedData":
         return replace(self, unlabelled=self.unlabelled.to(device),
