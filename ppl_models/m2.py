@@ -220,8 +220,20 @@ class M2(Configurable, nn.Module):
         """p(x | y, z), event shape (D,)."""
         return self.likelihood(self.decoder_body(self.decoder_in(z, y)))
 
-    def check_data(self, x: torch.Tensor) -> None:
-        self.likelihood.check(x)
+    def check_data(self, batch: Any) -> None:
+        """Points x (a tensor, or the ``x`` / ``x_lab`` of a mapping) in the likelihood's support; ``y_lab``
+        classes in 0..K-1. Raises :class:`UsageError`."""
+        if not isinstance(batch, dict):
+            batch = {"x": batch}
+        unknown = sorted(set(batch) - {"x", "x_lab", "y_lab"})
+        if unknown:
+            raise UsageError(f"M2 data are x (unlabelled), x_lab and y_lab (labelled); got {', '.join(unknown)}")
+        for key in ("x", "x_lab"):
+            if batch.get(key) is not None:
+                self.likelihood.check(batch[key])
+        y = batch.get("y_lab")
+        if y is not None and (y.is_floating_point() or (y < 0).any() or (y >= self.num_classes).any()):
+            raise UsageError(f"y_lab must hold integer classes in 0..{self.num_classes - 1}")
 
     # ---- queries of a fitted model -------------------------------------------------------
     @torch.no_grad()

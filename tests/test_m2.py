@@ -175,6 +175,10 @@ def test_queries_and_refusals():
         with pytest.raises(UsageError):
             M2(D, **bad)
     assert M2.from_config(m.config).config == m.config
+    with pytest.raises(UsageError, match="y_lab"):
+        m.check_data({"x_lab": x, "y_lab": torch.tensor([0, 1, 2, 3])})
+    with pytest.raises(UsageError, match="binary"):
+        m.check_data({"x": x + 0.5})
 
 
 def test_pplm_train_m2_on_digits_and_on_a_file_with_unlabelled_rows(tmp_path):
