@@ -9,8 +9,9 @@ kept, balanced over the classes and drawn with seed s (:func:`ppl_models.m2.choo
 training point is unlabelled. On those labels:
 
 * ``m2``: :class:`ppl_models.m2.M2` (``--hidden`` MLPs with ``--activation``, latent ``--latent-dim``, the
-  paper's classification weight alpha = 0.1 N, i.e. 0.1 per datapoint, and its weighting of labelled and
-  unlabelled points, unless ``--labelled-weight equal``), trained by :func:`inference.fit` with the
+  paper's classification weight alpha = 0.1 N, i.e. 0.1 per datapoint; the labelled minibatch's ELBO weighs as
+  much as the unlabelled one's, or with ``--labelled-weight paper`` each labelled point as one datapoint of
+  the data set, as in the paper's J^alpha), trained by :func:`inference.fit` with the
   ``enum`` objective (TraceEnum_ELBO sums the missing labels out) for ``--epochs`` passes over the
   unlabelled points, each step an unlabelled minibatch of ``--batch-size`` and as many cycled labelled
   points, Adam at ``--lr``, the training seed s; classes = argmax q(y | x). Its test error is also recorded
@@ -70,7 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--latent-dim", type=int, default=None)
     p.add_argument("--activation", default="softplus")
     p.add_argument("--alpha", type=float, default=0.1, help="classification weight per datapoint (paper: 0.1)")
-    p.add_argument("--labelled-weight", choices=("paper", "equal"), default="paper",
+    p.add_argument("--labelled-weight", choices=("paper", "equal"), default="equal",
                    help="paper: a labelled point weighs as one datapoint of the data set (J^alpha); equal: each "
                         "step's labelled minibatch weighs as much as its unlabelled one")
     p.add_argument("--knn", type=int, default=3, help="k of the k-NN baselines")

@@ -41,9 +41,19 @@ its log-density is::
 with f = N_l / N the labelled fraction (``labelled_fraction``), so that the
 mean over the N_u rows of an epoch is exactly (N / N_u) J^alpha / N: the paper's
 objective, rescaled by the constant N / N_u. The weights are ``poutine.scale`` on
-the labelled sites and a ``pyro.factor`` named ``"classification"``. With
-``labelled_fraction=None`` every labelled row counts as one datapoint
-(weights 1 and alpha), as when labelled and unlabelled minibatches alternate.
+the labelled sites and a ``pyro.factor`` named ``"classification"``.
+
+With ``labelled_fraction=None`` (the default, and ``pplm``'s ``--labelled-weight
+equal``) a row's labelled part weighs as much as its unlabelled part::
+
+    U(x_u) + L(x_l, y_l) + alpha * log q(y_l | x_l)
+
+The classification weight is still the paper's 0.1 per datapoint; only the
+labelled points' ELBO is weighted up, by (1 - f) / f against J^alpha, so the
+decoder ties y to the labelled classes from the first steps. (With very few
+labels and the paper's weight f / (1 - f) on L, training can settle on clusters
+whose class names are swapped, a local optimum of U that the classification term
+alone is slow to leave.)
 
 J^alpha is a bound on the data's log-likelihood only without the classification
 term; :func:`inference.evaluate` scores a model with x alone, i.e. U(x), the
@@ -115,8 +125,8 @@ class M2(Configurable, nn.Module):
     :param likelihood: observation family spec (:mod:`ppl_models.likelihoods`).
     :param activation: hidden activation (the paper: softplus).
     :param alpha: the classification weight per datapoint (the paper's alpha = 0.1 N is 0.1 here).
-    :param labelled_fraction: f = N_l / N of the training data (weights of the labelled rows, see the module
-        docstring), in [0, 1); None: every labelled row weighs as one datapoint.
+    :param labelled_fraction: f = N_l / N of the training data, in [0, 1), for the paper's weighting of the
+        labelled rows; None: a row's labelled part weighs as much as its unlabelled part (module docstring).
     :param image_shape: (C, H, W) of an image datapoint, kept for figures (the networks are MLPs).
     :raises UsageError: K < 2, alpha < 0, or f outside [0, 1).
 

@@ -109,17 +109,21 @@ def two_classes(n, seed):
     return torch.bernoulli(p, generator=g), y
 
 
-def test_two_separated_classes_from_two_labels_each():
+@pytest.mark.parametrize("seed", [0, 1])
+def test_two_separated_classes_from_two_labels_each(seed):
     """Semi-supervised: 2 labels per class, 396 unlabelled points; the classifier q(y|x) reaches >= 0.95
-    test accuracy (trained by fit with Pyro's validation on, mismatch warnings errors)."""
+    test accuracy (trained by fit with Pyro's validation on, mismatch warnings errors). The labelled
+    minibatch's ELBO weighs as much as the unlabelled one's (``labelled_fraction=None``, pplm's default): with
+    the paper's weight f/(1-f) = 1/99 on it, some seeds (1 here) settle on the two clusters with their names
+    swapped, which the classification term alone does not undo in this budget."""
     x, y = two_classes(400, seed=0)
     xt, yt = two_classes(400, seed=1)
-    labels = choose_labels(y, 4, seed=0)
+    labels = choose_labels(y, 4, seed=seed)
     data = split_labels(DataSplit("two", x, labels, image_shape=(1, 4, 4)))
     assert data.num_labelled == 4 and len(data) == 396
-    pyro.set_rng_seed(0)
-    m = M2(16, num_classes=2, latent_dim=2, hidden=(32,), labelled_fraction=data.labelled_fraction)
-    fit(m, data, elbo="enum", epochs=15, batch_size=50, lr=3e-3, progress=False)
+    pyro.set_rng_seed(seed)
+    m = M2(16, num_classes=2, latent_dim=2, hidden=(32,))
+    fit(m, data, elbo="enum", epochs=15, batch_size=50, lr=3e-3, progress=False, seed=seed)
     pred = m.classify(xt)
     # the class names are the labels' (not a permutation): compare directly
     assert float((pred == yt).float().mean()) >= 0.95
@@ -188,7 +192,7 @@ def test_pplm_train_m2_on_digits_and_on_a_file_with_unlabelled_rows(tmp_path):
 
     out = tmp_path / "run"
     argv = ["train", "m2", "--labels", "20", "--epochs", "2", "--hidden", "32", "--latent-dim", "4",
-            "--activation", "relu", "--alpha", "0.5", "--likelihood", "bernoulli", "--particles", "5", "--quiet",
+            "--activation", "relu", "--alpha", "0.5", "--labelled-weight", "paper", "--likelihood", "bernoulli", "--particles", "5", "--quiet",
             "--device", "cpu", "--out", str(out)]
     assert main(argv) == 0
     m = json.loads((out / "metrics.json").read_text())

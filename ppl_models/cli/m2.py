@@ -27,6 +27,7 @@ class M2Options:
     likelihood: str = "bernoulli"
     activation: str = "softplus"
     alpha: float = 0.1
+    labelled_weight: str = "equal"
 
 
 def labels_spec(text: str) -> str:
@@ -63,6 +64,9 @@ def add_options(p: Any) -> None:
     p.add_argument("--activation", choices=("softplus", "relu", "tanh", "elu", "gelu"), default=d.activation)
     p.add_argument("--alpha", type=non_negative_float, default=d.alpha,
                    help="classification weight per datapoint (the paper's alpha = 0.1 N)")
+    p.add_argument("--labelled-weight", choices=("equal", "paper"), default=d.labelled_weight,
+                   help="weight of the labelled minibatch's ELBO: equal (as much as the unlabelled minibatch's) or "
+                        "paper (each labelled point as one datapoint of the data set, J^alpha's sum)")
 
 
 class M2Recipe(Recipe):
@@ -97,10 +101,12 @@ class M2Recipe(Recipe):
         classes = int(train.labelled.y.max()) + 1 if train.labelled is not None else 10
         return M2(train.dim, num_classes=max(classes, 2), latent_dim=o.latent_dim, hidden=o.hidden,
                   likelihood=o.likelihood, activation=o.activation, alpha=o.alpha,
-                  labelled_fraction=train.labelled_fraction, image_shape=train.image_shape)
+                  labelled_fraction=train.labelled_fraction if o.labelled_weight == "paper" else None,
+                  image_shape=train.image_shape)
 
     def metrics(self, module: Any, train: Any, test: Any, run: RunConfig) -> dict[str, Any]:
-        out = {"labels": train.num_labelled, "unlabelled": len(train), "alpha": run.options.alpha}
+        out = {"labels": train.num_labelled, "unlabelled": len(train), "alpha": run.options.alpha,
+               "labelled_weight": run.options.labelled_weight}
         if test.y is not None:
             keep = test.y >= 0  # a .npz's single y split 80/20 may leave unlabelled (-1) test rows
             x, y = test.data[keep], test.y[keep]
