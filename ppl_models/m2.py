@@ -20,7 +20,7 @@ for an unlabelled point, y is summed out exactly::
 
     U(x) = sum_y q(y | x) L(x, y) + H(q(y | x))  <= log p(x)
 
-Training sums the labelled guide site y over its K values in parallel: it is
+Training sums the unlabelled points' guide site y over its K values in parallel: it is
 marked ``infer={"enumerate": "parallel"}`` and the objective is ``enum``
 (``TraceEnum_ELBO``), which computes the expectation over q(y | x) exactly, one
 vectorised pass over the K classes. The paper maximises::
@@ -39,7 +39,8 @@ its log-density is::
     U(x_u) + f / (1 - f) * L(x_l, y_l) + alpha / (1 - f) * log q(y_l | x_l)
 
 with f = N_l / N the labelled fraction (``labelled_fraction``), so that the
-mean over the N_u rows of an epoch is exactly (N / N_u) J^alpha / N: the paper's
+mean over the N_u rows of an epoch is (N / N_u) J^alpha / N (exactly when N_u is a
+multiple of N_l, else up to the cycle's rounding): the paper's
 objective, rescaled by the constant N / N_u. The weights are ``poutine.scale`` on
 the labelled sites and a ``pyro.factor`` named ``"classification"``.
 
