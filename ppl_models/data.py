@@ -202,8 +202,9 @@ def _check_x(path, key, x):
         raise DataError(f"{path}: {key!r} is empty (shape {x.shape})")
 
 
-def _check_y(path, key, y, n):
-    """Labels of a user's file: integers (or whole numbers), one per row of x."""
+def _check_y(path, key, y, n, unlabelled=False):
+    """Labels of a user's file: integers (or whole numbers), one per row of x; -1 marks an unlabelled row
+    where ``unlabelled`` allows it."""
     if y is None:
         return None
     if y.dtype.kind not in "biuf" or y.ndim != 1:
@@ -212,14 +213,17 @@ def _check_y(path, key, y, n):
         raise DataError(f"{path}: {key!r} must hold integer labels, got non-integer values")
     if y.shape[0] != n:
         raise DataError(f"{path}: {key!r} has {y.shape[0]} labels for {n} rows of x")
-    if y.size and y.min() < 0:
-        raise DataError(f"{path}: {key!r} holds negative labels (e.g. {int(y.min())}); labels are 0..K-1")
+    low = -1 if unlabelled else 0
+    if y.size and y.min() < low:
+        raise DataError(f"{path}: {key!r} holds negative labels (e.g. {int(y.min())}); labels are 0..K-1"
+                        + (" (-1: unlabelled)" if unlabelled else ""))
     return y.astype(np.int64)
 
 
-def _load_npz(path):
+def _load_npz(path, unlabelled=False):
     """(x_train, y_train, x_test, y_test) of a user's ``.npz`` file, every array checked (rank, dtype, length,
-    labels, matching widths); :class:`DataError` in one line otherwise."""
+    labels, matching widths); :class:`DataError` in one line otherwise. ``unlabelled``: the training labels
+    may hold -1 (an unlabelled row; with a single ``y``, the test split's labels may too)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"no data file at {path}")
@@ -240,13 +244,13 @@ def _load_npz(path):
         if x_tr.shape[1:] != x_te.shape[1:]:
             raise DataError(f"{path}: 'x_train' and 'x_test' hold points of different shapes "
                             f"({x_tr.shape[1:]} and {x_te.shape[1:]})")
-        y_tr = _check_y(path, "y_train", arrays.get("y_train"), len(x_tr))
+        y_tr = _check_y(path, "y_train", arrays.get("y_train"), len(x_tr), unlabelled)
         return x_tr, y_tr, x_te, _check_y(path, "y_test", arrays.get("y_test"), len(x_te))
     if "x" not in arrays:
         raise DataError(f"{path} must hold 'x' (and optionally 'y'), or 'x_train' and 'x_test'")
     x = arrays["x"]
     _check_x(path, "x", x)
-    y = _check_y(path, "y", arrays.get("y"), len(x))
+    y = _check_y(path, "y", arrays.get("y"), len(x), unlabelled)
     n_test = int(round(0.2 * len(x)))
     if n_test < 1 or n_test >= len(x):
         raise DataError(f"{path}: 'x' holds {len(x)} rows; the 80/20 train/test split needs at least 3")
@@ -257,9 +261,12 @@ def _load_npz(path):
 
 def load_dataset(
     name: str = "digits", *, data_root: str | None = None, binarize: str = "none", download: bool = False,
-    split_seed: int = 0,
+    split_seed: int = 0, unlabelled: bool = False,
 ) -> tuple[DataSplit, DataSplit]:
-    """Load a dataset by name (or .npz path): returns ``(train, test)`` :class:`DataSplit` on the CPU."""
+    """Load a dataset by name (or .npz path): returns ``(train, test)`` :class:`DataSplit` on the CPU.
+
+    ``unlabelled=True`` lets a ``.npz`` file's training labels hold -1 for unlabelled rows (semi-supervised
+    models); otherwise negative labels are refused."""
     if binarize not in BINARIZE:
         raise UsageError(f"unknown binarization {binarize!r}; valid: {', '.join(BINARIZE)}")
     shape: tuple[int, ...]
@@ -273,7 +280,7 @@ def load_dataset(
         x_tr, y_tr, x_te, y_te = _load_torchvision(name, data_root, download)
         shape = (1, 28, 28)
     elif str(name).endswith(".npz"):
-        x_tr, y_tr, x_te, y_te = _load_npz(name)
+        x_tr, y_tr, x_te, y_te = _load_npz(name, unlabelled)
         shape = x_tr.shape[1:] if x_tr.ndim > 2 else (int(np.prod(x_tr.shape[1:])),)
         if len(shape) == 2:
             shape = (1, *shape)

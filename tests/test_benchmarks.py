@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import bounds, clustering, disentanglement, multimodal, throughput
+from benchmarks import bounds, clustering, disentanglement, multimodal, semisupervised, throughput
 from ppl_models.data import load_digits_arrays
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -229,3 +229,29 @@ def test_benchmarks_never_write_into_the_committed_results_by_default(script):
     out = Path(script.parse_args([]).out).resolve()
     assert out != committed and committed not in out.parents
     assert out.name == "benchmark-results"
+
+
+def test_semisupervised(tmp_path):
+    argv = ["--dataset", "digits", "--plan", "30:2", "--epochs", "1", "--vae-epochs", "1", "--batch-size", "64",
+            "--lr", "1e-3", "--hidden", "32", "--latent-dim", "4", "--activation", "relu", "--alpha", "0.1",
+            "--labelled-weight", "equal", "--knn", "1", "--eval-points", "50", "--particles", "5",
+            "--methods", "m2,logreg-pixels,knn-pixels,logreg-vae,knn-vae", "--device", "cpu", "--threads", "1",
+            "--machine", "test", "--name", "tiny", "--out", str(tmp_path)]
+    semisupervised.main(argv)
+    record = _record(tmp_path)
+    rows = record["results"]
+    assert {(r["method"], r["seed"]) for r in rows} == {(m, s) for m in semisupervised.METHODS for s in (0, 1)}
+    assert all(0 <= r["test_error"] <= 1 for r in rows)
+    # 30 labels (3 per class) of the 8x8 digits: logistic regression on pixels is far better than chance (0.9)
+    assert all(r["test_error"] < 0.5 for r in rows if r["method"] == "logreg-pixels")
+    m2 = [d for d in record["details"] if d["method"] == "m2"]
+    assert all(d["test_log_likelihood"] >= d["test_elbo"] - 3 * d["test_elbo_se"] for d in m2)
+    assert (tmp_path / "tiny-style-30labels.png").is_file()
+
+
+def test_semisupervised_plan_and_quick():
+    assert semisupervised.parse_plan("100:3,600") == [(100, [0, 1, 2]), (600, [0])]
+    with pytest.raises(Exception, match="LABELS"):
+        semisupervised.parse_plan("x")
+    args = semisupervised.parse_args(["--quick"])
+    assert (args.dataset, args.device, args.threads) == ("digits", "cpu", 1)

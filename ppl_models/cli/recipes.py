@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from inference.errors import UsageError
 
-from . import gmm, mvae, vade, vae
+from . import cvae, gmm, m2, mvae, vade, vae
 from .recipe import Recipe
 
-_MODULES = (gmm, mvae, vade, vae)
+_MODULES = (cvae, gmm, m2, mvae, vade, vae)
 
 RECIPES = {m.RECIPE.name: m.RECIPE for m in sorted(_MODULES, key=lambda m: m.RECIPE.name)}
 ADD_OPTIONS = {m.RECIPE.name: m.add_options for m in _MODULES}
