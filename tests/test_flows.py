@@ -67,6 +67,37 @@ def test_zero_steps_is_the_gaussian_guide():
     assert torch.equal(losses[0], losses[1])
 
 
+def test_an_untrained_iaf_guide_is_the_gaussian_guide():
+    """Each IAF step starts as the identity (Kingma et al. 2016, sec. 4): same draws, log-densities, bounds."""
+    x = torch.bernoulli(torch.rand(16, 20, generator=torch.Generator().manual_seed(0)))
+    pyro.set_rng_seed(3)
+    diag = VAE(20, latent_dim=4, hidden=(12,))
+    pyro.set_rng_seed(3)
+    iaf = VAE(20, latent_dim=4, hidden=(12,), guide="iaf:3")
+    sd_diag, sd_iaf = diag.state_dict(), iaf.state_dict()
+    assert all(torch.equal(sd_diag[k], sd_iaf[k]) for k in sd_diag)  # the flow is built last
+    assert any(k.startswith("flow.") for k in sd_iaf)
+    q_diag, q_iaf = diag.encode(x), iaf.encode(x)
+    draws = []
+    for q in (q_diag, q_iaf):
+        torch.manual_seed(5)
+        draws.append(q.rsample((4,)))
+    assert torch.equal(draws[0], draws[1])
+    assert torch.equal(q_iaf.log_prob(draws[1]), q_diag.log_prob(draws[0]))  # the cached (sampled) path
+    assert torch.equal(q_iaf.log_prob(draws[0].clone()), q_diag.log_prob(draws[0]))  # the inverse path
+    for spec in ("trace", "iwae:3"):
+        elbo = make_elbo(spec, max_plate_nesting=1)
+        losses = []
+        for vae in (diag, iaf):
+            pyro.set_rng_seed(7)
+            losses.append(elbo.differentiable_loss(vae.model, vae.guide, x))
+        assert torch.equal(losses[0], losses[1])
+    # ... and it is still a flow: the output layer gets a gradient, so training moves it off the identity
+    loss = make_elbo("trace", max_plate_nesting=1).differentiable_loss(iaf.model, iaf.guide, x)
+    loss.backward()
+    assert all(t.nn.layers[-1].weight.grad.abs().sum() > 0 for t in iaf.flow.transforms)
+
+
 def test_guide_specs():
     assert parse_guide("diag") == ("diag", 0) and parse_guide("iaf:3") == ("iaf", 3)
     assert parse_guide("spline:1") == ("spline", 1)
