@@ -91,9 +91,8 @@ class ConditionalFlow(nn.Module):
                 # pyro's stub asks for the legacy torch.LongTensor type; an int64 tensor is what it means
                 made = ConditionalAutoRegressiveNN(latent_dim, context_dim, hidden,
                                                    permutation=order)  # type: ignore[arg-type]
-                out = made.layers[-1]  # (m, log s) = 0: the step starts as the identity
-                nn.init.zeros_(out.weight)
-                nn.init.zeros_(out.bias)
+                for p in made.layers[-1].parameters():  # (m, log s) = 0: the step starts as the identity
+                    nn.init.zeros_(p)
                 transforms.append(ConditionalAffineAutoregressive(made))
             else:
                 made = ConditionalAutoRegressiveNN(latent_dim, context_dim, hidden,
