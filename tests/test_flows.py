@@ -48,12 +48,17 @@ def test_log_prob_is_the_change_of_variables(kind):
     assert torch.allclose(q.log_prob(z), base.log_prob(z0) - torch.linalg.slogdet(jac)[1], atol=1e-8, rtol=0)
 
 
-def test_zero_steps_is_the_gaussian_guide():
+def _diagonal_and(guide):
+    """Data, a diagonal-guide VAE and a ``guide`` VAE built under the same seed (the flow is built last)."""
     x = torch.bernoulli(torch.rand(16, 20, generator=torch.Generator().manual_seed(0)))
     pyro.set_rng_seed(3)
     diag = VAE(20, latent_dim=4, hidden=(12,))
     pyro.set_rng_seed(3)
-    flow0 = VAE(20, latent_dim=4, hidden=(12,), guide="iaf:0")
+    return x, diag, VAE(20, latent_dim=4, hidden=(12,), guide=guide)
+
+
+def test_zero_steps_is_the_gaussian_guide():
+    x, diag, flow0 = _diagonal_and("iaf:0")
     sd_diag, sd_flow = diag.state_dict(), flow0.state_dict()
     assert sd_diag.keys() == sd_flow.keys() and all(torch.equal(sd_diag[k], sd_flow[k]) for k in sd_diag)
     q_diag, q_flow = diag.encode(x), flow0.encode(x)
@@ -69,11 +74,7 @@ def test_zero_steps_is_the_gaussian_guide():
 
 def test_an_untrained_iaf_guide_is_the_gaussian_guide():
     """Each IAF step starts as the identity (Kingma et al. 2016, sec. 4): same draws, log-densities, bounds."""
-    x = torch.bernoulli(torch.rand(16, 20, generator=torch.Generator().manual_seed(0)))
-    pyro.set_rng_seed(3)
-    diag = VAE(20, latent_dim=4, hidden=(12,))
-    pyro.set_rng_seed(3)
-    iaf = VAE(20, latent_dim=4, hidden=(12,), guide="iaf:3")
+    x, diag, iaf = _diagonal_and("iaf:3")
     sd_diag, sd_iaf = diag.state_dict(), iaf.state_dict()
     assert all(torch.equal(sd_diag[k], sd_iaf[k]) for k in sd_diag)  # the flow is built last
     assert any(k.startswith("flow.") for k in sd_iaf)
