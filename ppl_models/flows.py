@@ -10,10 +10,16 @@ For an encoder with features h = body(x), the guide is::
 in z and conditioned on the context h, so its Jacobian is triangular and its
 log-determinant is a sum over dimensions:
 
-* ``iaf:K``: inverse autoregressive flow (Kingma et al. 2016, eq. 10-14, the
-  numerically stable "sigmoid" form) ``z_k = s * z_{k-1} + (1 - s) * m`` with
-  ``(m, logit s) = MADE(z_{k-1}, h)``, ``s = sigmoid(logit s + 2)``;
-  Pyro's :class:`~pyro.distributions.transforms.ConditionalAffineAutoregressive`;
+* ``iaf:K``: inverse autoregressive flow (Kingma et al. 2016, eq. 10),
+  ``z_k = m + exp(log s) * z_{k-1}`` with ``(m, log s) = MADE(z_{k-1}, h)`` and
+  log s clamped to [-5, 3]; Pyro's
+  :class:`~pyro.distributions.transforms.ConditionalAffineAutoregressive`.
+  The MADE's output layer starts at zero, so every step starts as the identity
+  (m = 0, s = 1) and the untrained flow guide *is* the diagonal Gaussian guide
+  (Kingma et al. 2016, sec. 4: start each step "as, or close to, the
+  identity"). Pyro's default initialisation starts from a random (m, s), and
+  its sigmoid-gated "stable" form (eq. 14, ``z_k = s z_{k-1} + (1 - s) m``)
+  can only contract (s in (0, 1)) and starts at s = sigmoid(2) = 0.88;
 * ``spline:K``: monotone rational-quadratic splines whose knots come from a
   conditional MADE (neural spline flows, Durkan et al. 2019); Pyro's
   :class:`~pyro.distributions.transforms.ConditionalSplineAutoregressive`
@@ -85,7 +91,9 @@ class ConditionalFlow(nn.Module):
                 # pyro's stub asks for the legacy torch.LongTensor type; an int64 tensor is what it means
                 made = ConditionalAutoRegressiveNN(latent_dim, context_dim, hidden,
                                                    permutation=order)  # type: ignore[arg-type]
-                transforms.append(ConditionalAffineAutoregressive(made, stable=True))
+                for p in made.layers[-1].parameters():  # (m, log s) = 0: the step starts as the identity
+                    nn.init.zeros_(p)
+                transforms.append(ConditionalAffineAutoregressive(made))
             else:
                 made = ConditionalAutoRegressiveNN(latent_dim, context_dim, hidden,
                                                    permutation=order,  # type: ignore[arg-type]

@@ -48,12 +48,17 @@ def test_log_prob_is_the_change_of_variables(kind):
     assert torch.allclose(q.log_prob(z), base.log_prob(z0) - torch.linalg.slogdet(jac)[1], atol=1e-8, rtol=0)
 
 
-def test_zero_steps_is_the_gaussian_guide():
+def _diagonal_and(guide):
+    """Data, a diagonal-guide VAE and a ``guide`` VAE built under the same seed (the flow is built last)."""
     x = torch.bernoulli(torch.rand(16, 20, generator=torch.Generator().manual_seed(0)))
     pyro.set_rng_seed(3)
     diag = VAE(20, latent_dim=4, hidden=(12,))
     pyro.set_rng_seed(3)
-    flow0 = VAE(20, latent_dim=4, hidden=(12,), guide="iaf:0")
+    return x, diag, VAE(20, latent_dim=4, hidden=(12,), guide=guide)
+
+
+def test_zero_steps_is_the_gaussian_guide():
+    x, diag, flow0 = _diagonal_and("iaf:0")
     sd_diag, sd_flow = diag.state_dict(), flow0.state_dict()
     assert sd_diag.keys() == sd_flow.keys() and all(torch.equal(sd_diag[k], sd_flow[k]) for k in sd_diag)
     q_diag, q_flow = diag.encode(x), flow0.encode(x)
@@ -65,6 +70,33 @@ def test_zero_steps_is_the_gaussian_guide():
         pyro.set_rng_seed(7)
         losses.append(elbo.differentiable_loss(vae.model, vae.guide, x))
     assert torch.equal(losses[0], losses[1])
+
+
+def test_an_untrained_iaf_guide_is_the_gaussian_guide():
+    """Each IAF step starts as the identity (Kingma et al. 2016, sec. 4): same draws, log-densities, bounds."""
+    x, diag, iaf = _diagonal_and("iaf:3")
+    sd_diag, sd_iaf = diag.state_dict(), iaf.state_dict()
+    assert all(torch.equal(sd_diag[k], sd_iaf[k]) for k in sd_diag)  # the flow is built last
+    assert any(k.startswith("flow.") for k in sd_iaf)
+    q_diag, q_iaf = diag.encode(x), iaf.encode(x)
+    draws = []
+    for q in (q_diag, q_iaf):
+        torch.manual_seed(5)
+        draws.append(q.rsample((4,)))
+    assert torch.equal(draws[0], draws[1])
+    assert torch.equal(q_iaf.log_prob(draws[1]), q_diag.log_prob(draws[0]))  # the cached (sampled) path
+    assert torch.equal(q_iaf.log_prob(draws[0].clone()), q_diag.log_prob(draws[0]))  # the inverse path
+    for spec in ("trace", "iwae:3"):
+        elbo = make_elbo(spec, max_plate_nesting=1)
+        losses = []
+        for vae in (diag, iaf):
+            pyro.set_rng_seed(7)
+            losses.append(elbo.differentiable_loss(vae.model, vae.guide, x))
+        assert torch.equal(losses[0], losses[1])
+    # ... and it is still a flow: the output layer gets a gradient, so training moves it off the identity
+    loss = make_elbo("trace", max_plate_nesting=1).differentiable_loss(iaf.model, iaf.guide, x)
+    loss.backward()
+    assert all(t.nn.layers[-1].weight.grad.abs().sum() > 0 for t in iaf.flow.transforms)
 
 
 def test_guide_specs():

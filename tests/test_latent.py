@@ -19,8 +19,10 @@ from inference.latent import (
     traversal_codes,
 )
 from ppl_models.cli import main
-from ppl_models.cli.latent import read_codes
+from ppl_models.cli.latent import image_views, latent_codes, read_codes
 from ppl_models.cli.runs import load_module, open_run
+from ppl_models.multimodal import MultimodalVAE
+from ppl_models.multimodal_data import load_multimodal, with_missing
 from ppl_models.vae import VAE
 
 
@@ -142,3 +144,78 @@ def test_gmm_run_has_no_codes(tmp_path):
     out = tmp_path / "gmm"
     assert main(["train", "gmm", "--clusters", "2", "--epochs", "1", "--particles", "5", "--out", str(out), "--quiet"]) == 0
     assert main(["embed", str(out), "--out", str(tmp_path / "c.npz")]) == 2
+
+
+# ---- multimodal runs: the code is the shared z of the joint posterior ------------------------------------
+@pytest.fixture(scope="module")
+def mvae_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "mvae"
+    assert main(["train", "mvae", "--rule", "moe", "--private-dim", "2", "--latent-dim", "2", "--hidden", "32",
+                 "--epochs", "1", "--particles", "5", "--binarize", "fixed", "--quiet", "--no-validate",
+                 "--out", str(out)]) == 0
+    return out
+
+
+def test_mvae_embed_round_trips_the_joint_posterior_codes(mvae_run, tmp_path):
+    recipe, config, run = open_run(mvae_run)
+    module = load_module(recipe, config, mvae_run, torch.device("cpu"))
+    _, test = recipe.load_data(run)
+    with torch.no_grad():
+        loc, scale, _ = module.experts(test.data)  # (N, M, L): the mixture of experts, by the law of total variance
+    mean = loc.mean(-2)
+    sd = ((scale**2 + loc**2).mean(-2) - mean**2).sqrt()
+    for suffix in ("npz", "csv"):
+        out = tmp_path / f"codes.{suffix}"
+        assert main(["embed", str(mvae_run), "--out", str(out), "--device", "cpu"]) == 0
+        codes = read_codes(out)
+        assert codes["mean"].shape == (len(test), 2) and np.array_equal(codes["y"], test.y.numpy())
+        np.testing.assert_allclose(codes["mean"], mean.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(codes["sd"], sd.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_mvae_explore_draws_every_image_modality(mvae_run, tmp_path):
+    assert main(["explore", str(mvae_run), "--out", str(tmp_path), "--index", "2", "--device", "cpu"]) == 0
+    summary = json.loads((tmp_path / "explore.json").read_text())
+    assert summary["latent_dim"] == 2
+    for m in ("top", "bottom"):  # digits-halves: two image modalities (and a label, which is not drawn)
+        for name in ("traversals", "interpolations", "manifold"):
+            assert (tmp_path / f"{name}-{m}.png").stat().st_size > 1000
+    assert not list(tmp_path.glob("*-label.png"))
+
+
+@pytest.mark.parametrize("rule", ["poe", "mopoe"])
+def test_mvae_codes_fuse_the_present_experts_and_decode_the_endpoints_exactly(rule):
+    train, _ = load_multimodal("digits-halves", binarize="fixed", max_train=40)
+    data = with_missing(train, "top", 0.5, seed=0)  # half the tuples without their top half
+    assert 0 < int(data.mask[:, 0].sum()) < len(data)
+    torch.manual_seed(0)
+    module = MultimodalVAE(data.modalities, latent_dim=3, hidden=(16,), rule=rule, private_dim=2).eval()
+    mean, sd = latent_codes(module, data, samples=2)
+    with torch.no_grad():
+        loc, scale, _ = module.experts(module.observed(data.data, module.names, data.mask))
+    # by hand, per tuple: PoE of its present experts (Wu & Goodman 2018); MoPoE: the equal-weight mixture of
+    # the PoE of every non-empty subset of them (Sutter et al. 2021), moments by the law of total variance
+    for n in range(len(data)):
+        present = [m for m in range(len(module.names)) if data.mask[n, m]]
+        subsets = [present] if rule == "poe" else [
+            [m for j, m in enumerate(present) if k >> j & 1] for k in range(1, 2 ** len(present))]
+        means, variances = [], []
+        for sub in subsets:
+            prec = scale[n, sub] ** -2
+            means.append((prec * loc[n, sub]).sum(0) / prec.sum(0))
+            variances.append(1 / prec.sum(0))
+        mu = torch.stack(means).mean(0)
+        var = (torch.stack(variances) + torch.stack(means) ** 2).mean(0) - mu**2
+        torch.testing.assert_close(mean[n], mu)
+        torch.testing.assert_close(sd[n], var.sqrt())
+    views = image_views(module, data)
+    assert [v[0] for v in views] == ["top", "bottom"]
+    for name, decode, shape, x in views:
+        assert x.shape == (len(data), int(np.prod(shape)))
+        if name == "top":  # an absent entry is drawn blank
+            assert torch.equal(x[~data.mask[:, 0]], torch.zeros_like(x[~data.mask[:, 0]]))
+        with torch.no_grad():
+            for path in (lerp, slerp):
+                p = path(mean[0], mean[1], 5)
+                torch.testing.assert_close(decode(p)[[0, -1]], decode(mean[:2]), rtol=0, atol=1e-6)
+                torch.testing.assert_close(decode(p), decode(p), rtol=0, atol=0)  # private w held at 0, not drawn

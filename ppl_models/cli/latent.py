@@ -1,9 +1,13 @@
 """``pplm embed`` and ``pplm explore``: a trained run's latent codes as a file, and figures of its latent space.
 
-Both work on runs whose model has one continuous code z per datapoint, an
-``encode(x)`` giving q(z | x) and a ``decode(z)`` giving p(x | z) (the VAE with
-any guide, VaDE). Codes are the posterior means and standard deviations of
-q(z | x) (Monte Carlo, ``samples`` draws, for a flow guide), computed with
+Both work on runs whose model has one continuous code z per datapoint: the VAE
+(any guide; q(z | x) from ``encode``, p(x | z) from ``decode``), VaDE, and the
+multimodal VAE (mvae), whose code is the shared z under the joint posterior
+q(z | X_P) of each datapoint's present modalities P, fused by the run's rule
+(PoE, MoE, MoPoE, CoDE; :meth:`ppl_models.multimodal.MultimodalVAE.posterior`),
+and whose every image modality is decoded from it. Codes are the posterior means
+and standard deviations (closed form for a Gaussian or a Gaussian mixture,
+Monte Carlo with ``samples`` draws for a flow guide), computed with
 :mod:`inference.latent`; figures are drawn by :mod:`inference.plots`.
 """
 
@@ -34,6 +38,7 @@ from inference.latent import (
 )
 from inference.plots import plot_activity, plot_latent_map, save_labelled_grid
 
+from ..multimodal import MultimodalVAE
 from ..vae import VAE
 from .runs import check_output_file, load_module, open_run
 
@@ -48,12 +53,52 @@ def _open(run_dir, split, device, command):
     recipe, config, run = open_run(run_dir)
     dev = resolve_device(device)
     module = load_module(recipe, config, run_dir, dev)
-    if not isinstance(module, VAE):
+    if not isinstance(module, (VAE, MultimodalVAE)):
         raise UsageError(f"pplm {command}: the {config['model']} run has no single continuous code per datapoint "
-                         f"(embed and explore work on vae and vade runs)")
+                         f"(embed and explore work on vae, vade and mvae runs)")
     train, test = recipe.load_data(run)
-    data = train if split == "train" else test
-    return module, data.to(dev), train.image_shape
+    return module, (train if split == "train" else test).to(dev)
+
+
+def latent_codes(module: Any, data: Any, *, samples: int = 256) -> tuple[Any, ...]:
+    """Posterior (mean, sd) of every datapoint's code, each (N, L).
+
+    ``module``: a :class:`~ppl_models.vae.VAE` (q(z | x)) or a
+    :class:`~ppl_models.multimodal.MultimodalVAE` (the fused q(z | X_P) of each
+    datapoint's present modalities, the presence mask of ``data`` respected);
+    ``data``: its split (``DataSplit`` / ``MultimodalSplit``).
+    """
+    if isinstance(module, MultimodalVAE):
+        batch = data.data
+        rows = lambda i: module.posterior({k: v[i] for k, v in batch.items()})  # noqa: E731
+        return encode_batches(rows, torch.arange(len(data), device=next(iter(batch.values())).device),
+                              samples=samples)
+    return encode_batches(module.encode, data.data, samples=samples)
+
+
+def image_views(module: Any, data: Any, image_shape: Any = None) -> list[tuple[Any, ...]]:
+    """What explore draws a code as: ``[(name, decode, image_shape, inputs)]``, one per image modality.
+
+    ``decode(z)`` maps codes (..., L) to E[x | z] (..., D); ``inputs`` the split's images (N, D). A VAE has
+    one view (name None; ``image_shape`` the data's); a multimodal VAE one per modality with an image shape,
+    its private latent w_m (if any) held at the prior mean 0 so that every image of a path shares it.
+    """
+    if not isinstance(module, MultimodalVAE):
+        return [] if image_shape is None else [(None, lambda z: module.decode(z).mean, image_shape, data.data)]
+    views = []
+    for name in module.names:
+        shape = module.image_shapes[name]
+        if shape is None:
+            continue
+        private = module.private[name]
+        def decode(z, name=name, private=private):
+            w = z.new_zeros(z.shape[:-1] + (private,)) if private else None
+            return module.decode(name, z, w).mean.reshape(z.shape[:-1] + (-1,))
+        x = data.x[name].reshape(len(data), -1)
+        if data.mask is not None:  # an absent entry (any value, NaN included) is drawn blank
+            x = torch.where(data.mask[:, module.names.index(name), None], x, x.new_zeros(()))
+        views.append((name, decode, tuple(shape), x))
+    return views
 
 
 def embed_run(run_dir: str | Path, out_file: str | Path, *, split: str = "test", samples: int = 256,
@@ -67,9 +112,9 @@ def embed_run(run_dir: str | Path, out_file: str | Path, *, split: str = "test",
     out_file = check_output_file(out_file)
     if out_file.suffix not in (".npz", ".csv"):
         raise UsageError(f"--out must end in .npz or .csv, got {out_file.name!r}")
-    module, data, _ = _open(run_dir, split, device, "embed")
+    module, data = _open(run_dir, split, device, "embed")
     pyro.set_rng_seed(seed)
-    mean, sd = encode_batches(module.encode, data.data, samples=samples)
+    mean, sd = latent_codes(module, data, samples=samples)
     arrays = {"mean": mean.float().cpu().numpy(), "sd": sd.float().cpu().numpy(), "index": np.arange(len(data))}
     if data.y is not None:
         arrays["y"] = data.y.cpu().numpy()
@@ -137,60 +182,67 @@ def explore_run(run_dir: str | Path, out_dir: Path | None = None, *, split: str 
     * ``manifold.png`` (L = 2 only): E[x | z] on a 15 x 15 inverse-CDF grid of the prior;
     * ``latent-map.png``: the codes mapped to 2-D by ``method`` (``pca`` or ``tsne``), coloured by label;
     * ``explore.json``: the activities and the settings.
+
+    For an mvae run the codes are those of the joint posterior (:func:`latent_codes`) and each image
+    modality M gets its own ``traversals-M.png``, ``interpolations-M.png`` and ``manifold-M.png``, all
+    decoded from the same codes (:func:`image_views`).
     """
     if method not in MAP_METHODS:
         raise UsageError(f"unknown map method {method!r}; use {' or '.join(MAP_METHODS)}")
-    module, data, shape = _open(run_dir, split, device, "explore")
-    if shape is None:
+    module, data = _open(run_dir, split, device, "explore")
+    views = image_views(module, data, getattr(data, "image_shape", None))
+    if not views:
         raise UsageError("pplm explore draws images: this run's data have no image shape")
-    x, y = data.data, data.y
-    if not 0 <= index < x.shape[0]:
-        raise UsageError(f"--index must lie in 0..{x.shape[0] - 1}, got {index}")
+    y, n_points = data.y, len(data)
+    if not 0 <= index < n_points:
+        raise UsageError(f"--index must lie in 0..{n_points - 1}, got {index}")
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "explore"
     out.mkdir(parents=True, exist_ok=True)
     pyro.set_rng_seed(seed)
-    means, _ = encode_batches(module.encode, x, samples=samples)
+    means, _ = latent_codes(module, data, samples=samples)
     latent = means.shape[1]
     act = activity(means)
     order = torch.argsort(act, descending=True).tolist()
-    decode = lambda z: module.decode(z).mean  # noqa: E731
     written = [plot_activity(act, out / "activity.png",
                              title=f"Activity of the {latent} latent dimensions on the {split} set: "
                                    f"{int((act > ACTIVE_THRESHOLD).sum())} active")]
-
     dims = order[: min(traverse, latent)]
     values = torch.linspace(-3.0, 3.0, 11, dtype=means.dtype, device=means.device)
     z = means[index]
-    images = decode(traversal_codes(z, dims, values))
-    written.append(save_labelled_grid(
-        images, shape, out / "traversals.png",
-        row_labels=[f"z{d + 1} (A={act[d]:.2g}, own {z[d]:+.2f})" for d in dims],
-        col_labels=[f"{v:+.1f}" for v in values.tolist()],
-        xlabel="value given to the row's dimension (the others keep the datapoint's code)",
-        title=f"Latent traversals around {split} point {index}"
-              + (f" (label {int(y[index])})" if y is not None else "") + ", most active dimensions first"))
-
-    pairs = _pairs(None if y is None else y.tolist(), x.shape[0], n_pairs)
-    rows, labels = [], []
-    for a, b in pairs:
-        for name, path in (("linear", lerp(means[a], means[b], steps)), ("spherical", slerp(means[a], means[b], steps))):
-            rows.append(torch.cat([x[a : a + 1], decode(path), x[b : b + 1]]))
-            labels.append(f"{a}->{b} {name}" if y is None else f"{int(y[a])}->{int(y[b])} {name}")
+    pairs = _pairs(None if y is None else y.tolist(), n_points, n_pairs)
     t = torch.linspace(0, 1, steps).tolist()
-    written.append(save_labelled_grid(
-        torch.stack(rows), shape, out / "interpolations.png", row_labels=labels,
-        col_labels=["input"] + [f"t={v:.2f}" for v in t] + ["input"],
-        xlabel="decoded codes along the path z(t) from one input's code (t=0) to the other's (t=1)",
-        title=f"Interpolation between pairs of {split} points (linear and spherical paths)"))
-
-    if latent == 2:
-        n = 15
-        codes, axis = manifold_grid(n, dtype=means.dtype)
-        grid = decode(codes.to(means.device)).reshape(n, n, -1)
+    for view, decode, shape, x in views:
+        suffix = "" if view is None else f"-{view}"
+        of = "" if view is None else f" (modality {view!r})"
+        images = decode(traversal_codes(z, dims, values))
         written.append(save_labelled_grid(
-            grid, shape, out / "manifold.png", col_labels=[f"{v:+.1f}" for v in axis.tolist()],
-            row_labels=[f"{v:+.1f}" for v in axis.flip(0).tolist()], xlabel="z1 (prior quantiles 5%..95%)",
-            ylabel="z2", title="The learned data manifold: E[x | z] over an inverse-CDF grid of the prior"))
+            images, shape, out / f"traversals{suffix}.png",
+            row_labels=[f"z{d + 1} (A={act[d]:.2g}, own {z[d]:+.2f})" for d in dims],
+            col_labels=[f"{v:+.1f}" for v in values.tolist()],
+            xlabel="value given to the row's dimension (the others keep the datapoint's code)",
+            title=f"Latent traversals around {split} point {index}"
+                  + (f" (label {int(y[index])})" if y is not None else "") + f", most active dimensions first{of}"))
+
+        rows, labels = [], []
+        for a, b in pairs:
+            for name, path in (("linear", lerp(means[a], means[b], steps)),
+                               ("spherical", slerp(means[a], means[b], steps))):
+                rows.append(torch.cat([x[a : a + 1], decode(path), x[b : b + 1]]))
+                labels.append(f"{a}->{b} {name}" if y is None else f"{int(y[a])}->{int(y[b])} {name}")
+        written.append(save_labelled_grid(
+            torch.stack(rows), shape, out / f"interpolations{suffix}.png", row_labels=labels,
+            col_labels=["input"] + [f"t={v:.2f}" for v in t] + ["input"],
+            xlabel="decoded codes along the path z(t) from one input's code (t=0) to the other's (t=1)",
+            title=f"Interpolation between pairs of {split} points (linear and spherical paths){of}"))
+
+        if latent == 2:
+            n = 15
+            grid_codes, axis = manifold_grid(n, dtype=means.dtype)
+            grid = decode(grid_codes.to(means.device)).reshape(n, n, -1)
+            written.append(save_labelled_grid(
+                grid, shape, out / f"manifold{suffix}.png", col_labels=[f"{v:+.1f}" for v in axis.tolist()],
+                row_labels=[f"{v:+.1f}" for v in axis.flip(0).tolist()], xlabel="z1 (prior quantiles 5%..95%)",
+                ylabel="z2", title=f"The learned data manifold: E[x | z] over an inverse-CDF grid of the prior{of}"))
 
     limit = TSNE_POINTS if method == "tsne" else None
     coords, axes = map_2d(means, method=method, seed=seed, max_points=limit)
