@@ -35,9 +35,13 @@ only change speed:
   unconstrained tensor, swapped into the param store) is an input, and
   :func:`torch.fx.experimental.proxy_tensor.make_fx` records the aten ops that
   Pyro's code runs for them, random draws (``normal_``) included, without
-  Pyro's Python effect handlers (which break a TorchDynamo graph). That graph is
+  Pyro's Python effect handlers (which break a TorchDynamo graph); operations
+  whose results the loss does not use are dropped. That graph is
   compiled by :func:`torch.compile` (``backend="inductor"`` by default;
-  AOTAutograd derives the backward pass). Inductor is told to take its random
+  AOTAutograd derives the backward pass), or, with ``compile="flat"``
+  (:data:`FLAT`), run as it is: the same aten ops executed one by one, the
+  backward by autograd as for eager code, which costs a fraction of a second to
+  build and still drops Pyro's per-step Python. Inductor is told to take its random
   numbers from PyTorch's own generator (``fallback_random``), so the compiled
   loss draws exactly what the eager loss draws from the same random state. The
   graph is checked twice, on its first call and on the next one (new data, new
@@ -63,7 +67,7 @@ only change speed:
   gradients do not depend on validation.
 
 :func:`worth_compiling` is the rule by which :func:`inference.fit` chooses the
-compiled path by default. Pyro's own ``JitTrace_ELBO`` family takes only
+paths it tries by default (:data:`DEFAULT_PATHS`: flat, then inductor). Pyro's own ``JitTrace_ELBO`` family takes only
 ``pyro.param`` tensors as graph inputs and is built on ``torch.jit.trace``,
 which PyTorch deprecates; neither is used here.
 """
@@ -96,14 +100,25 @@ CHECK_RTOL = 1e-4
 VALIDATE_CALLS = 2
 # the default torch.compile backend of ``compile=True``
 BACKEND = "inductor"
-# worth_compiling's estimates: seconds of one first compilation of a small network's loss
-# (fwd + bwd; measured 25-35 s for the MLP VAEs with inductor on a 2-core CPU, one thread,
-# cold cache, benchmarks/throughput.py), and the fraction of an eager step that the
-# compiled step saves (measured 0.15-0.4 on CPU for the MLP VAEs; 0.2 is the cautious end)
+# the path name (``compile="flat"``) of the flattened graph run as it is: the make_fx graph's aten
+# ops executed one by one by PyTorch (autograd derives the backward as for any eager code), without
+# torch.compile; it drops Pyro's Python (effect handlers, trace bookkeeping) and generates no code
+FLAT = "flat"
+# worth_compiling's estimates for inductor: seconds of one first compilation of a small network's
+# loss (fwd + bwd; measured 25-35 s for the MLP VAEs with inductor on a 2-core CPU, one thread,
+# cold cache, benchmarks/throughput.py), and the fraction of an eager step that the compiled
+# step saves (measured 0.15-0.4 on CPU for the MLP VAEs; 0.2 is the cautious end)
 COMPILE_SECONDS = {"cpu": 40.0, "cuda": 60.0}
 COMPILED_SAVING = 0.2
-# runs shorter than this stay eager without measuring a step (40 s / 0.2 = 200 s of eager
-# steps would need more than 1 s per step)
+# the same for the flat path: flattening (make_fx) plus the first checked call, on any device
+# (measured 0.2-0.3 s for the MLP VAEs under load; a host-side trace, so not device-dependent),
+# and its saving (measured 0.12-0.24 of the eager step on CPU: trace 0.24, iwae:5 0.12)
+FLAT_SECONDS = 0.5
+FLAT_SAVING = 0.15
+# the paths fit's default considers, cheapest first (each one the rule admits is timed, the fastest kept)
+DEFAULT_PATHS = (FLAT, BACKEND)
+# runs shorter than this stay eager without measuring a step (the flat path's 0.5 s / 0.15 needs
+# 3.3 s of eager steps: over 16 ms a step at 200 steps; inductor's 40 s / 0.2, over 1 s a step)
 MIN_COMPILE_STEPS = 200
 
 
@@ -298,10 +313,12 @@ class StepLoss:
 
     :param elbo: one of :data:`SUPPORTED` (see :func:`supports`).
     :param compile: False (eager), True (``torch.compile`` with :data:`BACKEND`,
-        inductor) or the name of a ``torch.compile`` backend (``"aot_eager"``
-        compiles nothing but runs the same flattened graph; tests use it).
-        The attribute ``backend`` may be changed later (the Trainer does, once it
-        has chosen the path).
+        inductor), :data:`FLAT` (``"flat"``: the flattened graph run as it is, no
+        ``torch.compile``) or the name of a ``torch.compile`` backend
+        (``"aot_eager"`` compiles nothing but runs the same flattened graph through
+        AOTAutograd; tests use it). The attribute ``backend`` may be changed later
+        (the Trainer does, once it has chosen the path); graphs, fallbacks and
+        compile seconds are kept per backend and signature.
     :param validate_calls: calls of each signature that run with Pyro's
         validation as set by the caller (None: every call).
     :param jit: deprecated alias of ``compile`` (a ``FutureWarning``).
@@ -378,7 +395,8 @@ class StepLoss:
         self._calls[key] = calls + 1
         quiet = self.validate_calls is not None and calls >= self.validate_calls
         with pyro.validation_enabled(False) if quiet else nullcontext():
-            return self._loss(key, model, guide, owners, tensors, spec, args)
+            # graphs (and fallbacks) per path too: the Trainer's probe builds one for each candidate
+            return self._loss((self.backend, *key), model, guide, owners, tensors, spec, args)
 
     def _loss(self, key, model, guide, owners, tensors, spec, args):
         if (self.backend is None or not torch.is_grad_enabled() or key in self.fallbacks
@@ -469,12 +487,17 @@ class StepLoss:
         try:
             with pyro.validation_enabled(False):
                 graph = make_fx(flat_loss)(*params, *tensors)
+            # drop what the loss does not use (Pyro's unused index ranges, aliases, constants' copies);
+            # ops with side effects (the random draws' in-place normal_) are kept
+            graph.graph.eliminate_dead_code()
+            graph.recompile()
         except Exception as exc:  # e.g. a captured tensor that requires grad but is no parameter
             return self._fallback(key, f"flattening the loss with make_fx failed ({_describe(exc)})",
                                   model, guide, args, start)
         options = {"fallback_random": True} if self.backend == "inductor" else None
         try:
-            compiled = torch.compile(graph, backend=self.backend, options=options, fullgraph=True, dynamic=False)
+            compiled = graph if self.backend == FLAT else torch.compile(
+                graph, backend=self.backend, options=options, fullgraph=True, dynamic=False)
         except Exception as exc:
             return self._fallback(key, f"torch.compile failed ({_describe(exc)})", model, guide, args, start)
         self._flatten_seconds[key] = time.perf_counter() - t0
@@ -510,21 +533,27 @@ def _mismatch(reference, loss, ref_grads, grads):
     return None
 
 
-def worth_compiling(eager_step_seconds: float, steps: int, device_type: str = "cpu") -> bool:
-    """Whether compiling the loss is expected to repay its compilation over ``steps`` steps.
+def worth_compiling(eager_step_seconds: float, steps: int, device_type: str = "cpu", backend: str = BACKEND) -> bool:
+    """Whether the path ``backend`` is expected to repay its flattening/compilation over ``steps`` steps.
 
-    The rule: ``steps * eager_step_seconds * COMPILED_SAVING > COMPILE_SECONDS[device_type]``,
-    i.e. the time the compiled step is expected to save (:data:`COMPILED_SAVING`, a
-    fraction of the measured eager step) over the run exceeds an estimate of one
-    first compilation (:data:`COMPILE_SECONDS`; 60 s for a device type not listed).
-    Runs of fewer than :data:`MIN_COMPILE_STEPS` steps are never compiled.
+    The rule: ``steps * eager_step_seconds * saving > cost``, i.e. the time the path
+    is expected to save (a fraction of the measured eager step) over the run
+    exceeds an estimate of its one-off cost. For :data:`FLAT` (the flattened graph,
+    no code generation) the saving is :data:`FLAT_SAVING` and the cost
+    :data:`FLAT_SECONDS` on any device; for a ``torch.compile`` backend (inductor)
+    :data:`COMPILED_SAVING` and :data:`COMPILE_SECONDS` of ``device_type`` (60 s for a
+    device type not listed). Runs of fewer than :data:`MIN_COMPILE_STEPS` steps
+    take no path but eager.
 
     :param eager_step_seconds: measured seconds of one eager step (loss and backward).
     :param steps: the steps the run has left.
     :param device_type: ``"cpu"``, ``"cuda"``, ...
+    :param backend: :data:`FLAT` or a ``torch.compile`` backend name.
     """
     if steps < MIN_COMPILE_STEPS:
         return False
+    if backend == FLAT:
+        return steps * eager_step_seconds * FLAT_SAVING > FLAT_SECONDS
     return steps * eager_step_seconds * COMPILED_SAVING > COMPILE_SECONDS.get(device_type, 60.0)
 
 
