@@ -487,10 +487,7 @@ class StepLoss:
         try:
             with pyro.validation_enabled(False):
                 graph = make_fx(flat_loss)(*params, *tensors)
-            # drop what the loss does not use (Pyro's unused index ranges, aliases, constants' copies);
-            # ops with side effects (the random draws' in-place normal_) are kept
-            graph.graph.eliminate_dead_code()
-            graph.recompile()
+            _simplify(graph)
         except Exception as exc:  # e.g. a captured tensor that requires grad but is no parameter
             return self._fallback(key, f"flattening the loss with make_fx failed ({_describe(exc)})",
                                   model, guide, args, start)
@@ -505,6 +502,74 @@ class StepLoss:
         #    here and once more on the next call with new data
         self._graphs[key] = (compiled, params, store_params, 1)
         return self._checked_call(key, compiled, params, tensors, model, guide, args, reference=reference, start=start)
+
+
+_aten = torch.ops.aten
+# ops whose value depends on their tensor input's shape, dtype and device only (which key the graph)
+_LIKE = {_aten.zeros_like.default: 0.0, _aten.ones_like.default: 1.0, _aten.new_zeros.default: 0.0,
+         _aten.new_ones.default: 1.0}
+# (op, the scalar that makes it the identity) for ``op(x, scalar)``
+_IDENTITY = {_aten.add.Tensor: 0, _aten.sub.Tensor: 0, _aten.mul.Tensor: 1, _aten.div.Tensor: 1}
+
+
+def _pure(node):
+    op = node.target
+    return (isinstance(op, torch._ops.OpOverload) and not op._schema.is_mutable
+            and torch.Tag.nondeterministic_seeded not in op.tags and op.overloadpacket is not _aten.empty)
+
+
+def _simplify(graph: torch.fx.GraphModule) -> None:
+    """Drop from a flattened loss graph what costs a dispatch and an autograd node a step but computes nothing new.
+
+    * identities: ``expand`` to the input's own shape, ``x + 0``, ``x - 0``, ``x * 1``, ``x / 1`` (same dtype
+      and shape; Pyro's bookkeeping adds them, e.g. its ``0.0 +`` accumulators and ``expand`` to the plate shape);
+    * constants: every pure op whose inputs are the graph's constant tensors, or only the shape, dtype and device
+      of an input (``zeros_like``, ``new_zeros``, ...; the graph is specialised to those), is computed once
+      here (e.g. a N(0, I) prior's scale, expanded, squared and logged each step);
+    * dead code (unused index ranges, aliases; ops with side effects, the random draws, stay).
+
+    Values and gradients are unchanged (identities are exact; folded constants carry no gradient); nothing is
+    done when an in-place op would write into a value that this would share. The flattened graph's check
+    against the eager loss runs after this.
+    """
+    g = graph.graph
+    mutable = [n for n in g.nodes if isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable]
+    written = {a for n in mutable for a in n.args if isinstance(a, torch.fx.Node)}
+    values: dict[torch.fx.Node, torch.Tensor] = {}
+    for node in list(g.nodes):
+        meta = node.meta.get("val")
+        if node.op == "get_attr":
+            values[node] = getattr(graph, node.target)
+            continue
+        if node.op != "call_function" or node in written or not isinstance(meta, torch.Tensor):
+            continue
+        args = node.args
+        if node.target in _LIKE:
+            values[node] = torch.full(meta.shape, _LIKE[node.target], dtype=meta.dtype, device=meta.device)
+        elif (_pure(node) and all(a in values for a in node.all_input_nodes)
+              and node.all_input_nodes):
+            mapped = torch.fx.node.map_arg((args, node.kwargs), lambda a: values[a])
+            values[node] = node.target(*mapped[0], **mapped[1])
+        elif node.target is _aten.expand.default and isinstance(args[0], torch.fx.Node):
+            source = args[0].meta.get("val")
+            if isinstance(source, torch.Tensor) and tuple(source.shape) == tuple(meta.shape):
+                node.replace_all_uses_with(args[0])
+        elif (node.target in _IDENTITY and not node.kwargs and len(args) == 2 and isinstance(args[0], torch.fx.Node)
+              and type(args[1]) in (int, float) and args[1] == _IDENTITY[node.target]):
+            source = args[0].meta.get("val")
+            if (isinstance(source, torch.Tensor) and source.dtype == meta.dtype
+                    and tuple(source.shape) == tuple(meta.shape)):
+                node.replace_all_uses_with(args[0])
+    # folded values that a computed node uses become the graph's attributes
+    for k, (node, value) in enumerate(values.items()):
+        if node.op == "get_attr" or not node.users:
+            continue
+        name = f"_folded{k}"
+        graph.register_buffer(name, value.detach(), persistent=False)
+        with g.inserting_before(node):
+            node.replace_all_uses_with(g.get_attr(name))
+    g.eliminate_dead_code()
+    graph.recompile()
 
 
 def _describe(exc):

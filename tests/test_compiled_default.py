@@ -25,6 +25,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer.util import is_validation_enabled
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import inference.loss as loss_module
 import inference.train as train_module
@@ -258,3 +259,47 @@ def test_no_deprecated_torch_api_on_any_training_path(digits):
             assert math.isclose(a["train_loss"], b["train_loss"], rel_tol=RTOL)
         # 4 Adam steps: float differences of a few ulps stay tiny relative to the weights' scale
         assert torch.allclose(p_eager, p, rtol=1e-4, atol=1e-5)
+
+
+def _ops(graph):
+    return [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
+
+
+def test_simplify_drops_identities_and_folds_constants_exactly():
+    """The flattened graph's clean-up leaves values and gradients bit-identical, removes the identity ops
+    (expand to the same shape, + 0, * 1, / 1) and computes the constant-only ops once."""
+    scale = torch.tensor([0.5, 2.0, 3.0])
+
+    def f(a, x):
+        prior = torch.log(scale.expand(3) ** 2) * 2  # constants only: folded
+        value = (a * x + torch.zeros_like(x)).expand(3) * 1.0 / 1.0 - 0
+        return ((value - prior) ** 2).sum() + 0.0
+
+    a, x = torch.randn(3, requires_grad=True), torch.randn(3)
+    graph = make_fx(f)(a, x)
+    before = graph(a, x)
+    (grad_before,) = torch.autograd.grad(before, a)
+    loss_module._simplify(graph)
+    after = graph(a, x)
+    (grad_after,) = torch.autograd.grad(after, a)
+    assert torch.equal(before, after) and torch.equal(grad_before, grad_after)
+    assert torch.equal(after, f(a, x))
+    ops = _ops(graph)
+    assert not {"aten.expand.default", "aten.zeros_like.default", "aten.log.default", "aten.div.Tensor"} & set(ops)
+    # left: a * x, and + zeros (zeros_like, folded, is a constant operand, not an identity)
+    assert ops.count("aten.mul.Tensor") == 1 and ops.count("aten.add.Tensor") == 1
+
+
+def test_simplify_keeps_values_that_are_written_in_place():
+    """A constant-derived value that an in-place op writes into is computed each call, not shared between calls."""
+    c = torch.ones(3)
+
+    def f(a):
+        buffer = c * 2
+        buffer.add_(a)
+        return buffer.sum()
+
+    a = torch.ones(3)
+    graph = make_fx(f)(a)
+    loss_module._simplify(graph)
+    assert [float(graph(a)) for _ in range(3)] == [9.0, 9.0, 9.0]
