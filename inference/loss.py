@@ -323,9 +323,10 @@ class StepLoss:
         validation as set by the caller (None: every call).
     :param jit: deprecated alias of ``compile`` (a ``FutureWarning``).
 
-    ``compiled`` lists the signatures with a graph, ``fallbacks`` maps
-    signatures that stayed eager to the reason, ``compile_seconds`` maps
-    signatures to the seconds their flattening and first (compiling) call took.
+    ``compiled`` lists the keys ``(backend, *signature)`` with a graph,
+    ``fallbacks`` maps the keys that stayed eager to the reason,
+    ``compile_seconds`` maps keys to the seconds their flattening and first
+    (compiling) call took.
     ``compile_rows``: None, or the set of leading batch sizes that are compiled
     (others run eager).
     """
