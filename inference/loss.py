@@ -631,7 +631,8 @@ def make_step_loss(elbo: Any, *, max_plate_nesting: int | None = None, compile: 
         ``"iwae:5"``, ...) or a Pyro ELBO object.
     :param max_plate_nesting: passed to :func:`~inference.elbo.make_elbo` with a spec.
     :param compile: compile the loss with ``torch.compile`` (True: inductor; a
-        string: that backend; see the module docstring).
+        string: that backend, or :data:`FLAT` for the flattened graph without
+        ``torch.compile``; see the module docstring).
     :param jit: deprecated alias of ``compile`` (a ``FutureWarning``).
     :returns: ``(objective, loss)``: the Pyro ELBO object (to report, compare, or
         check validity) and an object with its ``differentiable_loss`` signature.
