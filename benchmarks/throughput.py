@@ -17,6 +17,10 @@ What is compared, per model, objective, batch size and device:
   with the eager loss, ``compile=False``: fit's path for short runs; Pyro
   validation on, which the step loss applies to the first calls of each batch
   shape only;
+* ``fit[flat]``: the same with ``compile="flat"``: the flattened loss graph
+  (make_fx) run as it is, without ``torch.compile`` (no code generation; its
+  build, under a second, is ``compile_s``): fit's path for runs of a few
+  seconds and more;
 * ``fit[compiled]``: the same with ``compile=True``, the compiled loss of
   :mod:`inference.loss` (make_fx + ``torch.compile``, inductor): fit's path for
   runs long enough to repay the compilation. Its compilation (the flattening,
@@ -42,8 +46,9 @@ and backward, are counted by :class:`torch.utils.flop_counter.FlopCounterMode`
 on the hand-written loss, and divided by this machine's measured matmul rate (a
 2048 x 2048 ``torch.mm``) for a lower bound on the step time (``lower_ms``; it
 ignores the elementwise ops, the optimiser and memory traffic). ``default``:
-the path ``fit`` chooses by itself (:func:`inference.loss.worth_compiling`)
-for the CLI's default run length at the measured eager step time.
+the path ``fit`` chooses by itself for the CLI's default run length: of eager
+and the paths :func:`inference.loss.worth_compiling` admits at the measured
+eager step time, the fastest measured here.
 
 ``--quick``: the two MLP VAEs, batch 32/128/1024 for trace and batch 128 for
 the other objectives, 3 rounds of 10 steps: about 80 s on the 2-core CPU while
@@ -84,7 +89,7 @@ from torch.distributions import Bernoulli, Categorical, Normal, kl_divergence
 from torch.utils.flop_counter import FlopCounterMode
 
 from inference import Trainer, batching, make_elbo
-from inference.loss import COMPILE_SECONDS, COMPILED_SAVING, worth_compiling
+from inference.loss import COMPILE_SECONDS, COMPILED_SAVING, FLAT, FLAT_SAVING, FLAT_SECONDS, worth_compiling
 from ppl_models.data import load_dataset
 from ppl_models.multimodal import MultimodalVAE
 from ppl_models.multimodal_data import load_multimodal
@@ -225,6 +230,7 @@ MODELS = {
 # the paths of the library's step; "hand" and "pyro-svi" are the references, "pythae" (optional) a peer
 FIT_IMPLS = {
     "fit[eager]": dict(compile=False, validate=True),  # fit's path for short runs (validation on first calls)
+    "fit[flat]": dict(compile=FLAT, validate=True),  # the flattened graph, no torch.compile (runs of seconds)
     "fit[compiled]": dict(compile=True, validate=True),  # fit's path for long runs (torch.compile)
 }
 IMPLS = ["hand", "pyro-svi", *FIT_IMPLS]
@@ -388,14 +394,20 @@ def step_flops(bench, split, x, batch_size, spec, dev):
     return counter.get_total_flops()
 
 
-def default_path(eager_step_s, compiled_step_s, full_n, batch_size, dev):
+# fit's default paths as the benchmark's columns, with the backend each is built with
+PATH_IMPLS = {"fit[flat]": FLAT, "fit[compiled]": "inductor"}
+
+
+def default_path(step_s, full_n, batch_size, dev):
     """The path ``fit`` chooses by default for the CLI's default run (:data:`DEFAULT_RUN_EPOCHS` epochs of the full
-    training set less the validation split) at these step times: compiled when
-    :func:`inference.loss.worth_compiling` says so and the compiled step is the faster (as
+    training set less the validation split) at these step times (``{impl: seconds}``, ``fit[eager]`` included):
+    of eager and the paths :func:`inference.loss.worth_compiling` admits at the eager step time, the fastest (as
     :class:`inference.Trainer` decides, there from a few steps on the first batch)."""
     steps = DEFAULT_RUN_EPOCHS * max(int((1 - DEFAULT_VALIDATION) * full_n) // batch_size, 1)
-    faster = compiled_step_s is not None and compiled_step_s < eager_step_s
-    return "fit[compiled]" if worth_compiling(eager_step_s, steps, dev.type) and faster else "fit[eager]"
+    eager = step_s["fit[eager]"]
+    admitted = {"fit[eager]": eager, **{impl: step_s[impl] for impl, backend in PATH_IMPLS.items()
+                                        if impl in step_s and worth_compiling(eager, steps, dev.type, backend=backend)}}
+    return min(admitted, key=admitted.get)
 
 
 def measure(name, bench, split, spec, batch_size, dev, *, steps, rounds, seed, impls, log, backend="inductor",
@@ -416,7 +428,7 @@ def measure(name, bench, split, spec, batch_size, dev, *, steps, rounds, seed, i
             runs[impl] = SVIRun(bench, split, x, batch_size, spec, dev, seed)
         else:
             options = dict(FIT_IMPLS[impl])
-            if options["compile"]:
+            if options["compile"] is True:
                 options["compile"] = backend
             runs[impl] = FitRun(bench, split, x, batch_size, spec, dev, seed, options)
         _, first[impl] = runs[impl].epoch()
@@ -457,8 +469,8 @@ def measure(name, bench, split, spec, batch_size, dev, *, steps, rounds, seed, i
             f"ratio {row['ratio']:.3f}" + (f"  loss diff {rel:.1e}" if rel is not None else "")
             + (f"  compile {compile_s[impl]:.1f} s" if compile_s.get(impl) else ""))
     if "fit[eager]" in times:
-        compiled = statistics.median(times["fit[compiled]"]) / steps if "fit[compiled]" in times else None
-        chosen = default_path(statistics.median(times["fit[eager]"]) / steps, compiled, size, batch_size, dev)
+        chosen = default_path({i: statistics.median(times[i]) / steps for i in times if i in FIT_IMPLS}, size,
+                              batch_size, dev)
         for row in rows:
             row["default"] = chosen
         log(f"{name:15s} {spec:10s} B={batch_size:5d} fit's default for a {DEFAULT_RUN_EPOCHS}-epoch run: {chosen}")
@@ -479,8 +491,9 @@ def summary(rows):
         if "default" in hand:
             row["default"] = hand["default"]
             row["default_ratio"] = group[hand["default"]]["ratio"] if hand["default"] in group else None
-        if "fit[compiled]" in group:
-            row["compile_s"] = group["fit[compiled]"]["compile_s"]
+        for impl in PATH_IMPLS:
+            if impl in group:
+                row[f"{impl[4:-1]}_s"] = group[impl]["compile_s"]
         if hand.get("lower_ms"):
             row["lower_ms"] = hand["lower_ms"]
             row["hand/lower"] = hand["over_lower"]
@@ -595,7 +608,7 @@ def main(argv=None):
     table = markdown_table(shown, columns)
     summary_rows = summary(rows) if rows else []
     summary_columns = ["model", "elbo", "batch_size", "hand_ms", *[i for i in impls if i != "hand"], "default",
-                       "default_ratio", "compile_s", "lower_ms", "hand/lower", "best/lower"]
+                       "default_ratio", *[f"{i[4:-1]}_s" for i in PATH_IMPLS if i in impls], "lower_ms", "hand/lower", "best/lower"]
     stem = args.name or f"throughput-{args.machine or dev.type}" + ("-quick" if quick else "")
     try:
         import pythae
@@ -614,7 +627,8 @@ def main(argv=None):
             "impls": impls, "fit_options": FIT_IMPLS, "backend": args.backend, "warm_cache": args.warm_cache,
             "pythae": pythae_version, "data": "fixed binarisation", "default_run_epochs": DEFAULT_RUN_EPOCHS,
             "default_validation": DEFAULT_VALIDATION, "compile_seconds_estimate": COMPILE_SECONDS,
-            "compiled_saving_estimate": COMPILED_SAVING,
+            "compiled_saving_estimate": COMPILED_SAVING, "flat_seconds_estimate": FLAT_SECONDS,
+            "flat_saving_estimate": FLAT_SAVING,
         },
         "matmul_flops_per_s": rate,
         "note": args.note,
@@ -629,9 +643,11 @@ def main(argv=None):
               "order and random draws for every implementation. hand: hand-written PyTorch loop (torch.distributions "
               "densities, loss read once per epoch); pyro-svi: plain pyro.infer.SVI.step with pyro.optim.Adam, "
               "validation off; fit[eager]: the eager loss (fit(compile=False), Pyro validation on the first calls "
-              "of each batch shape, as the CLI runs it); fit[compiled]: the compiled loss "
+              "of each batch shape, as the CLI runs it); fit[flat]: the flattened loss graph (make_fx) run as it is, no "
+              "torch.compile (fit(compile='flat')); fit[compiled]: the compiled loss "
               f"(fit(compile=True): make_fx + torch.compile, backend {args.backend}).\n\n"
-              f"Each implementation is built and trained one warm-up epoch (fit[compiled] compiles there: compile_s, "
+              f"Each implementation is built and trained one warm-up epoch (fit[flat] flattens and fit[compiled] compiles "
+              f"there: compile_s, in the summary flat_s and compiled_s, "
               f"{'a warm' if args.warm_cache else 'a fresh, empty'} inductor cache), then the implementations are timed "
               f"interleaved in this one process, {rounds} rounds of one {steps}-step epoch each, order rotated. "
               "step_ms: median over rounds; ratio: median of per-round (impl / hand). epoch_s: one pass over the "
@@ -641,7 +657,8 @@ def main(argv=None):
               f"({rate / 1e9:.1f} GFLOP/s, a 2048 x 2048 torch.mm, {torch.get_num_threads()} thread(s)); "
               "over_lower: step_ms / lower_ms. default: the path fit chooses by itself for the CLI's default run "
               f"({DEFAULT_RUN_EPOCHS} epochs of the full training set less a 10% validation split, at this batch "
-              "size: inference.loss.worth_compiling with the measured eager step time, and the compiled step the faster).\n\n"
+              "size: of eager and the paths inference.loss.worth_compiling admits at the measured eager step time, the "
+              "fastest measured; flat when steps x eager x 0.15 > 0.5 s, inductor when steps x eager x 0.2 > 40 s).\n\n"
               + (f"Machine: {args.note}\n\n" if args.note else "")
               + "## Summary (ratios to hand)\n\n" + markdown_table(summary_rows, summary_columns) + "\n\n"
               + "## All measurements\n\n")

@@ -35,9 +35,13 @@ only change speed:
   unconstrained tensor, swapped into the param store) is an input, and
   :func:`torch.fx.experimental.proxy_tensor.make_fx` records the aten ops that
   Pyro's code runs for them, random draws (``normal_``) included, without
-  Pyro's Python effect handlers (which break a TorchDynamo graph). That graph is
+  Pyro's Python effect handlers (which break a TorchDynamo graph); operations
+  whose results the loss does not use are dropped. That graph is
   compiled by :func:`torch.compile` (``backend="inductor"`` by default;
-  AOTAutograd derives the backward pass). Inductor is told to take its random
+  AOTAutograd derives the backward pass), or, with ``compile="flat"``
+  (:data:`FLAT`), run as it is: the same aten ops executed one by one, the
+  backward by autograd as for eager code, which costs a fraction of a second to
+  build and still drops Pyro's per-step Python. Inductor is told to take its random
   numbers from PyTorch's own generator (``fallback_random``), so the compiled
   loss draws exactly what the eager loss draws from the same random state. The
   graph is checked twice, on its first call and on the next one (new data, new
@@ -63,7 +67,7 @@ only change speed:
   gradients do not depend on validation.
 
 :func:`worth_compiling` is the rule by which :func:`inference.fit` chooses the
-compiled path by default. Pyro's own ``JitTrace_ELBO`` family takes only
+paths it tries by default (:data:`DEFAULT_PATHS`: flat, then inductor). Pyro's own ``JitTrace_ELBO`` family takes only
 ``pyro.param`` tensors as graph inputs and is built on ``torch.jit.trace``,
 which PyTorch deprecates; neither is used here.
 """
@@ -96,14 +100,25 @@ CHECK_RTOL = 1e-4
 VALIDATE_CALLS = 2
 # the default torch.compile backend of ``compile=True``
 BACKEND = "inductor"
-# worth_compiling's estimates: seconds of one first compilation of a small network's loss
-# (fwd + bwd; measured 25-35 s for the MLP VAEs with inductor on a 2-core CPU, one thread,
-# cold cache, benchmarks/throughput.py), and the fraction of an eager step that the
-# compiled step saves (measured 0.15-0.4 on CPU for the MLP VAEs; 0.2 is the cautious end)
+# the path name (``compile="flat"``) of the flattened graph run as it is: the make_fx graph's aten
+# ops executed one by one by PyTorch (autograd derives the backward as for any eager code), without
+# torch.compile; it drops Pyro's Python (effect handlers, trace bookkeeping) and generates no code
+FLAT = "flat"
+# worth_compiling's estimates for inductor: seconds of one first compilation of a small network's
+# loss (fwd + bwd; measured 25-35 s for the MLP VAEs with inductor on a 2-core CPU, one thread,
+# cold cache, benchmarks/throughput.py), and the fraction of an eager step that the compiled
+# step saves (measured 0.15-0.4 on CPU for the MLP VAEs; 0.2 is the cautious end)
 COMPILE_SECONDS = {"cpu": 40.0, "cuda": 60.0}
 COMPILED_SAVING = 0.2
-# runs shorter than this stay eager without measuring a step (40 s / 0.2 = 200 s of eager
-# steps would need more than 1 s per step)
+# the same for the flat path: flattening (make_fx) plus the first checked call, on any device
+# (measured 0.2-0.3 s for the MLP VAEs under load; a host-side trace, so not device-dependent),
+# and its saving (measured 0.12-0.24 of the eager step on CPU: trace 0.24, iwae:5 0.12)
+FLAT_SECONDS = 0.5
+FLAT_SAVING = 0.15
+# the paths fit's default considers, cheapest first (each one the rule admits is timed, the fastest kept)
+DEFAULT_PATHS = (FLAT, BACKEND)
+# runs shorter than this stay eager without measuring a step (the flat path's 0.5 s / 0.15 needs
+# 3.3 s of eager steps: over 16 ms a step at 200 steps; inductor's 40 s / 0.2, over 1 s a step)
 MIN_COMPILE_STEPS = 200
 
 
@@ -298,17 +313,20 @@ class StepLoss:
 
     :param elbo: one of :data:`SUPPORTED` (see :func:`supports`).
     :param compile: False (eager), True (``torch.compile`` with :data:`BACKEND`,
-        inductor) or the name of a ``torch.compile`` backend (``"aot_eager"``
-        compiles nothing but runs the same flattened graph; tests use it).
-        The attribute ``backend`` may be changed later (the Trainer does, once it
-        has chosen the path).
+        inductor), :data:`FLAT` (``"flat"``: the flattened graph run as it is, no
+        ``torch.compile``) or the name of a ``torch.compile`` backend
+        (``"aot_eager"`` compiles nothing but runs the same flattened graph through
+        AOTAutograd; tests use it). The attribute ``backend`` may be changed later
+        (the Trainer does, once it has chosen the path); graphs, fallbacks and
+        compile seconds are kept per backend and signature.
     :param validate_calls: calls of each signature that run with Pyro's
         validation as set by the caller (None: every call).
     :param jit: deprecated alias of ``compile`` (a ``FutureWarning``).
 
-    ``compiled`` lists the signatures with a graph, ``fallbacks`` maps
-    signatures that stayed eager to the reason, ``compile_seconds`` maps
-    signatures to the seconds their flattening and first (compiling) call took.
+    ``compiled`` lists the keys ``(backend, *signature)`` with a graph,
+    ``fallbacks`` maps the keys that stayed eager to the reason,
+    ``compile_seconds`` maps keys to the seconds their flattening and first
+    (compiling) call took.
     ``compile_rows``: None, or the set of leading batch sizes that are compiled
     (others run eager).
     """
@@ -378,7 +396,8 @@ class StepLoss:
         self._calls[key] = calls + 1
         quiet = self.validate_calls is not None and calls >= self.validate_calls
         with pyro.validation_enabled(False) if quiet else nullcontext():
-            return self._loss(key, model, guide, owners, tensors, spec, args)
+            # graphs (and fallbacks) per path too: the Trainer's probe builds one for each candidate
+            return self._loss((self.backend, *key), model, guide, owners, tensors, spec, args)
 
     def _loss(self, key, model, guide, owners, tensors, spec, args):
         if (self.backend is None or not torch.is_grad_enabled() or key in self.fallbacks
@@ -469,12 +488,14 @@ class StepLoss:
         try:
             with pyro.validation_enabled(False):
                 graph = make_fx(flat_loss)(*params, *tensors)
+            _simplify(graph)
         except Exception as exc:  # e.g. a captured tensor that requires grad but is no parameter
             return self._fallback(key, f"flattening the loss with make_fx failed ({_describe(exc)})",
                                   model, guide, args, start)
         options = {"fallback_random": True} if self.backend == "inductor" else None
         try:
-            compiled = torch.compile(graph, backend=self.backend, options=options, fullgraph=True, dynamic=False)
+            compiled = graph if self.backend == FLAT else torch.compile(
+                graph, backend=self.backend, options=options, fullgraph=True, dynamic=False)
         except Exception as exc:
             return self._fallback(key, f"torch.compile failed ({_describe(exc)})", model, guide, args, start)
         self._flatten_seconds[key] = time.perf_counter() - t0
@@ -482,6 +503,74 @@ class StepLoss:
         #    here and once more on the next call with new data
         self._graphs[key] = (compiled, params, store_params, 1)
         return self._checked_call(key, compiled, params, tensors, model, guide, args, reference=reference, start=start)
+
+
+_aten = torch.ops.aten
+# ops whose value depends on their tensor input's shape, dtype and device only (which key the graph)
+_LIKE = {_aten.zeros_like.default: 0.0, _aten.ones_like.default: 1.0, _aten.new_zeros.default: 0.0,
+         _aten.new_ones.default: 1.0}
+# (op, the scalar that makes it the identity) for ``op(x, scalar)``
+_IDENTITY = {_aten.add.Tensor: 0, _aten.sub.Tensor: 0, _aten.mul.Tensor: 1, _aten.div.Tensor: 1}
+
+
+def _pure(node):
+    op = node.target
+    return (isinstance(op, torch._ops.OpOverload) and not op._schema.is_mutable
+            and torch.Tag.nondeterministic_seeded not in op.tags and op.overloadpacket is not _aten.empty)
+
+
+def _simplify(graph: torch.fx.GraphModule) -> None:
+    """Drop from a flattened loss graph what costs a dispatch and an autograd node a step but computes nothing new.
+
+    * identities: ``expand`` to the input's own shape, ``x + 0``, ``x - 0``, ``x * 1``, ``x / 1`` (same dtype
+      and shape; Pyro's bookkeeping adds them, e.g. its ``0.0 +`` accumulators and ``expand`` to the plate shape);
+    * constants: every pure op whose inputs are the graph's constant tensors, or only the shape, dtype and device
+      of an input (``zeros_like``, ``new_zeros``, ...; the graph is specialised to those), is computed once
+      here (e.g. a N(0, I) prior's scale, expanded, squared and logged each step);
+    * dead code (unused index ranges, aliases; ops with side effects, the random draws, stay).
+
+    Values and gradients are unchanged (identities are exact; folded constants carry no gradient); nothing is
+    done when an in-place op would write into a value that this would share. The flattened graph's check
+    against the eager loss runs after this.
+    """
+    g = graph.graph
+    mutable = [n for n in g.nodes if isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable]
+    written = {a for n in mutable for a in n.args if isinstance(a, torch.fx.Node)}
+    values: dict[torch.fx.Node, torch.Tensor] = {}
+    for node in list(g.nodes):
+        meta = node.meta.get("val")
+        if node.op == "get_attr":
+            values[node] = getattr(graph, node.target)
+            continue
+        if node.op != "call_function" or node in written or not isinstance(meta, torch.Tensor):
+            continue
+        args = node.args
+        if node.target in _LIKE:
+            values[node] = torch.full(meta.shape, _LIKE[node.target], dtype=meta.dtype, device=meta.device)
+        elif (_pure(node) and all(a in values for a in node.all_input_nodes)
+              and node.all_input_nodes):
+            mapped = torch.fx.node.map_arg((args, node.kwargs), lambda a: values[a])
+            values[node] = node.target(*mapped[0], **mapped[1])
+        elif node.target is _aten.expand.default and isinstance(args[0], torch.fx.Node):
+            source = args[0].meta.get("val")
+            if isinstance(source, torch.Tensor) and tuple(source.shape) == tuple(meta.shape):
+                node.replace_all_uses_with(args[0])
+        elif (node.target in _IDENTITY and not node.kwargs and len(args) == 2 and isinstance(args[0], torch.fx.Node)
+              and type(args[1]) in (int, float) and args[1] == _IDENTITY[node.target]):
+            source = args[0].meta.get("val")
+            if (isinstance(source, torch.Tensor) and source.dtype == meta.dtype
+                    and tuple(source.shape) == tuple(meta.shape)):
+                node.replace_all_uses_with(args[0])
+    # folded values that a computed node uses become the graph's attributes
+    for k, (node, value) in enumerate(values.items()):
+        if node.op == "get_attr" or not node.users:
+            continue
+        name = f"_folded{k}"
+        graph.register_buffer(name, value.detach(), persistent=False)
+        with g.inserting_before(node):
+            node.replace_all_uses_with(g.get_attr(name))
+    g.eliminate_dead_code()
+    graph.recompile()
 
 
 def _describe(exc):
@@ -510,21 +599,27 @@ def _mismatch(reference, loss, ref_grads, grads):
     return None
 
 
-def worth_compiling(eager_step_seconds: float, steps: int, device_type: str = "cpu") -> bool:
-    """Whether compiling the loss is expected to repay its compilation over ``steps`` steps.
+def worth_compiling(eager_step_seconds: float, steps: int, device_type: str = "cpu", backend: str = BACKEND) -> bool:
+    """Whether the path ``backend`` is expected to repay its flattening/compilation over ``steps`` steps.
 
-    The rule: ``steps * eager_step_seconds * COMPILED_SAVING > COMPILE_SECONDS[device_type]``,
-    i.e. the time the compiled step is expected to save (:data:`COMPILED_SAVING`, a
-    fraction of the measured eager step) over the run exceeds an estimate of one
-    first compilation (:data:`COMPILE_SECONDS`; 60 s for a device type not listed).
-    Runs of fewer than :data:`MIN_COMPILE_STEPS` steps are never compiled.
+    The rule: ``steps * eager_step_seconds * saving > cost``, i.e. the time the path
+    is expected to save (a fraction of the measured eager step) over the run
+    exceeds an estimate of its one-off cost. For :data:`FLAT` (the flattened graph,
+    no code generation) the saving is :data:`FLAT_SAVING` and the cost
+    :data:`FLAT_SECONDS` on any device; for a ``torch.compile`` backend (inductor)
+    :data:`COMPILED_SAVING` and :data:`COMPILE_SECONDS` of ``device_type`` (60 s for a
+    device type not listed). Runs of fewer than :data:`MIN_COMPILE_STEPS` steps
+    take no path but eager.
 
     :param eager_step_seconds: measured seconds of one eager step (loss and backward).
     :param steps: the steps the run has left.
     :param device_type: ``"cpu"``, ``"cuda"``, ...
+    :param backend: :data:`FLAT` or a ``torch.compile`` backend name.
     """
     if steps < MIN_COMPILE_STEPS:
         return False
+    if backend == FLAT:
+        return steps * eager_step_seconds * FLAT_SAVING > FLAT_SECONDS
     return steps * eager_step_seconds * COMPILED_SAVING > COMPILE_SECONDS.get(device_type, 60.0)
 
 
@@ -536,7 +631,8 @@ def make_step_loss(elbo: Any, *, max_plate_nesting: int | None = None, compile: 
         ``"iwae:5"``, ...) or a Pyro ELBO object.
     :param max_plate_nesting: passed to :func:`~inference.elbo.make_elbo` with a spec.
     :param compile: compile the loss with ``torch.compile`` (True: inductor; a
-        string: that backend; see the module docstring).
+        string: that backend, or :data:`FLAT` for the flattened graph without
+        ``torch.compile``; see the module docstring).
     :param jit: deprecated alias of ``compile`` (a ``FutureWarning``).
     :returns: ``(objective, loss)``: the Pyro ELBO object (to report, compare, or
         check validity) and an object with its ``differentiable_loss`` signature.

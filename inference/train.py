@@ -32,7 +32,7 @@ from .checkpoint import get_rng_state, set_rng_state
 from .elbo import DifferentiableRenyiELBO
 from .errors import DivergenceError, NonFiniteLossError, UsageError
 from .evaluate import evaluate
-from .loss import BACKEND, MIN_COMPILE_STEPS, StepLoss, make_step_loss, worth_compiling
+from .loss import DEFAULT_PATHS, MIN_COMPILE_STEPS, StepLoss, make_step_loss, worth_compiling
 from .pair import Pair, PairInfo, as_pair, check_minibatching, check_objective, inspect_pair
 
 # a step's loss per datapoint this far above the epoch's first (in units of max(|first|, 1 nat)) is divergence
@@ -211,20 +211,25 @@ class Trainer:
         it (one particle per point) is recorded after every epoch as ``val_elbo``.
     :param validate: switch Pyro's validation on/off for the run (None leaves it).
     :param compile: how the step's loss runs (:mod:`inference.loss`). None
-        (default) chooses when :meth:`run` starts: compiled (``torch.compile``,
-        inductor) when the objective has a compiled path (Trace_ELBO,
-        TraceMeanField_ELBO, IWAE/Renyi), the pair does not subsample its own
-        plate, the run is long enough to repay the compilation by the rule of
-        :func:`inference.loss.worth_compiling`: ``S * t * 0.2 > C`` with ``S``
-        the full-batch steps left, ``t`` the eager step's seconds measured on the
-        first batch (three loss-and-backward calls with the random state restored,
-        only when ``S >= 200``) and ``C`` the estimated first compilation (40 s on
-        CPU, 60 s on CUDA), and the compiled step, compiled there and timed the
-        same way, is faster than ``t``; eager otherwise. A resumed run keeps the choice its
-        history records, so it continues exactly. True compiles (inductor), a
-        string names another ``torch.compile`` backend, False stays eager. The
-        choice is ``settings["loss_path"]`` and each history record's
-        ``loss_path`` (``"eager"`` or the backend's name).
+        (default) chooses when :meth:`run` starts, when the objective has a
+        compiled path (Trace_ELBO, TraceMeanField_ELBO, IWAE/Renyi) and the pair
+        does not subsample its own plate. With ``S`` the full-batch steps left and
+        ``t`` the eager step's seconds measured on the first batch (three
+        loss-and-backward calls with the random state restored, only when
+        ``S >= 200``), each path of :data:`inference.loss.DEFAULT_PATHS` whose
+        expected saving repays its one-off cost
+        (:func:`inference.loss.worth_compiling`) is built on the first batch and
+        timed the same way, and the fastest of eager and those is kept:
+        ``"flat"`` (the flattened graph without code generation) when
+        ``S * t * 0.15 > 0.5 s``; ``"inductor"`` (``torch.compile``) when
+        ``S * t * 0.2 > 40 s`` on CPU (60 s on CUDA). A path whose graph fails its
+        check or cannot be built warns, naming the reason, and is not kept. A
+        resumed run keeps the choice its history records, so it continues
+        exactly. True compiles (inductor), ``"flat"`` or another
+        ``torch.compile`` backend's name forces that path, False stays eager.
+        The choice is ``settings["loss_path"]`` and each history record's
+        ``loss_path`` (``"eager"``, ``"flat"`` or the backend's name); the
+        probe's step times are ``settings["step_seconds"]``.
     :param jit: deprecated alias of ``compile`` (``jit=True`` is ``compile=True``,
         ``jit=False`` is ``compile=False``; a ``FutureWarning``).
     :param sync_every: steps between host reads of the losses (default 1 on CPU,
@@ -376,23 +381,29 @@ class Trainer:
                 path = recorded
             elif steps >= MIN_COMPILE_STEPS:
                 eager = self._step_seconds(self.loss.eager_loss)
-                if worth_compiling(eager, steps, self.device.type):
-                    path = self._faster_than_eager(eager)
+                candidates = [b for b in DEFAULT_PATHS if worth_compiling(eager, steps, self.device.type, backend=b)]
+                if candidates:
+                    path = self._fastest(eager, candidates)
             if self.parallel is not None:
                 path = self.parallel.broadcast_object(path)  # every rank runs rank 0's choice
             self.loss.backend = None if path == "eager" else path
         self.loss_path = self.settings["loss_path"] = path
         _log.debug("step loss: %s", path)
 
-    def _faster_than_eager(self, eager):
-        """Compile (on the first batch) and keep the compiled loss if its step is faster than ``eager`` seconds."""
-        self.loss.backend = BACKEND
-        compiled = self._step_seconds(self.loss.differentiable_loss, calls=5)  # compile, 2 checked, 2 timed
-        self.settings["step_seconds"] = {"eager": eager, BACKEND: compiled}
-        if self.loss.fallbacks or compiled >= eager:
-            _log.info("the compiled loss is not faster here (%.3g s vs %.3g s a step, eager): eager", compiled, eager)
-            return "eager"
-        return BACKEND
+    def _fastest(self, eager, candidates):
+        """Build each candidate path on the first batch, time its step, and return the fastest path
+        (``"eager"`` when none beats ``eager`` seconds or each fell back); the times go to ``settings``."""
+        seconds = {"eager": eager}
+        for backend in candidates:
+            self.loss.backend = backend
+            failed = len(self.loss.fallbacks)
+            step = self._step_seconds(self.loss.differentiable_loss, calls=5)  # build, 2 checked, 2 timed
+            if len(self.loss.fallbacks) == failed:  # a fallback warned, naming the reason; its time is eager's
+                seconds[backend] = step
+        self.settings["step_seconds"] = seconds
+        best = min(seconds, key=seconds.get)
+        _log.info("step seconds by path %s: %s", seconds, best)
+        return best
 
     def _step_seconds(self, loss, calls=3):
         """Seconds of one loss-and-backward on the first batch, the fastest of the last 2 of ``calls`` calls
@@ -867,12 +878,14 @@ def fit(
     A non-finite loss raises :class:`~inference.errors.NonFiniteLossError` naming
     the epoch and step; the checkpoint on disk is then the last good one.
 
-    Fast by default: the step's loss is compiled (``torch.compile``, see
-    :mod:`inference.loss`) when the run is long enough to repay the compilation
-    (``steps * eager_step_seconds * 0.2 > 40 s`` on CPU, 60 s on CUDA,
-    :func:`inference.loss.worth_compiling`) and the compiled step, timed on the
-    first batch, is faster; eager otherwise. ``compile=False`` keeps the eager
-    loss; the choice is each history record's ``loss_path``.
+    Fast by default (see :class:`Trainer`'s ``compile``): the step's loss runs
+    on the fastest of the eager loss and the paths the run is long enough to
+    repay (:func:`inference.loss.worth_compiling`), each timed on the first
+    batch: the flattened graph without code generation (``"flat"``, about half a
+    second to build: ``steps * eager_step_seconds * 0.15 > 0.5 s``) and
+    ``torch.compile``/inductor (``steps * eager_step_seconds * 0.2 > 40 s`` on
+    CPU, 60 s on CUDA). ``compile=False`` keeps the eager loss; the choice is
+    each history record's ``loss_path``.
     """
     _positive("epochs", epochs, int)
     if resume and checkpoint_dir is None:

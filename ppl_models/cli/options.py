@@ -140,8 +140,9 @@ def add_training_options(p: Any, recipe: Recipe) -> None:
                    help="CPU threads of torch (default: chosen from the model's size and the free cores)")
     p.add_argument("--no-validate", action="store_true", help="switch Pyro's validation off (faster)")
     p.add_argument("--no-compile", action="store_true",
-                   help="keep the eager loss (default: the loss is compiled with torch.compile when the run is long "
-                        "enough to repay the compilation, see inference.Trainer)")
+                   help="keep the eager loss (default: the fastest of eager, the flattened loss graph and "
+                        "torch.compile that the run is long enough to repay, timed on the first batch; see "
+                        "inference.Trainer)")
     p.add_argument("--jit", action="store_true",
                    help="deprecated: compile the loss whatever the run's length (torch.compile; was torch.jit.trace)")
     p.add_argument("--validation", type=fraction, default=0.1,
