@@ -37,6 +37,11 @@ from .pair import Pair, PairInfo, as_pair, check_minibatching, check_objective, 
 
 # a step's loss per datapoint this far above the epoch's first (in units of max(|first|, 1 nat)) is divergence
 GROWTH = 1e3
+# host reads of the losses between checks of the parameters: they are checked on the first and the last read
+# of each epoch (so no checkpoint, written at the next read, holds a non-finite value), on every
+# PARAM_CHECK_READS-th read, and whenever a loss read is not finite (to name the cause); a parameter that turns
+# non-finite in between makes the next losses non-finite or is found at the epoch's last read
+PARAM_CHECK_READS = 16
 # torch.distributions' message for arguments outside their constraint (Pyro's validation)
 _INVALID_VALUES = "but found invalid values"
 
@@ -247,8 +252,9 @@ class Trainer:
 
     Divergence stops the run with :class:`~inference.errors.DivergenceError`
     (a :class:`NonFiniteLossError`): non-finite parameters (their largest
-    absolute value, one fused reduction read with each window's losses, so no
-    extra host read), a distribution argument outside its support during
+    absolute value, one fused reduction read with a window's losses, so no
+    extra host read, on the first and last read of each epoch and every
+    ``PARAM_CHECK_READS``-th (16) read), a distribution argument outside its support during
     training (Pyro's validation error raised by non-finite network outputs), or
     a step's loss per datapoint more than ``GROWTH`` (1e3) times
     ``max(|first|, 1)`` above the epoch's first step's.
@@ -753,6 +759,7 @@ class Trainer:
         source = None if per_batch else batching.epoch_view(self.train_data)
         batches = self._batches(epoch)
         last, window, sizes, total, points, first, failed = len(batches), [], [], 0.0, 0, None, 0
+        reads = 0
         for step, (idx, rows) in enumerate(batches, start=1):
             try:
                 loss = self._step_loss(source, idx)
@@ -771,9 +778,11 @@ class Trainer:
             window.append(loss.detach())
             sizes.append(size)
             if step % self.sync_every == 0 or step == last:
-                # the only host read: the losses of the window and the parameters' largest absolute value,
-                # checked before this step's update
-                largest = self.parameters_max().to(window[0].dtype)
+                # the only host read: the losses of the window and (see PARAM_CHECK_READS) the parameters'
+                # largest absolute value, checked before this step's update
+                reads += 1
+                checked = reads == 1 or step == last or reads % PARAM_CHECK_READS == 0
+                largest = self.parameters_max().to(window[0].dtype) if checked else window[0].new_zeros(())
                 if self.parallel is None:
                     *values, largest = _read(window + [largest])
                 else:
@@ -785,6 +794,8 @@ class Trainer:
                             f"training diverged at epoch {epoch}, step {step - len(values) + 1 + bad}: the networks' "
                             f"outputs left their distributions' support (non-finite values; {failures} failed "
                             f"step(s) over the {self.world_size} ranks){self._kept()}")
+                if not checked and not all(map(math.isfinite, values)):
+                    largest = float(self.parameters_max())  # the same on every rank: no collective needed
                 self._check_finite(values, epoch, step, largest)
                 if first is None:
                     first = values[0] / sizes[0]

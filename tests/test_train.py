@@ -204,6 +204,44 @@ def test_a_checkpoint_is_written_only_when_its_parameters_are_finite(digits, tmp
     assert all(torch.isfinite(t).all() for t in state["module"].values() if t.is_floating_point())
 
 
+def test_a_parameter_the_loss_never_reads_turning_nan_mid_epoch_stops_the_epoch(tmp_path):
+    """The parameters are checked on the first and last read of an epoch and every PARAM_CHECK_READS-th read,
+    not on every read: a parameter that no loss reads (so no later loss shows it) made NaN after read 2 of a
+    40-step epoch is found at read 16, so the run stops with DivergenceError and no checkpoint holds it."""
+    from inference.callbacks import Callback
+    from inference.errors import DivergenceError
+    from inference.train import PARAM_CHECK_READS
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.loc = nn.Parameter(torch.zeros(()))
+            self.unused = nn.Parameter(torch.zeros(()))
+
+        def model(self, x):
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("x", dist.Normal(self.loc, 1.0), obs=x)
+
+        def guide(self, x):
+            pass
+
+    seen = []
+
+    class Poison(Callback):
+        def on_steps(self, trainer, steps, total, points):
+            seen.append(points)
+            if len(seen) == 2:
+                with torch.no_grad():
+                    pair.unused.fill_(float("nan"))
+
+    pair = Pair()
+    x = torch.randn(400)
+    with pytest.raises(DivergenceError, match="non-finite parameters"):
+        fit(pair, x, epochs=1, batch_size=10, lr=1e-2, progress=False, checkpoint_dir=tmp_path, callbacks=[Poison()])
+    assert len(seen) == PARAM_CHECK_READS - 1  # stopped at read 16, before its callbacks
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
 def test_data_holding_no_modality_is_one_usage_error():
     with pytest.raises(UsageError, match="the data hold no modality"):
         fit(small_vae_for(8), {}, epochs=1, batch_size=4, lr=1e-3, progress=False)
