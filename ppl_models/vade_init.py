@@ -55,7 +55,19 @@ the initial mixture by a few points (measured in
    plate, trained by :func:`inference.fit` on batches ``{"x": x, "r": r}``. No
    labels are used: the targets are the map's own clusters.
 
-4. **Selection** (``candidates`` R > 1). R initialisations are built, each
+4. **The encoder's scale head** (:func:`init_scale_head`). Stages 1 and 3
+   train only the mean mu_phi of q(z | x) = N(mu_phi(x), sigma_phi(x)^2); the
+   scale head sigma_phi is still at its random initialisation, whose output
+   (softplus of a random projection, about 0.7) is unrelated to the codes'
+   scale. On MNIST it is about twice the spread of the codes and three times
+   the clusters' scales, so the z that SVI's first steps decode are mostly
+   noise: the training ELBO at the start of SVI is hundreds of nats per point
+   below that of a well-chosen constant scale, and SVI's first gradients move
+   the means and the mixture to cope with that noise rather than to refine the
+   clusters. The head is therefore set to the constant scale that maximises
+   the ELBO over a log grid (the means, decoder and mixture fixed), before SVI.
+
+5. **Selection** (``candidates`` R > 1). R initialisations are built, each
    trained by SVI for a few epochs, and the one with the highest estimated
    training ELBO is kept::
 
@@ -512,7 +524,7 @@ def initialise(vade: Any, x: torch.Tensor, *, pretrain_epochs: int = 50, batch_s
     ``DataSplit`` on the module's device. Returns the merged records. Bad
     arguments are refused (:class:`UsageError`) before any weight changes.
 
-    With ``candidates`` R > 1 (stage 4): candidate 0 is built exactly as with
+    With ``candidates`` R > 1 (stage 5): candidate 0 is built exactly as with
     R = 1; candidate r > 0 from freshly drawn network weights and its own
     pretraining and GMM seeds; each is trained by SVI (:func:`inference.fit`)
     for ``select_epochs`` epochs (Adam, ``select_lr``, ``batch_size``), its ELBO

@@ -297,7 +297,8 @@ def test_pplm_train_vade_writes_clustering_outputs(tmp_path):
             "--hidden", "32", "--latent-dim", "4", "--particles", "10", "--quiet", "--device", "cpu",
             "--gmm-restarts", "2", "--pretrain-dropout", "0.1", "--init", "tsne", "--embed", "inputs",
             "--embed-points", "300", "--perplexity", "20", "--align-epochs", "1", "--align-weight", "10",
-            "--init-candidates", "2", "--select-epochs", "1", "--pretrain-lr", "2e-3", "--min-scale", "0.01"]
+            "--init-candidates", "2", "--select-epochs", "1", "--pretrain-lr", "2e-3", "--min-scale", "0.01",
+            "--pretrain-validation", "0.1", "--pretrain-patience", "2"]
     assert main(argv) == 0
     for name in ("cluster_samples.png", "latent_pca.png", "loss.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -317,6 +318,8 @@ def test_pplm_train_vade_writes_clustering_outputs(tmp_path):
     assert main(["train", "vade", "--out", str(tmp_path / "no"), "--embed-points", "10", "--quiet"]) == 2
     assert main(["train", "vade", "--out", str(tmp_path / "no"), "--init", "gmm", "--align-epochs", "2", "--quiet"]) == 2
     assert main(["train", "vade", "--out", str(tmp_path / "no"), "--align-weight", "-1", "--quiet"]) == 2
+    assert main(["train", "vade", "--out", str(tmp_path / "no"), "--pretrain-patience", "2", "--quiet"]) == 2
+    assert main(["train", "vade", "--out", str(tmp_path / "no"), "--pretrain-validation", "1", "--quiet"]) == 2
     assert not (tmp_path / "no").exists()
 
 
