@@ -56,16 +56,17 @@ the initial mixture by a few points (measured in
    labels are used: the targets are the map's own clusters.
 
 4. **The encoder's scale head** (:func:`init_scale_head`). Stages 1 and 3
-   train only the mean mu_phi of q(z | x) = N(mu_phi(x), sigma_phi(x)^2); the
-   scale head sigma_phi is still at its random initialisation, whose output
-   (softplus of a random projection, about 0.7) is unrelated to the codes'
-   scale. On MNIST it is about twice the spread of the codes and three times
-   the clusters' scales, so the z that SVI's first steps decode are mostly
-   noise: the training ELBO at the start of SVI is hundreds of nats per point
-   below that of a well-chosen constant scale, and SVI's first gradients move
-   the means and the mixture to cope with that noise rather than to refine the
-   clusters. The head is therefore set to the constant scale that maximises
-   the ELBO over a log grid (the means, decoder and mixture fixed), before SVI.
+   train only the mean mu_phi of q(z | x) = N(mu_phi(x), diag sigma_phi(x)^2);
+   the scale head sigma_phi is still at its random initialisation, whose
+   output (softplus of a random projection, about softplus(0) = 0.69) has
+   nothing to do with the scale of the codes, which pretraining leaves
+   arbitrary. When it is larger than the clusters' scales, the z that SVI's
+   first steps decode are mostly noise, the ELBO at the start of SVI is far
+   below that of a well-chosen constant scale, and the first gradients move
+   the means and the mixture to cope with that noise instead of refining the
+   clusters. So the head is set, before SVI, to the constant scale that
+   maximises the ELBO over a log grid with the means, decoder and mixture
+   fixed: one step of coordinate ascent on SVI's own objective.
 
 5. **Selection** (``candidates`` R > 1). R initialisations are built, each
    trained by SVI for a few epochs, and the one with the highest estimated
@@ -439,11 +440,9 @@ def init_scale_head(vade: Any, x: torch.Tensor, *, points: int = 5000, seed: int
 
     Pretraining and alignment train mu_phi only, so the scale head
     sigma_phi(x) = softplus(W h + b) is still at its random initialisation when
-    SVI starts, and nothing ties it to the codes' scale: on MNIST it is about
-    twice the codes' spread, so the z drawn by the guide carry almost no
-    information about the cluster and SVI's first steps move the means to cope
-    with that noise instead of refining the clusters. This sets ``W = 0`` and
-    ``b`` so that sigma_phi(x) = s* for every x and dimension, with::
+    SVI starts, unrelated to the codes' scale (module docstring, stage 4).
+    This sets ``W = 0`` and ``b`` so that sigma_phi(x) = s* for every x and
+    dimension, with::
 
         s* = argmax_{s in S} (1/M) sum_m ELBO_hat_s(x_m),   S = {2^-k * spread : k = 0 .. SCALE_STEPS - 1},
 
