@@ -405,3 +405,19 @@ def test_scale_head_starts_at_the_best_constant_scale_of_the_grid():
         head.bias.copy_(saved)
     with pytest.raises(UsageError, match="points"):
         init_scale_head(m, x, points=0)
+
+
+def test_frozen_mixture_is_not_trained_by_svi():
+    """freeze_mixture: fit leaves pi, mu_c, sigma_c exactly as they were and still trains the networks."""
+    x, _ = _blobs(30, 3, 6, seed=6)
+    torch.manual_seed(0)
+    m = VaDE(6, n_clusters=3, latent_dim=2, hidden=(16,), likelihood="normal:0.3")
+    m.freeze_mixture()
+    mixture = [t.detach().clone() for t in (m.mixture_logits, m.mixture_locs, m.mixture_raw_scales)]
+    decoder = [t.detach().clone() for t in m.decoder.parameters()]
+    fit(m, x, epochs=2, batch_size=30, lr=1e-2, device="cpu", progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(mixture, (m.mixture_logits, m.mixture_locs, m.mixture_raw_scales)))
+    assert not all(torch.equal(a, b) for a, b in zip(decoder, m.decoder.parameters()))
+    m.freeze_mixture(False)
+    fit(m, x, epochs=1, batch_size=30, lr=1e-2, device="cpu", progress=False)
+    assert not torch.equal(mixture[1], m.mixture_locs)
