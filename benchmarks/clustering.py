@@ -13,8 +13,17 @@ What is compared, per seed, on the same data:
   inputs (digits) or of the codes (MNIST), ``--embed`` to choose, and moves it to
   the latent space by one M-step, then ``--align-epochs`` of
   :func:`ppl_models.vade_init.align` (on by default for MNIST); ``gmm`` is the
-  paper's diagonal GMM on the codes), then ``--epochs`` of SVI; clusters =
-  argmax q(c | x).
+  paper's diagonal GMM on the codes), then the encoder's scale head set by
+  :func:`ppl_models.vade_init.init_scale_head` (``--no-scale-head`` skips it),
+  then ``--epochs`` of SVI at ``--svi-lr``, with the mixture trained or, with
+  ``--svi-mixture fixed`` (MNIST's default), kept as initialised
+  (:meth:`ppl_models.vade.VaDE.freeze_mixture`); clusters = argmax q(c | x).
+  Pretraining (and alignment) use ``--pretrain-batch-size`` and
+  ``--pretrain-lr``; on MNIST 5% of the points are held out of the
+  pretraining and it stops early (``--pretrain-patience``) when their
+  reconstruction stops improving. The record holds, per seed, the ACC right
+  after initialisation, the training ELBO per point before and after SVI
+  (one particle per point, the same random stream) and each stage's seconds.
   With ``--candidates R`` (default 1) R initialisations are each trained for
   ``--select-epochs`` of SVI and the one with the highest training ELBO is kept
   and trained on (its selection epochs count in ``--epochs``); no labels are used.

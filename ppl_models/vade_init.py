@@ -60,13 +60,14 @@ the initial mixture by a few points (measured in
    the scale head sigma_phi is still at its random initialisation, whose
    output (softplus of a random projection, about softplus(0) = 0.69) has
    nothing to do with the scale of the codes, which pretraining leaves
-   arbitrary. When it is larger than the clusters' scales, the z that SVI's
-   first steps decode are mostly noise, the ELBO at the start of SVI is far
-   below that of a well-chosen constant scale, and the first gradients move
-   the means and the mixture to cope with that noise instead of refining the
-   clusters. So the head is set, before SVI, to the constant scale that
-   maximises the ELBO over a log grid with the means, decoder and mixture
-   fixed: one step of coordinate ascent on SVI's own objective.
+   arbitrary. When it is larger than the clusters' scales, the z decoded at
+   the start of SVI are mostly noise and the ELBO there is far below that of
+   a well-chosen constant scale; Adam moves each weight by about the learning
+   rate per step, so with the small learning rate that fine-tuning pretrained
+   networks wants, SVI spends its first epochs shrinking the scales. So the
+   head is set, before SVI, to the constant scale that maximises the ELBO
+   over a log grid with the means, decoder and mixture fixed: one step of
+   coordinate ascent on SVI's own objective.
 
 5. **Selection** (``candidates`` R > 1). R initialisations are built, each
    trained by SVI for a few epochs, and the one with the highest estimated
@@ -77,6 +78,14 @@ the initial mixture by a few points (measured in
    each ELBO_hat_r from the same particles per point and the same random
    stream (common random numbers), i.e. the highest lower bound on the
    marginal likelihood of the training data; no labels.
+
+After initialisation. The mixture set from the map is what carries the
+clusters; SVI of the whole model moves it towards the maximum-likelihood
+diagonal GMM of the codes (the ELBO's gradient in pi, mu_c, sigma_c is that of
+sum_n log p(z_n)), which clusters worse, as EM on the codes does. Keeping it
+fixed (:meth:`ppl_models.vade.VaDE.freeze_mixture`) and training the networks
+with a small learning rate raises the ELBO and keeps the clusters (measured in
+``benchmarks/results/clustering-mnist-*``).
 
 References: Z. Jiang, Y. Zheng, H. Tan, B. Tang, H. Zhou, "Variational Deep
 Embedding: An Unsupervised and Generative Approach to Clustering", IJCAI 2017.
