@@ -102,10 +102,10 @@ from typing import Any
 
 import numpy as np
 import pyro
-from pyro.util import get_rng_state, set_rng_state
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pyro.util import get_rng_state, set_rng_state
 
 from inference import EarlyStopping, batching, evaluate, fit
 from inference.errors import NonFiniteLossError, UsageError
