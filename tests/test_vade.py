@@ -10,15 +10,15 @@ import torch.distributions as td
 
 from inference import evaluate, fit, make_elbo
 from inference.errors import NonFiniteLossError, UsageError
-from inference.train import _validation_split
 from inference.metrics import cluster_accuracy
+from inference.train import _validation_split
 from ppl_models.vade import VaDE
 from ppl_models.vade_init import (
+    SCALE_STEPS,
     AlignmentPair,
     AutoencoderPair,
     align,
     init_mixture,
-    SCALE_STEPS,
     init_scale_head,
     initialise,
     pretrain,
