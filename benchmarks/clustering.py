@@ -2,7 +2,7 @@
 
     python -m benchmarks.clustering --quick                     # digits, CPU, 5 seeds, < 10 minutes
     python -m benchmarks.clustering --dataset mnist --data-root ../shared/data --seeds 5 --methods vade --threads 1
-                                          # the committed MNIST result: about 11 minutes a seed on one CPU thread
+                                          # the committed MNIST result (one CPU thread)
     python -m benchmarks.clustering --dataset mnist --data-root ../shared/data --device cuda --seeds 5
 
 What is compared, per seed, on the same data:
@@ -13,8 +13,17 @@ What is compared, per seed, on the same data:
   inputs (digits) or of the codes (MNIST), ``--embed`` to choose, and moves it to
   the latent space by one M-step, then ``--align-epochs`` of
   :func:`ppl_models.vade_init.align` (on by default for MNIST); ``gmm`` is the
-  paper's diagonal GMM on the codes), then ``--epochs`` of SVI; clusters =
-  argmax q(c | x).
+  paper's diagonal GMM on the codes), then the encoder's scale head set by
+  :func:`ppl_models.vade_init.init_scale_head` (``--no-scale-head`` skips it),
+  then ``--epochs`` of SVI at ``--svi-lr``, with the mixture trained or, with
+  ``--svi-mixture fixed`` (MNIST's default), kept as initialised
+  (:meth:`ppl_models.vade.VaDE.freeze_mixture`); clusters = argmax q(c | x).
+  Pretraining (and alignment) use ``--pretrain-batch-size`` and
+  ``--pretrain-lr``; on MNIST 5% of the points are held out of the
+  pretraining and it stops early (``--pretrain-patience``) when their
+  reconstruction stops improving. The record holds, per seed, the ACC right
+  after initialisation, the training ELBO per point before and after SVI
+  (one particle per point, the same random stream) and each stage's seconds.
   With ``--candidates R`` (default 1) R initialisations are each trained for
   ``--select-epochs`` of SVI and the one with the highest training ELBO is kept
   and trained on (its selection epochs count in ``--epochs``); no labels are used.
@@ -44,10 +53,11 @@ import sys
 import time
 from pathlib import Path
 
+import pyro
 import torch
 
 from benchmarks.common import RESULTS, environment, machine_tag, markdown_table, start, write_results
-from inference import fit
+from inference import evaluate, fit
 from inference.errors import UsageError
 from inference.metrics import clustering_scores
 from ppl_models.data import load_dataset
@@ -61,10 +71,14 @@ METHODS = ("vade", "vae-gmm", "kmeans-pixels", "gmm-pixels", "tsne-gmm-pixels")
 # per-dataset defaults (the --quick budget is the digits row)
 DEFAULTS = {
     "digits": dict(hidden=[256, 256], latent_dim=10, epochs=150, pretrain_epochs=50, batch_size=64, lr=2e-3,
-                   likelihood="normal:0.3", init="tsne", embed="inputs", align_epochs=0, methods=",".join(METHODS)),
-    "mnist": dict(hidden=[500, 500, 2000], latent_dim=10, epochs=5, pretrain_epochs=20, batch_size=256, lr=5e-4,
+                   likelihood="normal:0.3", init="tsne", embed="inputs", align_epochs=0, methods=",".join(METHODS),
+                   pretrain_batch_size=64, pretrain_lr=1e-3, pretrain_validation=0.0, pretrain_patience=None,
+                   svi_mixture="trained", svi_lr=2e-3),
+    "mnist": dict(hidden=[500, 500, 2000], latent_dim=10, epochs=2, pretrain_epochs=10, batch_size=256, lr=5e-4,
                   likelihood="normal:0.3", init="tsne", embed="codes", align_epochs=3,
-                  methods="vade,vae-gmm,kmeans-pixels,gmm-pixels"),
+                  methods="vade,vae-gmm,kmeans-pixels,gmm-pixels",
+                  pretrain_batch_size=256, pretrain_lr=1e-3, pretrain_validation=0.05, pretrain_patience=2,
+                  svi_mixture="fixed", svi_lr=1e-4),
 }
 
 
@@ -75,7 +89,22 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default="5", help="a count N (seeds 0..N-1) or a comma list (default 5)")
     p.add_argument("--epochs", type=int, default=None, help="SVI epochs of VaDE (dataset default otherwise)")
     p.add_argument("--pretrain-epochs", type=int, default=None, help="autoencoder pretraining epochs")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="SVI batch size")
+    p.add_argument("--pretrain-batch-size", type=int, default=None, help="batch size of pretraining and alignment")
+    p.add_argument("--pretrain-lr", type=float, default=None, help="learning rate of pretraining and alignment")
+    p.add_argument("--pretrain-validation", type=float, default=None,
+                   help="fraction held out of the pretraining to watch its reconstruction (early stopping)")
+    p.add_argument("--pretrain-patience", type=int, default=None,
+                   help="stop pretraining after this many epochs without a held-out improvement above "
+                        "--pretrain-min-delta (needs --pretrain-validation)")
+    p.add_argument("--pretrain-min-delta", type=float, default=0.0, help="nats per point (early stopping)")
+    p.add_argument("--svi-lr", type=float, default=None,
+                   help="learning rate of VaDE's SVI after initialisation (default: 2e-3 digits, 1e-4 MNIST)")
+    p.add_argument("--svi-mixture", choices=("trained", "fixed"), default=None,
+                   help="train VaDE's mixture by SVI, or keep it as initialised and train the networks only "
+                        "(VaDE.freeze_mixture; default: fixed on MNIST, trained on digits)")
+    p.add_argument("--no-scale-head", action="store_true",
+                   help="leave the encoder's scale head as drawn (no vade_init.init_scale_head before SVI)")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--hidden", type=int, nargs="+", default=None, help="MLP hidden widths")
     p.add_argument("--latent-dim", type=int, default=None)
@@ -142,20 +171,39 @@ def load_points(args):
     return x, y, xs, ys, train.image_shape
 
 
+def _training_elbo(m, x, seed):
+    """Training ELBO per point (one particle per point, a fixed random stream), and the seconds it took."""
+    t0 = time.perf_counter()
+    pyro.set_rng_seed(seed)
+    return float(evaluate(m, x, particles=1, batch_size=5000).elbo), time.perf_counter() - t0
+
+
 def run_vade(x, xs, s, seed, device):
     torch.manual_seed(seed)
     m = VaDE(x.shape[1], n_clusters=s["clusters"], latent_dim=s["latent_dim"], hidden=s["hidden"],
              likelihood=s["likelihood"]).to(device)
-    info = initialise(m, x, pretrain_epochs=s["pretrain_epochs"], batch_size=s["batch_size"], restarts=s["restarts"],
-                        dropout=s["pretrain_dropout"], seed=seed, candidates=s["candidates"],
-                      select_epochs=s["select_epochs"], select_lr=s["lr"], init=s["init"], embed=s["embed"],
-                      embed_points=s["embed_points"], perplexity=s["perplexity"], align_epochs=s["align_epochs"],
-                      align_weight=s["align_weight"])
+    info = initialise(m, x, pretrain_epochs=s["pretrain_epochs"], batch_size=s["pretrain_batch_size"],
+                      lr=s["pretrain_lr"], restarts=s["restarts"], dropout=s["pretrain_dropout"], seed=seed,
+                      candidates=s["candidates"], select_epochs=s["select_epochs"], select_lr=s["lr"], init=s["init"],
+                      embed=s["embed"], embed_points=s["embed_points"], perplexity=s["perplexity"],
+                      align_epochs=s["align_epochs"], align_weight=s["align_weight"],
+                      pretrain_validation=s["pretrain_validation"], pretrain_patience=s["pretrain_patience"],
+                      pretrain_min_delta=s["pretrain_min_delta"], scale_head=s["scale_head"])
+    # reporting only (not counted in the method's seconds): clusters and training ELBO before and after SVI
+    t0 = time.perf_counter()
     info["init_clusters"] = m.cluster(xs)  # after initialisation (and, with candidates > 1, the selection's SVI)
+    info["elbo_before_svi"], _ = _training_elbo(m, x, seed)
+    report = time.perf_counter() - t0
     done = s["select_epochs"] if s["candidates"] > 1 else 0
-    fit(m, x, epochs=s["epochs"] - done, batch_size=s["batch_size"], lr=s["lr"], device=device, seed=seed, progress=False,
-        validate=False)
-    return m.cluster(xs), info
+    m.freeze_mixture(s["svi_mixture"] == "fixed")
+    t1 = time.perf_counter()
+    fit(m, x, epochs=s["epochs"] - done, batch_size=s["batch_size"], lr=s["svi_lr"], device=device, seed=seed,
+        progress=False, validate=False)
+    info["svi_seconds"] = time.perf_counter() - t1
+    pred = m.cluster(xs)
+    info["elbo_after_svi"], seconds = _training_elbo(m, x, seed)
+    info["report_seconds"] = report + seconds
+    return pred, info
 
 
 def run_vae_gmm(x, xs, s, seed, device):
@@ -225,6 +273,27 @@ def table(summary):
     return markdown_table(rows, ["method", "dataset", "seeds", "ACC", "NMI", "ARI", "seconds (median)"])
 
 
+STAGES = (("pretrain_seconds", "pretrain"), ("embed_seconds", "t-SNE"), ("gmm_seconds", "GMM"),
+          ("align_seconds", "align"), ("scale_head_seconds", "scale head"), ("svi_seconds", "SVI"))
+
+
+def vade_table(details, results):
+    """One row per seed: ACC before/after SVI, training ELBO before/after, seconds per stage."""
+    acc = {r["seed"]: r["acc"] for r in results if r["method"] == "vade"}
+    secs = {r["seed"]: r["seconds"] for r in results if r["method"] == "vade"}
+    rows = []
+    for e in details:
+        row = {"seed": e["seed"], "ACC init -> SVI": f"{e['init_acc']:.3f} -> {acc[e['seed']]:.3f}",
+               "ELBO before -> after SVI": f"{e['elbo_before_svi']:.1f} -> {e['elbo_after_svi']:.1f} "
+                                           f"({e['elbo_after_svi'] - e['elbo_before_svi']:+.1f})",
+               "pretrain epochs": e.get("pretrain_epochs_run", "")}
+        row.update({name: f"{e[key]:.0f}" if key in e else "" for key, name in STAGES})
+        row["total s"] = f"{secs[e['seed']]:.0f}"
+        rows.append(row)
+    return markdown_table(rows, ["seed", "ACC init -> SVI", "ELBO before -> after SVI", "pretrain epochs",
+                                 *(name for _, name in STAGES), "total s"])
+
+
 def figure(results, methods, path, title):
     import matplotlib
 
@@ -260,7 +329,8 @@ def main(argv=None):
     if unknown:
         raise UsageError(f"unknown method(s) {unknown}; valid: {', '.join(METHODS)}")
     for name in ("hidden", "latent_dim", "epochs", "pretrain_epochs", "batch_size", "lr", "likelihood", "init", "embed",
-                 "align_epochs"):
+                 "align_epochs", "pretrain_batch_size", "pretrain_lr", "pretrain_validation", "pretrain_patience",
+                 "svi_mixture", "svi_lr"):
         if getattr(args, name) is not None:
             s[name] = getattr(args, name)
     if args.candidates > 1 and not 1 <= args.select_epochs < s["epochs"]:
@@ -268,7 +338,8 @@ def main(argv=None):
     s.update(candidates=args.candidates, select_epochs=args.select_epochs)
     s.update(clusters=args.clusters, restarts=args.restarts, pixel_reg=args.pixel_reg, fit_on=args.fit_on,
              limit=args.limit, pretrain_dropout=0.2, embed_points=args.embed_points, perplexity=args.perplexity,
-             align_weight=args.align_weight)
+             align_weight=args.align_weight, pretrain_min_delta=args.pretrain_min_delta,
+             scale_head=not args.no_scale_head)
     seeds = seeds_from(args.seeds)
 
     t_start = time.perf_counter()
@@ -277,6 +348,57 @@ def main(argv=None):
     print(f"clustering on {args.dataset}: fit {x.shape[0]} points, score {xs.shape[0]}; device {device}; "
           f"seeds {seeds}; settings {s}", file=sys.stderr)
     results, extras = [], []
+
+    def write(final):
+        """Write the md/json/png of the seeds done so far (after every seed, so a stopped run keeps them)."""
+        total = time.perf_counter() - t_start
+        done = sorted({r['seed'] for r in results})
+        summary = summarise(results, methods, args.dataset)
+        md = table(summary)
+        env = environment(device)
+        machine = args.machine or machine_tag(device)
+        name = args.name or f"clustering-{Path(args.dataset).stem}{'-quick' if args.quick else ''}-{machine}"
+        backend = next((e.get("backend") for e in extras if e["method"] == "gmm-pixels"), None)
+        record = {
+            "benchmark": "clustering",
+            "command": "python -m benchmarks.clustering " + " ".join(sys.argv[1:] if argv is None else argv),
+            "environment": env,
+            "machine": machine,
+            "seeds": seeds,
+            "seeds_done": done,
+            "settings": s,
+            "gmm_pixels_backend": backend,
+            "points_fit": int(x.shape[0]),
+            "points_scored": int(xs.shape[0]),
+            "total_seconds": total,
+            "results": results,
+            "summary": summary,
+            "details": extras,
+            "compares": "all methods on the same points and seeds; VaDE and vae-gmm share networks, likelihood, latent "
+                        "size, batch size, lr and the number of passes over the data",
+        }
+        header = (f"Clustering on {args.dataset} ({x.shape[0]} points fitted, {xs.shape[0]} scored; {len(done)} of {len(seeds)} seeds; "
+                  f"{machine}, {env['device_name']}); median [min, max]. Total {total:.0f} s.\n\n")
+        init = [e for e in extras if e["method"] == "vade" and "init_acc" in e]
+        if init:
+            accs = [e["init_acc"] for e in init]
+            md += (f"\n\nVaDE ACC right after initialisation (candidates {s['candidates']}"
+                   f"{', selected by training ELBO after ' + str(s['select_epochs']) + ' SVI epochs' if s['candidates'] > 1 else ''}"
+                   f"), per seed {[round(a, 3) for a in accs]}: median {statistics.median(accs):.3f}.")
+            if s["candidates"] > 1:
+                md += " Selected candidate per seed: " + ", ".join(
+                    f"seed {e['seed']}: #{e['selected']} of ELBOs {[round(v, 2) for v in e['candidate_elbos']]}" for e in init)
+        if init and "elbo_after_svi" in init[0]:
+            md += "\n\nVaDE per seed: ACC after initialisation -> after SVI; training ELBO per point (one particle, " \
+                  "same draws) before -> after SVI; seconds per stage.\n\n" + vade_table(init, results)
+        json_path, md_path = write_results(args.out, name, record, header + md)
+        figure(results, methods, Path(args.out) / f"{name}.png",
+               f"clustering on {args.dataset}, {len(done)} seeds ({machine})")
+        if final:
+            print(header + md)
+        print(f"wrote {json_path}, {md_path}, {Path(args.out) / (name + '.png')}", file=sys.stderr)
+        return record, total
+
     for seed in seeds:
         for method in methods:
             t0 = time.perf_counter()
@@ -286,7 +408,7 @@ def main(argv=None):
                 continue
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            seconds = time.perf_counter() - t0
+            seconds = time.perf_counter() - t0 - extra.get("report_seconds", 0.0)  # the method's own time
             scores = clustering_scores(ys, pred)
             if "init_clusters" in extra:  # VaDE right after its initialisation, before SVI
                 extra["init_acc"] = clustering_scores(ys, extra.pop("init_clusters"))["acc"]
@@ -294,47 +416,9 @@ def main(argv=None):
             extras.append({"method": method, "seed": seed, **{k: v for k, v in extra.items() if v is not None}})
             print(f"  seed {seed} {method:14s} acc {scores['acc']:.3f} nmi {scores['nmi']:.3f} "
                   f"ari {scores['ari']:.3f}  {seconds:.1f}s", file=sys.stderr, flush=True)
-    total = time.perf_counter() - t_start
-
-    summary = summarise(results, methods, args.dataset)
-    md = table(summary)
-    env = environment(device)
-    machine = args.machine or machine_tag(device)
-    name = args.name or f"clustering-{Path(args.dataset).stem}{'-quick' if args.quick else ''}-{machine}"
-    backend = next((e.get("backend") for e in extras if e["method"] == "gmm-pixels"), None)
-    record = {
-        "benchmark": "clustering",
-        "command": "python -m benchmarks.clustering " + " ".join(sys.argv[1:] if argv is None else argv),
-        "environment": env,
-        "machine": machine,
-        "seeds": seeds,
-        "settings": s,
-        "gmm_pixels_backend": backend,
-        "points_fit": int(x.shape[0]),
-        "points_scored": int(xs.shape[0]),
-        "total_seconds": total,
-        "results": results,
-        "summary": summary,
-        "details": extras,
-        "compares": "all methods on the same points and seeds; VaDE and vae-gmm share networks, likelihood, latent "
-                    "size, batch size, lr and the number of passes over the data",
-    }
-    header = (f"Clustering on {args.dataset} ({x.shape[0]} points fitted, {xs.shape[0]} scored; {len(seeds)} seeds; "
-              f"{machine}, {env['device_name']}); median [min, max]. Total {total:.0f} s.\n\n")
-    init = [e for e in extras if e["method"] == "vade" and "init_acc" in e]
-    if init:
-        accs = [e["init_acc"] for e in init]
-        md += (f"\n\nVaDE ACC right after initialisation (candidates {s['candidates']}"
-               f"{', selected by training ELBO after ' + str(s['select_epochs']) + ' SVI epochs' if s['candidates'] > 1 else ''}"
-               f"), per seed {[round(a, 3) for a in accs]}: median {statistics.median(accs):.3f}.")
-        if s["candidates"] > 1:
-            md += " Selected candidate per seed: " + ", ".join(
-                f"seed {e['seed']}: #{e['selected']} of ELBOs {[round(v, 2) for v in e['candidate_elbos']]}" for e in init)
-    json_path, md_path = write_results(args.out, name, record, header + md)
-    figure(results, methods, Path(args.out) / f"{name}.png",
-           f"clustering on {args.dataset}, {len(seeds)} seeds ({machine})")
-    print(header + md)
-    print(f"wrote {json_path}, {md_path}, {Path(args.out) / (name + '.png')}", file=sys.stderr)
+        if seed != seeds[-1] and results:
+            write(final=False)
+    record, total = write(final=True)
     if args.quick and total > 600:
         print(f"warning: --quick took {total:.0f} s, over its 10-minute budget", file=sys.stderr)
     return record

@@ -208,6 +208,22 @@ class VaDE(VAE):
         px = self.decode(z)
         return px.mean if mean else px.sample()
 
+    def freeze_mixture(self, frozen: bool = True) -> None:
+        """Keep pi, mu_c, sigma_c out of training (``requires_grad`` off), or put them back with ``frozen=False``.
+
+        :func:`inference.fit` optimises only parameters that require gradients,
+        so SVI then trains the networks under the fixed mixture prior. Why one
+        would: the ELBO's gradient in the mixture parameters is that of the
+        diagonal-GMM log-likelihood of the sampled codes, sum_n log p(z_n), so
+        SVI moves the mixture towards the maximum-likelihood diagonal GMM of
+        the codes, the clustering that the t-SNE initialisation of
+        :mod:`ppl_models.vade_init` exists to avoid (EM on the codes splits
+        curved class manifolds). With a mixture set from the map, training
+        the networks alone still raises the ELBO and keeps the map's clusters.
+        """
+        for p in (self.mixture_logits, self.mixture_locs, self.mixture_raw_scales):
+            p.requires_grad_(not frozen)
+
     # ---- setting the mixture -----------------------------------------------------------
     @torch.no_grad()
     def set_mixture(self, weights: Any, locs: torch.Tensor, variances: torch.Tensor) -> None:

@@ -55,7 +55,21 @@ the initial mixture by a few points (measured in
    plate, trained by :func:`inference.fit` on batches ``{"x": x, "r": r}``. No
    labels are used: the targets are the map's own clusters.
 
-4. **Selection** (``candidates`` R > 1). R initialisations are built, each
+4. **The encoder's scale head** (:func:`init_scale_head`). Stages 1 and 3
+   train only the mean mu_phi of q(z | x) = N(mu_phi(x), diag sigma_phi(x)^2);
+   the scale head sigma_phi is still at its random initialisation, whose
+   output (softplus of a random projection, about softplus(0) = 0.69) has
+   nothing to do with the scale of the codes, which pretraining leaves
+   arbitrary. When it is larger than the clusters' scales, the z decoded at
+   the start of SVI are mostly noise and the ELBO there is far below that of
+   a well-chosen constant scale; Adam moves each weight by about the learning
+   rate per step, so with the small learning rate that fine-tuning pretrained
+   networks wants, SVI spends its first epochs shrinking the scales. So the
+   head is set, before SVI, to the constant scale that maximises the ELBO
+   over a log grid with the means, decoder and mixture fixed: one step of
+   coordinate ascent on SVI's own objective.
+
+5. **Selection** (``candidates`` R > 1). R initialisations are built, each
    trained by SVI for a few epochs, and the one with the highest estimated
    training ELBO is kept::
 
@@ -64,6 +78,14 @@ the initial mixture by a few points (measured in
    each ELBO_hat_r from the same particles per point and the same random
    stream (common random numbers), i.e. the highest lower bound on the
    marginal likelihood of the training data; no labels.
+
+After initialisation. The mixture set from the map is what carries the
+clusters; SVI of the whole model moves it towards the maximum-likelihood
+diagonal GMM of the codes (the ELBO's gradient in pi, mu_c, sigma_c is that of
+sum_n log p(z_n)), which clusters worse, as EM on the codes does. Keeping it
+fixed (:meth:`ppl_models.vade.VaDE.freeze_mixture`) and training the networks
+with a small learning rate raises the ELBO and keeps the clusters (measured in
+``benchmarks/results/clustering-mnist-*``).
 
 References: Z. Jiang, Y. Zheng, H. Tan, B. Tang, H. Zhou, "Variational Deep
 Embedding: An Unsupervised and Generative Approach to Clustering", IJCAI 2017.
@@ -83,9 +105,12 @@ import pyro
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pyro.util import get_rng_state, set_rng_state
 
-from inference import batching, evaluate, fit
+from inference import EarlyStopping, batching, evaluate, fit
 from inference.errors import NonFiniteLossError, UsageError
+
+from .nets import softplus_inverse
 
 log = logging.getLogger(__name__)  # long phases say one line each (the CLI shows them on stderr)
 
@@ -178,30 +203,55 @@ class AlignmentPair(nn.Module):
 
 # ---- stage 1: pretraining --------------------------------------------------------------------
 def pretrain(vade: Any, x: torch.Tensor, *, epochs: int = 50, batch_size: int = 256, lr: float = 1e-3,
-             dropout: float = 0.0, weight_decay: float = 0.0, seed: int = 0, progress: bool = False) -> dict[str, Any]:
+             dropout: float = 0.0, weight_decay: float = 0.0, seed: int = 0, progress: bool = False,
+             validation: float = 0.0, patience: int | None = None, min_delta: float = 0.0) -> dict[str, Any]:
     """Train VaDE's encoder mean and decoder as a (denoising) autoencoder (module docstring, stage 1).
 
-    :class:`AutoencoderPair` trained by :func:`inference.fit` for ``epochs``
-    (AdamW, ``lr``, ``weight_decay``, ``batch_size``, ``seed``) on the module's
-    device; Pyro's per-step validation is off (fit checks the data once).
-    ``x`` is a tensor (N, D) or a ``DataSplit`` (a fresh view per epoch under
-    dynamic binarisation). Returns ``{"pretrain_loss" (mean l_AE per point over
-    the last epoch; NaN for 0 epochs), "pretrain_seconds"}``.
+    :class:`AutoencoderPair` trained by :func:`inference.fit` for at most
+    ``epochs`` (AdamW, ``lr``, ``weight_decay``, ``batch_size``, ``seed``) on
+    the module's device; Pyro's per-step validation is off (fit checks the data
+    once). ``x`` is a tensor (N, D) or a ``DataSplit`` (a fresh view per epoch
+    under dynamic binarisation).
 
-    :raises UsageError: for a negative or non-integer ``epochs`` or a dropout outside [0, 1).
+    Early stopping: with ``validation`` = f in (0, 1), a seeded fraction f of
+    the points is held out of the pretraining (it is still clustered later)
+    and its clean reconstruction loss, mean l_AE without input dropout, is
+    measured after every epoch; with ``patience`` = P, pretraining stops once
+    P epochs in a row have not lowered it by more than ``min_delta`` nats per
+    point, and the weights of the best epoch are restored
+    (:class:`inference.EarlyStopping`).
+
+    Returns ``{"pretrain_loss" (mean l_AE per point over the last epoch; NaN
+    for 0 epochs), "pretrain_seconds", "pretrain_epochs_run"}`` plus, with
+    validation, ``"pretrain_val_loss"`` (the held-out loss of the kept weights)
+    and ``"pretrain_best_epoch"``.
+
+    :raises UsageError: for a negative or non-integer ``epochs``, a dropout
+        outside [0, 1), a validation fraction outside [0, 1), or ``patience``
+        without validation.
     :raises inference.errors.NonFiniteLossError: when the loss stops being finite.
     """
     _check_epochs("pretrain", epochs)
+    _check_early_stopping(validation, patience)
     pair = AutoencoderPair(vade, dropout)
     t0 = time.perf_counter()
-    loss = float("nan")
+    record: dict[str, Any] = {"pretrain_loss": float("nan"), "pretrain_epochs_run": 0}
     if epochs:
+        stop = [] if patience is None else [EarlyStopping(patience, min_delta=min_delta)]
         result = fit(pair, x, epochs=epochs, batch_size=batch_size, lr=lr, device=_device(vade), seed=seed,
-                     progress=progress, validate=False,
+                     progress=progress, validate=False, validation=validation or None, callbacks=stop,
                      optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay))
-        loss = result.history[-1]["train_loss"]
+        history = result.history
+        record.update(pretrain_loss=history[-1]["train_loss"], pretrain_epochs_run=len(history))
+        if validation:
+            kept = stop[0].best_epoch if stop else history[-1]["epoch"]  # the epoch EarlyStopping restored
+            best = next(h for h in history if h["epoch"] == kept)
+            record.update(pretrain_val_loss=-best["val_elbo"], pretrain_best_epoch=best["epoch"])
+            log.info(f"pretraining: {len(history)} epochs, kept epoch {best['epoch']} "
+                     f"(held-out loss {-best['val_elbo']:.2f} per point)")
     vade.eval()
-    return {"pretrain_loss": loss, "pretrain_seconds": time.perf_counter() - t0}
+    record["pretrain_seconds"] = time.perf_counter() - t0
+    return record
 
 
 # ---- stage 2: the initial mixture ------------------------------------------------------------
@@ -388,23 +438,101 @@ def _cross_entropy(vade, x, r):
     return float(-(r.to(log_resp) * log_resp).sum(-1).double().mean())
 
 
+# ---- stage 4: the encoder's scale head -------------------------------------------------------
+SCALE_STEPS = 13
+"""Grid of :func:`init_scale_head`: s_k = 2^-k times the codes' spread, k = 0 .. SCALE_STEPS - 1."""
+
+
+@torch.no_grad()
+def init_scale_head(vade: Any, x: torch.Tensor, *, points: int = 5000, seed: int = 0) -> dict[str, Any]:
+    r"""Start q(z | x)'s scale at the constant that maximises the ELBO given the pretrained means (stage 4).
+
+    Pretraining and alignment train mu_phi only, so the scale head
+    sigma_phi(x) = softplus(W h + b) is still at its random initialisation when
+    SVI starts, unrelated to the codes' scale (module docstring, stage 4).
+    This sets ``W = 0`` and ``b`` so that sigma_phi(x) = s* for every x and
+    dimension, with::
+
+        s* = argmax_{s in S} (1/M) sum_m ELBO_hat_s(x_m),   S = {2^-k * spread : k = 0 .. SCALE_STEPS - 1},
+
+    ``spread`` the root mean over dimensions of the codes' variances, the ELBO
+    estimated by :func:`inference.evaluate` (one particle) on M = ``points``
+    rows of ``x`` (a seeded subset beyond that), the same random stream for
+    every s (common random numbers). It is one step of coordinate ascent on
+    the objective SVI then optimises (the best constant scale, the means,
+    decoder and mixture fixed), so SVI starts from a bound at least as high as
+    the best s of the grid and learns per-point scales from there.
+
+    :returns: ``{"scale_head", "scale_head_elbo" (per point, at s*), "scale_head_elbo_start" (per point,
+        the untrained head, same draws), "scale_head_seconds"}``.
+    :raises UsageError: for ``points`` below 1.
+    """
+    if not (isinstance(points, int) and points >= 1):
+        raise UsageError(f"points must be a positive integer, got {points!r}")
+    t0 = time.perf_counter()
+    xf = batching.fixed_view(x)
+    n = xf.shape[0]
+    if n > points:
+        idx = torch.as_tensor(np.sort(np.random.default_rng(seed).choice(n, points, replace=False)))
+        xf = xf[idx.to(xf.device)]
+    head = vade.encoder_head
+    latent = vade.latent_dim
+    spread = float(vade.latent_means(xf).double().var(0).mean().sqrt())
+    was_training, rng = vade.training, get_rng_state()
+    vade.eval()
+
+    def elbo():
+        pyro.set_rng_seed(seed)
+        return float(evaluate(vade, xf, particles=1).elbo)
+
+    start = elbo()
+    best_scale, best = None, -math.inf
+    for k in range(SCALE_STEPS):
+        s = spread * 2.0**-k
+        if s <= 2 * head.min_scale:
+            break
+        _set_constant_scale(head, latent, s)
+        value = elbo()
+        if value > best:
+            best_scale, best = s, value
+    if best_scale is None:
+        raise UsageError(f"the codes' spread {spread:g} is below twice the scale head's floor {head.min_scale:g}")
+    _set_constant_scale(head, latent, best_scale)
+    vade.train(was_training)
+    set_rng_state(rng)  # the grid's draws leave the caller's random stream as it was
+    return {"scale_head": best_scale, "scale_head_elbo": best, "scale_head_elbo_start": start,
+            "scale_head_seconds": time.perf_counter() - t0}
+
+
+def _set_constant_scale(head, latent, scale):
+    """Make a ``GaussianHead`` (loc rows first, then the raw-scale rows) output ``scale`` for every input."""
+    head.linear.weight[latent:] = 0
+    head.linear.bias[latent:] = softplus_inverse(torch.tensor(scale - head.min_scale))
+
+
 # ---- all stages, and the choice among candidates -----------------------------------------------
 def initialise(vade: Any, x: torch.Tensor, *, pretrain_epochs: int = 50, batch_size: int = 256, lr: float = 1e-3,
                dropout: float = 0.0, weight_decay: float = 0.0, restarts: int = 5, seed: int = 0,
                progress: bool = False, candidates: int = 1, select_epochs: int = 10, select_lr: float = 2e-3,
                select_particles: int = 10, init: str = "gmm", embed: str = "codes", embed_points: int = 10000,
-               perplexity: float = 30.0, align_epochs: int = 0, align_weight: float = 100.0) -> Any:
-    """Initialise ``vade`` on ``x``: :func:`pretrain`, :func:`init_mixture`, then :func:`align` (module docstring).
+               perplexity: float = 30.0, align_epochs: int = 0, align_weight: float = 100.0,
+               pretrain_validation: float = 0.0, pretrain_patience: int | None = None,
+               pretrain_min_delta: float = 0.0, scale_head: bool = True, scale_points: int = 5000) -> Any:
+    """Initialise ``vade`` on ``x``: :func:`pretrain`, :func:`init_mixture`, :func:`align`, :func:`init_scale_head`.
 
     ``pretrain_epochs``, ``lr``, ``dropout``, ``weight_decay`` go to
-    :func:`pretrain`; ``init``, ``embed``, ``embed_points``, ``perplexity``,
+    :func:`pretrain`, and ``pretrain_validation``, ``pretrain_patience``,
+    ``pretrain_min_delta`` are its ``validation``, ``patience``, ``min_delta``
+    (early stopping on the held-out reconstruction); with ``scale_head``
+    (default) the encoder's scale head is set last by :func:`init_scale_head`
+    on ``scale_points`` points; ``init``, ``embed``, ``embed_points``, ``perplexity``,
     ``restarts`` are :func:`init_mixture`'s ``method``, ...; for ``init="tsne"``
     with ``align_epochs`` > 0, :func:`align` runs on every point and its map
     cluster (``align_weight``, learning rate ``lr``). ``x`` is a tensor or a
     ``DataSplit`` on the module's device. Returns the merged records. Bad
     arguments are refused (:class:`UsageError`) before any weight changes.
 
-    With ``candidates`` R > 1 (stage 4): candidate 0 is built exactly as with
+    With ``candidates`` R > 1 (stage 5): candidate 0 is built exactly as with
     R = 1; candidate r > 0 from freshly drawn network weights and its own
     pretraining and GMM seeds; each is trained by SVI (:func:`inference.fit`)
     for ``select_epochs`` epochs (Adam, ``select_lr``, ``batch_size``), its ELBO
@@ -423,6 +551,7 @@ def initialise(vade: Any, x: torch.Tensor, *, pretrain_epochs: int = 50, batch_s
         raise UsageError(f"candidates must be a positive integer, got {candidates!r}")
     _check_epochs("pretrain", pretrain_epochs)
     _check_dropout(dropout)
+    _check_early_stopping(pretrain_validation, pretrain_patience)
     _check_init(init, embed, embed_points, perplexity, vade.n_clusters)
     if not (isinstance(align_epochs, int) and align_epochs >= 0) or not align_weight >= 0:
         raise UsageError(f"align_epochs must be a non-negative integer and align_weight non-negative, "
@@ -440,13 +569,16 @@ def initialise(vade: Any, x: torch.Tensor, *, pretrain_epochs: int = 50, batch_s
             with torch.no_grad():  # the mixture is set by init_mixture; this only resets it to the constructor's
                 vade.mixture_logits.zero_()
         record = pretrain(vade, x, epochs=pretrain_epochs, batch_size=batch_size, lr=lr, dropout=dropout,
-                          weight_decay=weight_decay, seed=cand_seed, progress=progress)
+                          weight_decay=weight_decay, seed=cand_seed, progress=progress,
+                          validation=pretrain_validation, patience=pretrain_patience, min_delta=pretrain_min_delta)
         mixture, resp = init_mixture(vade, x, restarts=restarts, seed=cand_seed, method=init, embed=embed,
                                      embed_points=embed_points, perplexity=perplexity)
         record.update(mixture)
         if init == "tsne" and align_epochs:
             record.update(align(vade, x, resp, epochs=align_epochs, weight=align_weight, lr=lr,
                                 batch_size=batch_size, seed=cand_seed, progress=progress))
+        if scale_head:
+            record.update(init_scale_head(vade, x, points=scale_points, seed=cand_seed))
         return record
 
     if candidates == 1:
@@ -478,6 +610,13 @@ def initialise(vade: Any, x: torch.Tensor, *, pretrain_epochs: int = 50, batch_s
 def _check_epochs(stage, epochs):
     if not (isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 0):
         raise UsageError(f"{stage} epochs must be a non-negative integer, got {epochs!r}")
+
+
+def _check_early_stopping(validation, patience):
+    if not (isinstance(validation, (int, float)) and 0 <= validation < 1):
+        raise UsageError(f"pretraining validation fraction must lie in [0, 1), got {validation!r}")
+    if patience is not None and not validation:
+        raise UsageError("early stopping of the pretraining (patience) needs a validation fraction above 0")
 
 
 def _check_dropout(dropout):

@@ -8,6 +8,7 @@ option a script offers is passed by some test here (Pyro's test_examples habit),
 """
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -94,6 +95,8 @@ def test_clustering(tmp_path):
             "--fit-on", "all", "--methods", "vade,kmeans-pixels,gmm-pixels,vae-gmm,tsne-gmm-pixels", "--device", "cpu",
             "--threads", "1", "--machine", "test", "--name", "tiny", "--init", "tsne", "--embed", "codes",
             "--embed-points", "200", "--perplexity", "20", "--align-epochs", "1", "--align-weight", "50",
+            "--pretrain-batch-size", "32", "--pretrain-lr", "2e-3", "--pretrain-validation", "0.1",
+            "--pretrain-patience", "2", "--pretrain-min-delta", "0.5", "--svi-lr", "1e-3", "--svi-mixture", "fixed",
             "--out", str(tmp_path)]
     clustering.main(argv)
     record = _record(tmp_path)
@@ -108,6 +111,22 @@ def test_clustering(tmp_path):
         assert 0 <= row["acc"] <= 1 and 0 <= row["nmi"] <= 1
     # with Hungarian matching chance is about 0.15 on 300 points; k-means on digit pixels is far above it
     assert all(r["acc"] > 0.5 for r in rows if r["method"] == "kmeans-pixels")
+    # VaDE's record: the training ELBO before and after SVI (finite, per point), each stage's seconds
+    assert record["seeds_done"] == [0, 1]
+    for d in (d for d in record["details"] if d["method"] == "vade"):
+        assert math.isfinite(d["elbo_before_svi"]) and math.isfinite(d["elbo_after_svi"])
+        assert d["scale_head"] > 0 and math.isfinite(d["scale_head_elbo"])
+        assert all(d[k] >= 0 for k in ("pretrain_seconds", "embed_seconds", "align_seconds", "svi_seconds"))
+    md = (tmp_path / "tiny.md").read_text()
+    assert "ELBO before -> after SVI" in md and md.count("\n| 1 | ") == 1
+
+
+def test_clustering_without_the_scale_head_step(tmp_path):
+    clustering.main(["--seeds", "1", "--epochs", "1", "--pretrain-epochs", "1", "--limit", "200", "--methods", "vade",
+                     "--hidden", "16", "--latent-dim", "2", "--embed-points", "150", "--no-scale-head", "--threads", "1",
+                     "--device", "cpu", "--name", "tiny", "--out", str(tmp_path)])
+    (detail,) = _record(tmp_path)["details"]
+    assert "scale_head" not in detail and math.isfinite(detail["elbo_after_svi"])
 
 
 @needs_mnist

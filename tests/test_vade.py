@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pyro
 import pytest
 import torch
@@ -10,12 +11,15 @@ import torch.distributions as td
 from inference import evaluate, fit, make_elbo
 from inference.errors import NonFiniteLossError, UsageError
 from inference.metrics import cluster_accuracy
+from inference.train import _validation_split
 from ppl_models.vade import VaDE
 from ppl_models.vade_init import (
+    SCALE_STEPS,
     AlignmentPair,
     AutoencoderPair,
     align,
     init_mixture,
+    init_scale_head,
     initialise,
     pretrain,
     set_mixture_from_responsibilities,
@@ -293,7 +297,8 @@ def test_pplm_train_vade_writes_clustering_outputs(tmp_path):
             "--hidden", "32", "--latent-dim", "4", "--particles", "10", "--quiet", "--device", "cpu",
             "--gmm-restarts", "2", "--pretrain-dropout", "0.1", "--init", "tsne", "--embed", "inputs",
             "--embed-points", "300", "--perplexity", "20", "--align-epochs", "1", "--align-weight", "10",
-            "--init-candidates", "2", "--select-epochs", "1", "--pretrain-lr", "2e-3", "--min-scale", "0.01"]
+            "--init-candidates", "2", "--select-epochs", "1", "--pretrain-lr", "2e-3", "--min-scale", "0.01",
+            "--pretrain-validation", "0.1", "--pretrain-patience", "2"]
     assert main(argv) == 0
     for name in ("cluster_samples.png", "latent_pca.png", "loss.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -313,6 +318,8 @@ def test_pplm_train_vade_writes_clustering_outputs(tmp_path):
     assert main(["train", "vade", "--out", str(tmp_path / "no"), "--embed-points", "10", "--quiet"]) == 2
     assert main(["train", "vade", "--out", str(tmp_path / "no"), "--init", "gmm", "--align-epochs", "2", "--quiet"]) == 2
     assert main(["train", "vade", "--out", str(tmp_path / "no"), "--align-weight", "-1", "--quiet"]) == 2
+    assert main(["train", "vade", "--out", str(tmp_path / "no"), "--pretrain-patience", "2", "--quiet"]) == 2
+    assert main(["train", "vade", "--out", str(tmp_path / "no"), "--pretrain-validation", "1", "--quiet"]) == 2
     assert not (tmp_path / "no").exists()
 
 
@@ -343,3 +350,74 @@ def test_initialise_keeps_the_candidate_with_the_highest_elbo():
     assert float(evaluate(single, x, particles=10).elbo) == pytest.approx(elbos[0], rel=0, abs=1e-9)
     with pytest.raises(UsageError, match="candidates"):
         initialise(new(), x, candidates=0, **kw)
+
+
+def test_pretraining_early_stopping_keeps_the_best_held_out_epoch():
+    """pretrain(validation=, patience=): the weights kept are those of the epoch with the lowest held-out loss."""
+    x, _ = _blobs(60, 3, 10, seed=4)
+    torch.manual_seed(0)
+    m = VaDE(10, n_clusters=3, latent_dim=2, hidden=(32,), likelihood="normal:0.3")
+    # a learning rate far too high: the held-out loss stops improving within a few epochs
+    info = pretrain(m, x, epochs=40, batch_size=16, lr=0.05, seed=3, validation=0.25, patience=2)
+    assert info["pretrain_epochs_run"] < 40 and info["pretrain_epochs_run"] - info["pretrain_best_epoch"] == 2
+    # the held-out points are fit's seeded split; the module now scores them exactly as the kept epoch did
+    _, held = _validation_split(x, 0.25, 3)
+    m.eval()
+    loss = -float(evaluate(AutoencoderPair(m), held, particles=1).elbo)  # no latent site: exact, no draws
+    assert loss == pytest.approx(info["pretrain_val_loss"], rel=1e-6)
+    with pytest.raises(UsageError, match="validation"):
+        pretrain(m, x, epochs=1, patience=2)
+    with pytest.raises(UsageError, match="validation"):
+        pretrain(m, x, epochs=1, validation=1.0)
+
+
+def test_scale_head_starts_at_the_best_constant_scale_of_the_grid():
+    """init_scale_head: sigma_phi(x) = s* for every x, s* the grid's ELBO maximiser; the means are untouched."""
+    x, _ = _blobs(80, 3, 10, seed=5)
+    torch.manual_seed(0)
+    m = VaDE(10, n_clusters=3, latent_dim=2, hidden=(32,), likelihood="normal:0.3")
+    pretrain(m, x, epochs=5, batch_size=64, seed=0)
+    init_mixture(m, x, restarts=1, seed=0)
+    means = m.latent_means(x)
+    torch.manual_seed(11)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(11)
+    info = init_scale_head(m, x, points=200, seed=4)
+    assert torch.equal(torch.rand(3), expected_draw)  # the caller's random stream is left as it was
+    assert torch.equal(m.latent_means(x), means)
+    with torch.no_grad():
+        scale = m.encode(x).base_dist.scale
+    torch.testing.assert_close(scale, torch.full_like(scale, info["scale_head"]))
+    # s* is on the grid, and no grid point scores higher with the same draws (exact recomputation)
+    idx = torch.as_tensor(np.sort(np.random.default_rng(4).choice(240, 200, replace=False)))  # its seeded subset
+    sub = x[idx]
+    spread = float(means[idx].double().var(0).mean().sqrt())
+    grid = [spread * 2.0**-k for k in range(SCALE_STEPS)]
+    assert min(abs(info["scale_head"] / s - 1) for s in grid) < 1e-5
+    head = m.encoder_head.linear
+    saved = head.bias.detach().clone()
+    for s in grid:
+        with torch.no_grad():
+            head.bias[2:] = torch.log(torch.expm1(torch.tensor(s - m.encoder_head.min_scale)))
+        pyro.set_rng_seed(4)
+        assert float(evaluate(m, sub, particles=1).elbo) <= info["scale_head_elbo"] + 1e-9
+    with torch.no_grad():
+        head.bias.copy_(saved)
+    with pytest.raises(UsageError, match="points"):
+        init_scale_head(m, x, points=0)
+
+
+def test_frozen_mixture_is_not_trained_by_svi():
+    """freeze_mixture: fit leaves pi, mu_c, sigma_c exactly as they were and still trains the networks."""
+    x, _ = _blobs(30, 3, 6, seed=6)
+    torch.manual_seed(0)
+    m = VaDE(6, n_clusters=3, latent_dim=2, hidden=(16,), likelihood="normal:0.3")
+    m.freeze_mixture()
+    mixture = [t.detach().clone() for t in (m.mixture_logits, m.mixture_locs, m.mixture_raw_scales)]
+    decoder = [t.detach().clone() for t in m.decoder.parameters()]
+    fit(m, x, epochs=2, batch_size=30, lr=1e-2, device="cpu", progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(mixture, (m.mixture_logits, m.mixture_locs, m.mixture_raw_scales)))
+    assert not all(torch.equal(a, b) for a, b in zip(decoder, m.decoder.parameters()))
+    m.freeze_mixture(False)
+    fit(m, x, epochs=1, batch_size=30, lr=1e-2, device="cpu", progress=False)
+    assert not torch.equal(mixture[1], m.mixture_locs)

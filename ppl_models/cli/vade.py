@@ -30,6 +30,8 @@ class VaDEOptions:
     pretrain_epochs: int = 50
     pretrain_lr: float = 1e-3
     pretrain_dropout: float = 0.2
+    pretrain_validation: float = 0.0
+    pretrain_patience: int | None = None
     init: str = "tsne"
     embed: str = "codes"
     embed_points: int = 10000
@@ -55,6 +57,11 @@ def add_options(p: Any) -> None:
     p.add_argument("--pretrain-lr", type=positive_float, default=d.pretrain_lr)
     p.add_argument("--pretrain-dropout", type=float, default=d.pretrain_dropout,
                    help="input dropout of the denoising pretraining")
+    p.add_argument("--pretrain-validation", type=float, default=d.pretrain_validation,
+                   help="fraction of the points held out of the pretraining to watch its reconstruction")
+    p.add_argument("--pretrain-patience", type=positive_int, default=d.pretrain_patience,
+                   help="stop pretraining after this many epochs without a held-out improvement and keep the best "
+                        "epoch (needs --pretrain-validation)")
     p.add_argument("--init", choices=("tsne", "gmm"), default=d.init,
                    help="mixture initialisation: tsne (a GMM in a 2-D t-SNE map moved to the latent space) or "
                         "gmm (EM on the codes, as the VaDE paper)")
@@ -93,6 +100,10 @@ class VaDERecipe(Recipe):
             raise UsageError(f"--align-weight must be non-negative, got {args.align_weight}")
         if args.align_epochs and args.init != "tsne":
             raise UsageError("--align-epochs aligns to the t-SNE map's clusters: it needs --init tsne")
+        if not 0 <= args.pretrain_validation < 1:
+            raise UsageError(f"--pretrain-validation must lie in [0, 1), got {args.pretrain_validation}")
+        if args.pretrain_patience is not None and not args.pretrain_validation:
+            raise UsageError("--pretrain-patience needs --pretrain-validation (a held-out fraction above 0)")
         if args.pretrain_epochs == 0:
             raise UsageError("--pretrain-epochs 0 leaves the mixture fitted to random codes; VaDE needs pretraining")
 
@@ -126,6 +137,8 @@ class VaDERecipe(Recipe):
             batch_size=run.batch_size,
             lr=args.pretrain_lr,
             dropout=args.pretrain_dropout,
+            pretrain_validation=args.pretrain_validation,
+            pretrain_patience=args.pretrain_patience,
             restarts=args.gmm_restarts,
             seed=run.seed,
             candidates=args.init_candidates,
