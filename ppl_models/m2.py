@@ -396,6 +396,8 @@ def split_labels(train: DataSplit, y: torch.Tensor | None = None) -> SemiSupervi
     if y is None:
         raise UsageError(f"the training data of {train.name!r} carry no labels")
     is_lab = y >= 0
+    if not bool(is_lab.any()):
+        raise UsageError(f"every label of {train.name!r} is -1 (unlabelled): M2 needs at least one labelled row")
     if bool(is_lab.all()):
         raise UsageError("every training point is labelled: keep fewer labels (--labels N) for M2, or train the cvae")
     lab = torch.nonzero(is_lab).flatten()

@@ -212,5 +212,19 @@ def test_pplm_train_m2_on_digits_and_on_a_file_with_unlabelled_rows(tmp_path):
     assert main(argv) == 0
     m2 = json.loads((out2 / "metrics.json").read_text())
     assert m2["labels"] == 4 and m2["unlabelled"] == 56
+    # a file whose labels are all -1 is refused in one line before any training, leaving no run folder
+    np.savez(tmp_path / "none.npz", x=x.numpy(), y=np.full(60, -1))
+    assert main(["train", "m2", "--dataset", str(tmp_path / "none.npz"), "--labels", "all", "--epochs", "1",
+                 "--quiet", "--out", str(tmp_path / "r4")]) == 2
+    assert not (tmp_path / "r4").exists()
+    # labelled training rows but an unlabelled test split: the run completes, with no classification error
+    train_rows = np.random.default_rng(0).permutation(60)[12:]  # ppl_models.data's 80/20 split of a single x
+    y_single = np.full(60, -1)
+    y_single[train_rows[:4]] = (torch.arange(4) % 2).numpy()
+    np.savez(tmp_path / "notest.npz", x=x.numpy(), y=y_single)
+    argv[3] = str(tmp_path / "notest.npz")
+    argv[-1] = str(tmp_path / "r5")
+    assert main(argv) == 0
+    assert "test_classification_error" not in json.loads((tmp_path / "r5" / "metrics.json").read_text())
     # the objective must sum the labels out
     assert main(["train", "m2", "--elbo", "trace", "--epochs", "1", "--quiet", "--out", str(tmp_path / "r3")]) == 2

@@ -107,8 +107,8 @@ class M2Recipe(Recipe):
     def metrics(self, module: Any, train: Any, test: Any, run: RunConfig) -> dict[str, Any]:
         out = {"labels": train.num_labelled, "unlabelled": len(train), "alpha": run.options.alpha,
                "labelled_weight": run.options.labelled_weight}
-        if test.y is not None:
-            keep = test.y >= 0  # a .npz's single y split 80/20 may leave unlabelled (-1) test rows
+        keep = test.y >= 0 if test.y is not None else None  # a .npz's y split 80/20 may leave -1 test rows
+        if keep is not None and bool(keep.any()):
             x, y = test.data[keep], test.y[keep]
             device = next(module.parameters()).device
             pred = torch.cat([module.classify(x[i : i + 1000].to(device)).cpu() for i in range(0, len(x), 1000)])
