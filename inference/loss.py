@@ -254,6 +254,9 @@ def _backend(compile):
     if compile is True:
         return BACKEND
     if isinstance(compile, str) and compile:
+        known = torch._dynamo.list_backends(exclude_tags=())
+        if compile not in known:
+            raise UsageError(f"compile={compile!r} names no torch.compile backend; valid: True, False, {', '.join(known)}")
         return compile
     raise UsageError(f"compile must be True, False or a torch.compile backend name, got {compile!r}")
 
