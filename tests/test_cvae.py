@@ -49,6 +49,14 @@ def test_linear_gaussian_cvae_bounds_its_exact_conditional_likelihood(prior):
 def test_samples_follow_the_condition_and_bad_conditions_are_refused():
     m = CVAE(5, num_classes=4, latent_dim=2, hidden=(8,))
     assert m.sample(6, y=3).shape == (6, 5) and m.sample(4, y=torch.arange(4)).shape == (4, 5)
+    # a sample is E[x | y, z] with z ~ p(z | y) for the condition asked: the same draw rebuilt from the parts
+    c = m.condition(torch.full((6,), 3))
+    torch.manual_seed(1)
+    drawn = m.sample(6, y=3)
+    torch.manual_seed(1)
+    assert torch.allclose(drawn, m.decode(m.prior_dist(c).sample(), c).mean)
+    torch.manual_seed(1)
+    assert not torch.allclose(drawn, m.sample(6, y=2))  # the class reaches the decoder
     with pytest.raises(UsageError, match="one class"):
         m.sample(2, y=4)
     with pytest.raises(UsageError, match="integer label"):
