@@ -91,15 +91,13 @@ class M2Recipe(Recipe):
                                    download=run.download, unlabelled=True)
         if train.y is None:
             raise UsageError(f"M2 needs labels: the training data of {train.name!r} carry none")
-        labels = run.options.labels
-        y = train.y if labels == "all" else choose_labels(train.y, int(labels), seed=run.seed,
-                                                            num_classes=_num_classes(train, test))
-        return split_labels(train, y), test
+        labels, k = run.options.labels, _num_classes(train, test)
+        y = train.y if labels == "all" else choose_labels(train.y, int(labels), seed=run.seed, num_classes=k)
+        return split_labels(train, y, num_classes=k), test
 
     def build(self, run: RunConfig, train: Any) -> Any:
         o = run.options
-        classes = int(train.labelled.y.max()) + 1 if train.labelled is not None else 10
-        return M2(train.dim, num_classes=max(classes, 2), latent_dim=o.latent_dim, hidden=o.hidden,
+        return M2(train.dim, num_classes=max(train.num_classes, 2), latent_dim=o.latent_dim, hidden=o.hidden,
                   likelihood=o.likelihood, activation=o.activation, alpha=o.alpha,
                   labelled_fraction=train.labelled_fraction if o.labelled_weight == "paper" else None,
                   image_shape=train.image_shape)
