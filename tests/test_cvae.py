@@ -78,6 +78,10 @@ def test_top_half_condition_splits_images_into_halves():
     assert data.image_shape == (1, 2, 4) and data.dim == 8 and data.y_dim == 8
     with pytest.raises(UsageError, match="labels"):
         ConditionalData(DataSplit("img", x, None, image_shape=(1, 4, 4)), "class")
+    # a class condition needs no image shape: a flat .npz's x (image_shape (D,)) used to be refused
+    flat = ConditionalData(DataSplit("flat", x, torch.tensor([0, 1]), image_shape=(16,)), "class")
+    assert flat.dim == 16 and flat.y_dim == 0 and flat.image_shape == (16,)
+    assert CVAE(flat.dim, y_dim=flat.y_dim, num_classes=2, latent_dim=2, hidden=(8,)).y_dim == 2
 
 
 def test_pplm_train_cvae_class_and_top_half(tmp_path):
