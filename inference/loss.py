@@ -247,6 +247,10 @@ def _set_rng_state(state):
             torch.cuda.set_rng_state(value, key)
 
 
+# compile= names that are not torch.compile backends (the paths this module runs itself)
+PATH_NAMES = tuple(v for v in (globals().get("FLAT"),) if v)
+
+
 def _backend(compile):
     """The torch.compile backend named by a ``compile`` option (None: eager)."""
     if compile is None or compile is False:
@@ -254,7 +258,7 @@ def _backend(compile):
     if compile is True:
         return BACKEND
     if isinstance(compile, str) and compile:
-        known = torch._dynamo.list_backends(exclude_tags=())
+        known = [*PATH_NAMES, *torch._dynamo.list_backends(exclude_tags=())]
         if compile not in known:
             raise UsageError(f"compile={compile!r} names no torch.compile backend; valid: True, False, {', '.join(known)}")
         return compile
