@@ -62,6 +62,11 @@ def _items(data, what="data"):
     return [(what, data)]
 
 
+def _require_tensor(name, value):
+    if not torch.is_tensor(value):
+        raise UsageError(f"{name} is a {type(value).__name__}, not a torch tensor: pass torch.as_tensor(...)")
+
+
 def values_per_point(data: Any) -> int:
     """Numbers per datapoint, summed over every tensor of ``data`` (at least 1): what sizes particle chunks."""
     return max(1, sum(v[0].numel() for _, v in _items(fixed_view(data)) if torch.is_tensor(v) and v.dim() > 0))
@@ -76,6 +81,8 @@ def length(data: Any) -> Any:
     if not items:
         kind = "modality" if isinstance(data, Mapping) else "tensor"
         raise UsageError(f"the data hold no {kind}: give at least one array of datapoints")
+    for name, v in items:
+        _require_tensor(name, v)
     sizes = {v.shape[0] if v.dim() else None for _, v in items}
     if len(sizes) != 1 or None in sizes:
         kind = "modalities" if isinstance(data, Mapping) else "the tensors of a batch"
@@ -162,8 +169,9 @@ def data_device(data: Any) -> torch.device:
 
 
 def check_finite(data: Any, what: str = "data") -> None:
-    """Raise :class:`UsageError` if any floating-point value is NaN or infinite."""
+    """Raise :class:`UsageError` if a value is not a tensor, or any floating-point value is NaN or infinite."""
     for name, value in _items(fixed_view(data), what):
+        _require_tensor(name, value)
         if value.is_floating_point() and not torch.isfinite(value).all():
             bad = int((~torch.isfinite(value)).sum())
             raise UsageError(f"{name} holds {bad} NaN or infinite values")

@@ -262,6 +262,10 @@ def _set_rng_state(state):
             torch.cuda.set_rng_state(value, key)
 
 
+# compile= names that are not torch.compile backends (the paths this module runs itself)
+PATH_NAMES = tuple(v for v in (globals().get("FLAT"),) if v)
+
+
 def _backend(compile):
     """The torch.compile backend named by a ``compile`` option (None: eager)."""
     if compile is None or compile is False:
@@ -269,6 +273,9 @@ def _backend(compile):
     if compile is True:
         return BACKEND
     if isinstance(compile, str) and compile:
+        known = [*PATH_NAMES, *torch._dynamo.list_backends(exclude_tags=())]
+        if compile not in known:
+            raise UsageError(f"compile={compile!r} names no torch.compile backend; valid: True, False, {', '.join(known)}")
         return compile
     raise UsageError(f"compile must be True, False or a torch.compile backend name, got {compile!r}")
 

@@ -233,7 +233,8 @@ class ConditionalData:
 
     @property
     def y_dim(self) -> int:
-        return self.half
+        """Values of the condition: the top half's; 0 for a class (the CVAE's y_dim is then its num_classes)."""
+        return self.half if self.condition == "top-half" else 0
 
     def __len__(self):
         return len(self.split)

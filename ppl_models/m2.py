@@ -304,11 +304,13 @@ class SemiSupervisedData:
     * ``rows(index)``: the unlabelled points ``index`` with every labelled point (a validation split holds
       out unlabelled points only).
 
-    Build it with :func:`split_labels`.
+    ``num_classes``: the classes of the data (K of M2), which a few labels may not all show; None: those
+    the labelled points show. Build it with :func:`split_labels`.
     """
 
     unlabelled: DataSplit
     labelled: DataSplit | None
+    num_classes: int | None = None
 
     @property
     def name(self) -> str:
@@ -385,9 +387,10 @@ def choose_labels(y: torch.Tensor, n: int, *, seed: int, num_classes: int | None
     return out
 
 
-def split_labels(train: DataSplit, y: torch.Tensor | None = None) -> SemiSupervisedData:
+def split_labels(train: DataSplit, y: torch.Tensor | None = None, *,
+                 num_classes: int | None = None) -> SemiSupervisedData:
     """:class:`SemiSupervisedData` of a training split whose labels ``y`` (default ``train.y``) hold -1 for
-    unlabelled rows.
+    unlabelled rows; ``num_classes`` the data's classes (default: the largest kept label + 1).
 
     :raises UsageError: no labels at all, or every point labelled (M2 learns from unlabelled points; train
         the CVAE, or keep fewer labels).
@@ -396,9 +399,12 @@ def split_labels(train: DataSplit, y: torch.Tensor | None = None) -> SemiSupervi
     if y is None:
         raise UsageError(f"the training data of {train.name!r} carry no labels")
     is_lab = y >= 0
+    if not bool(is_lab.any()):
+        raise UsageError(f"every label of {train.name!r} is -1 (unlabelled): M2 needs at least one labelled row")
     if bool(is_lab.all()):
         raise UsageError("every training point is labelled: keep fewer labels (--labels N) for M2, or train the cvae")
     lab = torch.nonzero(is_lab).flatten()
     unlab = torch.nonzero(~is_lab).flatten()
     labelled = train.rows(lab) if len(lab) else None
-    return SemiSupervisedData(unlabelled=replace(train.rows(unlab), y=None), labelled=labelled)
+    k = int(y[is_lab].max()) + 1 if num_classes is None else num_classes
+    return SemiSupervisedData(unlabelled=replace(train.rows(unlab), y=None), labelled=labelled, num_classes=k)

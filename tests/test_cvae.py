@@ -49,6 +49,14 @@ def test_linear_gaussian_cvae_bounds_its_exact_conditional_likelihood(prior):
 def test_samples_follow_the_condition_and_bad_conditions_are_refused():
     m = CVAE(5, num_classes=4, latent_dim=2, hidden=(8,))
     assert m.sample(6, y=3).shape == (6, 5) and m.sample(4, y=torch.arange(4)).shape == (4, 5)
+    # a sample is E[x | y, z] with z ~ p(z | y) for the condition asked: the same draw rebuilt from the parts
+    c = m.condition(torch.full((6,), 3))
+    torch.manual_seed(1)
+    drawn = m.sample(6, y=3)
+    torch.manual_seed(1)
+    assert torch.allclose(drawn, m.decode(m.prior_dist(c).sample(), c).mean)
+    torch.manual_seed(1)
+    assert not torch.allclose(drawn, m.sample(6, y=2))  # the class reaches the decoder
     with pytest.raises(UsageError, match="one class"):
         m.sample(2, y=4)
     with pytest.raises(UsageError, match="integer label"):
@@ -70,6 +78,10 @@ def test_top_half_condition_splits_images_into_halves():
     assert data.image_shape == (1, 2, 4) and data.dim == 8 and data.y_dim == 8
     with pytest.raises(UsageError, match="labels"):
         ConditionalData(DataSplit("img", x, None, image_shape=(1, 4, 4)), "class")
+    # a class condition needs no image shape: a flat .npz's x (image_shape (D,)) used to be refused
+    flat = ConditionalData(DataSplit("flat", x, torch.tensor([0, 1]), image_shape=(16,)), "class")
+    assert flat.dim == 16 and flat.y_dim == 0 and flat.image_shape == (16,)
+    assert CVAE(flat.dim, y_dim=flat.y_dim, num_classes=2, latent_dim=2, hidden=(8,)).y_dim == 2
 
 
 def test_pplm_train_cvae_class_and_top_half(tmp_path):

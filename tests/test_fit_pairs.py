@@ -98,6 +98,17 @@ def test_subsampled_pair_needs_its_own_batch_size():
         fit((model, AutoNormal(model)), (x, y), epochs=1, batch_size=50, lr=0.05, progress=False)
 
 
+def test_numpy_data_is_refused_in_one_line():
+    """A NumPy array for the data used to end in an AttributeError from deep inside the data checks."""
+    x, y = regression_data()
+    model = regression(100)
+    with pytest.raises(UsageError, match=r"data\[1\] is a ndarray, not a torch tensor"):
+        fit((model, AutoNormal(model)), (x, y.numpy()), epochs=1, batch_size=100, lr=0.05, progress=False)
+    local = local_normal_model(None)
+    with pytest.raises(UsageError, match=r"training data is a ndarray, not a torch tensor"):
+        fit((local, AutoNormal(local)), y.numpy(), epochs=1, batch_size=100, lr=0.05, progress=False)
+
+
 def test_global_latent_on_unscaled_minibatches_is_refused():
     """A global w with plain minibatches would train on each batch as if it were all the data."""
     x, y = regression_data()

@@ -149,6 +149,7 @@ def test_semi_supervised_data_pairs_every_row_with_a_cycled_label():
     y = torch.tensor([-1, 0, -1, -1, 1, -1, -1, -1, 2, -1])
     data = split_labels(DataSplit("s", x, y))
     assert isinstance(data, SemiSupervisedData) and len(data) == 7 and data.num_labelled == 3
+    assert data.num_classes == 3 and split_labels(DataSplit("s", x, y), num_classes=10).num_classes == 10
     assert data.labelled_fraction == pytest.approx(0.3)
     assert torch.equal(data.data, x[y < 0])
     view = data.epoch()
@@ -212,5 +213,24 @@ def test_pplm_train_m2_on_digits_and_on_a_file_with_unlabelled_rows(tmp_path):
     assert main(argv) == 0
     m2 = json.loads((out2 / "metrics.json").read_text())
     assert m2["labels"] == 4 and m2["unlabelled"] == 56
+    # a file whose labels are all -1 is refused in one line before any training, leaving no run folder
+    np.savez(tmp_path / "none.npz", x=x.numpy(), y=np.full(60, -1))
+    assert main(["train", "m2", "--dataset", str(tmp_path / "none.npz"), "--labels", "all", "--epochs", "1",
+                 "--quiet", "--out", str(tmp_path / "r4")]) == 2
+    assert not (tmp_path / "r4").exists()
+    # labelled training rows but an unlabelled test split: the run completes, with no classification error
+    train_rows = np.random.default_rng(0).permutation(60)[12:]  # ppl_models.data's 80/20 split of a single x
+    y_single = np.full(60, -1)
+    y_single[train_rows[:4]] = (torch.arange(4) % 2).numpy()
+    np.savez(tmp_path / "notest.npz", x=x.numpy(), y=y_single)
+    argv[3] = str(tmp_path / "notest.npz")
+    argv[-1] = str(tmp_path / "r5")
+    assert main(argv) == 0
+    assert "test_classification_error" not in json.loads((tmp_path / "r5" / "metrics.json").read_text())
+    # 5 labels show at most 5 of the digits' 10 classes: M2 still has the data's 10 (it had max label + 1)
+    out6 = tmp_path / "r6"
+    assert main(["train", "m2", "--labels", "5", "--epochs", "1", "--hidden", "8", "--latent-dim", "2",
+                 "--particles", "5", "--quiet", "--out", str(out6)]) == 0
+    assert json.loads((out6 / "config.json").read_text())["module"]["num_classes"] == 10
     # the objective must sum the labels out
     assert main(["train", "m2", "--elbo", "trace", "--epochs", "1", "--quiet", "--out", str(tmp_path / "r3")]) == 2

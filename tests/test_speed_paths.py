@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from inference import NonFiniteLossError, Trainer, fit, make_elbo
+from inference.errors import UsageError
 from inference.loss import StepLoss, make_step_loss
 from ppl_models.vae import VAE
 
@@ -250,3 +251,14 @@ def test_nonfinite_loss_names_its_step_within_the_window(sync_every):
     with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 6\b"), pyro.validation_enabled(False):
         fit(module, torch.zeros(100), epochs=1, batch_size=10, lr=0.1, device="cpu", progress=False,
             sync_every=sync_every)
+
+
+def test_a_misspelt_backend_is_refused_up_front(digits):
+    """compile="inductr" used to train eager (every step falling back) while each history record said
+    loss_path="inductr"; a name torch.compile does not know is a UsageError before any training."""
+    x = digits[0].x[:64]
+    with pytest.raises(UsageError, match="names no torch.compile backend"):
+        fit(_vae("cpu"), x, epochs=1, batch_size=32, lr=1e-3, device="cpu", progress=False, compile="inductr")
+    with pytest.raises(UsageError, match="names no torch.compile backend"):
+        make_step_loss("trace", compile="inductr")
+    assert make_step_loss("trace", compile="aot_eager")[1].backend == "aot_eager"

@@ -91,15 +91,13 @@ class M2Recipe(Recipe):
                                    download=run.download, unlabelled=True)
         if train.y is None:
             raise UsageError(f"M2 needs labels: the training data of {train.name!r} carry none")
-        labels = run.options.labels
-        y = train.y if labels == "all" else choose_labels(train.y, int(labels), seed=run.seed,
-                                                            num_classes=_num_classes(train, test))
-        return split_labels(train, y), test
+        labels, k = run.options.labels, _num_classes(train, test)
+        y = train.y if labels == "all" else choose_labels(train.y, int(labels), seed=run.seed, num_classes=k)
+        return split_labels(train, y, num_classes=k), test
 
     def build(self, run: RunConfig, train: Any) -> Any:
         o = run.options
-        classes = int(train.labelled.y.max()) + 1 if train.labelled is not None else 10
-        return M2(train.dim, num_classes=max(classes, 2), latent_dim=o.latent_dim, hidden=o.hidden,
+        return M2(train.dim, num_classes=max(train.num_classes, 2), latent_dim=o.latent_dim, hidden=o.hidden,
                   likelihood=o.likelihood, activation=o.activation, alpha=o.alpha,
                   labelled_fraction=train.labelled_fraction if o.labelled_weight == "paper" else None,
                   image_shape=train.image_shape)
@@ -107,8 +105,8 @@ class M2Recipe(Recipe):
     def metrics(self, module: Any, train: Any, test: Any, run: RunConfig) -> dict[str, Any]:
         out = {"labels": train.num_labelled, "unlabelled": len(train), "alpha": run.options.alpha,
                "labelled_weight": run.options.labelled_weight}
-        if test.y is not None:
-            keep = test.y >= 0  # a .npz's single y split 80/20 may leave unlabelled (-1) test rows
+        keep = test.y >= 0 if test.y is not None else None  # a .npz's y split 80/20 may leave -1 test rows
+        if keep is not None and bool(keep.any()):
             x, y = test.data[keep], test.y[keep]
             device = next(module.parameters()).device
             pred = torch.cat([module.classify(x[i : i + 1000].to(device)).cpu() for i in range(0, len(x), 1000)])
