@@ -263,7 +263,7 @@ def _set_rng_state(state):
 
 
 # compile= names that are not torch.compile backends (the paths this module runs itself)
-PATH_NAMES = tuple(v for v in (globals().get("FLAT"),) if v)
+PATH_NAMES = (FLAT,)
 
 
 def _backend(compile):
@@ -273,7 +273,7 @@ def _backend(compile):
     if compile is True:
         return BACKEND
     if isinstance(compile, str) and compile:
-        known = [*PATH_NAMES, *torch._dynamo.list_backends(exclude_tags=())]
+        known = [*PATH_NAMES, *torch.compiler.list_backends(exclude_tags=())]
         if compile not in known:
             raise UsageError(f"compile={compile!r} names no torch.compile backend; valid: True, False, {', '.join(known)}")
         return compile
