@@ -100,3 +100,20 @@ def test_pplm_train_cvae_class_and_top_half(tmp_path):
             "--particles", "5", "--quiet", "--out", str(out2)]
     assert main(argv) == 0
     assert (out2 / "completions.png").is_file()
+
+
+def test_a_class_only_the_test_split_holds_is_refused_naming_the_split(tmp_path, capsys):
+    """The CVAE's classes come from the training split: a test class it lacks is one line, exit 2, no folder."""
+    import numpy as np
+
+    from ppl_models.cli import main
+
+    rng = np.random.default_rng(0)
+    x = (rng.random((40, 16)) > 0.5).astype("float32")
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=np.arange(40) % 3, x_test=x[:10], y_test=np.full(10, 5))
+    out = tmp_path / "run"
+    argv = ["train", "cvae", "--dataset", str(tmp_path / "d.npz"), "--epochs", "1", "--quiet", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "test split has class 5" in err[0] and "classes stop at 2" in err[0]
+    assert not out.exists()

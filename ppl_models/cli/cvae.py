@@ -50,6 +50,11 @@ class CVAERecipe(Recipe):
     def load_data(self, run: RunConfig) -> Any:
         train, test = load_dataset(run.dataset, data_root=run.data_root, binarize=run.binarize, download=run.download)
         condition = run.options.condition
+        if condition == "class" and train.y is not None and test.y is not None and len(train.y) and len(test.y):
+            seen, wanted = int(train.y.max()), int(test.y.max())
+            if wanted > seen:
+                raise UsageError(f"the test split has class {wanted} but the training split's classes stop at {seen}: "
+                                 "a class condition can only be learned for classes the training split holds")
         return ConditionalData(train, condition), ConditionalData(test, condition)
 
     def build(self, run: RunConfig, train: Any) -> Any:
