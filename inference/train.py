@@ -901,6 +901,9 @@ def fit(
     _positive("epochs", epochs, int)
     if resume and checkpoint_dir is None:
         raise UsageError("resume=True needs the checkpoint_dir to resume from")
+    missing = [name for name in ("batch_size", "lr") if name not in trainer_options]
+    if missing:
+        raise TypeError(f"fit() missing required keyword argument(s): {', '.join(missing)}")
     trainer = Trainer(pair, train, validation=validation, **trainer_options)
     extra = list(callbacks)
     if patience is not None:

@@ -267,3 +267,11 @@ def test_ctrl_c_during_a_checkpoint_write_waits_for_the_file_to_be_whole(tmp_pat
     with pytest.raises(KeyboardInterrupt):
         atomic_write(tmp_path / "c.bin", write)
     assert (tmp_path / "c.bin").read_bytes() == b"first half second half"
+
+
+def test_fit_without_batch_size_or_lr_names_fit():
+    """batch_size and lr have no default: leaving them out is a TypeError that names fit, not the Trainer."""
+    with pytest.raises(TypeError, match=r"^fit\(\) missing required keyword argument\(s\): batch_size, lr$"):
+        fit(small_vae_for(8), torch.zeros(4, 8), epochs=1)
+    with pytest.raises(TypeError, match=r"^fit\(\) missing required keyword argument\(s\): lr$"):
+        fit(small_vae_for(8), torch.zeros(4, 8), epochs=1, batch_size=2)
