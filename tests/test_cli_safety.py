@@ -420,3 +420,14 @@ def test_warnings_are_shown_once_in_one_line(done, monkeypatch, capsys):
     code, _, err = run_main(["evaluate", str(done)], capsys)
     assert code == 0
     assert err.splitlines() == ["pplm: warning: UserWarning: a warning a user cannot act on"]
+
+
+@pytest.mark.parametrize("rank, lines", [("0", 1), ("1", 0)])
+def test_under_torchrun_rank_0_alone_prints_a_user_error(rank, lines, tmp_path, monkeypatch, capsys):
+    """Every rank runs the same checks, so the one-line error comes from rank 0 only; every rank exits 2."""
+    monkeypatch.setenv("RANK", rank)
+    np.savez(tmp_path / "bad.npz", foo=np.zeros(3))
+    assert main(["train", "vae", "--dataset", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "run")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == lines and all(line.startswith("pplm") for line in err)
+    assert not (tmp_path / "run").exists()

@@ -187,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = _warning_line
             ns.func(ns)
     except (UsageError, FloatingPointError) as exc:  # NonFiniteLossError and evaluate's non-finite weights
-        print(f"pplm: error: {exc}", file=sys.stderr)
+        # under torchrun every rank runs the same checks and all-reduces divergence: rank 0 alone says it
+        if os.environ.get("RANK", "0") in ("", "0"):
+            print(f"pplm: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
