@@ -62,6 +62,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .batching import _stop
 from .errors import UsageError
 
 # how long a collective waits for the other ranks before failing (a backstop: the engine's collectives are
@@ -176,9 +177,8 @@ class DataParallel:
         size = batch_size * self.world_size
         order = torch.randperm(n, generator=epoch_generator(seed, epoch)) if shuffle else torch.arange(n)
         order = order.to(device)  # one copy per epoch
-        stop = n - n % size if drop_last and n >= size else n
         steps = []
-        for i in range(0, stop, size):
+        for i in range(0, _stop(n, size, drop_last), size):
             rows = order[i : i + size]
             steps.append((rows[shard(len(rows), self.world_size, self.rank)], len(rows)))
         return steps
