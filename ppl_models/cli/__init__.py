@@ -175,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter("pplm: %(message)s"))
     loggers = [logging.getLogger(name) for name in ("ppl_models", "inference")]
     levels = [lg.level for lg in loggers]
-    # under torchrun, ranks other than 0 log warnings only
-    level = ns.log_level if os.environ.get("RANK", "0") in ("", "0") else max(ns.log_level, logging.WARNING)
+    # under torchrun, ranks other than 0 log warnings only and leave user errors to rank 0
+    rank0 = os.environ.get("RANK", "0") in ("", "0")
+    level = ns.log_level if rank0 else max(ns.log_level, logging.WARNING)
     for lg in loggers:
         lg.addHandler(handler)
         lg.setLevel(level)
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             ns.func(ns)
     except (UsageError, FloatingPointError) as exc:  # NonFiniteLossError and evaluate's non-finite weights
         # under torchrun every rank runs the same checks and all-reduces divergence: rank 0 alone says it
-        if os.environ.get("RANK", "0") in ("", "0"):
+        if rank0:
             print(f"pplm: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
