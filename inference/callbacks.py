@@ -288,21 +288,24 @@ class Checkpoint(Callback):
 
     def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         # kept in memory until the next read of the losses shows its parameters finite and its next loss finite
-        state = trainer.state_dict()  # on every rank: it gathers the ranks' RNG states
-        self.pending = _serialise(state) if trainer.is_writer else b""  # b"": the other ranks write nothing
+        self._hold(trainer)
 
     def on_steps(self, trainer: Trainer, steps: int, loss_sum: float, points: int) -> None:
         self._write_pending()
 
     def on_fit_end(self, trainer: Trainer) -> None:
         if trainer.best_epoch is not None and trainer.history and trainer.best_epoch != trainer.history[-1]["epoch"]:
-            state = trainer.state_dict()
-            self.pending = _serialise(state) if trainer.is_writer else b""
+            self._hold(trainer)
         if self.pending is not None and not trainer.parameters_finite():
             self.pending = None
             kept = f"; the last good checkpoint {self.path} is kept" if self.path.exists() else ""
             raise DivergenceError(f"training diverged: the parameters after epoch {trainer.epoch} are not finite{kept}")
         self._write_pending()
+
+    def _hold(self, trainer):
+        """Keep the trainer's state as the pending checkpoint (rank 0's bytes; b"" on the others, which write nothing)."""
+        state = trainer.state_dict()  # on every rank: it gathers the ranks' RNG states
+        self.pending = _serialise(state) if trainer.is_writer else b""
 
     def _write_pending(self):
         if self.pending is not None:
