@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from typing import Any, NoReturn
 
 from inference.elbo import ELBO_SPECS
@@ -18,11 +19,18 @@ from ..data import BINARIZE, DATASETS
 from .recipe import LR_SCHEDULES, Recipe, RunConfig, lr_scheduler
 
 
+def is_rank0() -> bool:
+    """Whether this process prints user errors: True unless it is a rank other than 0 under ``torchrun``
+    (which sets ``RANK``; every rank runs the same checks, so rank 0 alone says what failed)."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse, but errors are one line (``pplm: error: ...``) and ``--help`` shows every option's default."""
+    """argparse, but errors are one line (``pplm: error: ...``), printed by rank 0 alone under ``torchrun``,
+    and ``--help`` shows every option's default."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n" if is_rank0() else None)
 
     def add_argument(self, *args: Any, **kwargs: Any) -> Any:
         action = super().add_argument(*args, **kwargs)
