@@ -53,14 +53,14 @@ def suppress_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     return parser
 
 
-def _int_at_least(minimum, word):
+def _int_at_least(minimum, word, expected=None):
     def parse(text):
         try:
             value = int(text)
         except ValueError:
             value = minimum - 1
         if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a {word} integer, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {expected or f'a {word} integer'}, got {text!r}")
         return value
 
     parse.__name__ = f"{word.replace('-', '_')}_int"
@@ -69,6 +69,8 @@ def _int_at_least(minimum, word):
 
 positive_int = _int_at_least(1, "positive")
 non_negative_int = _int_at_least(0, "non-negative")
+# Monte Carlo moments (a flow guide's sd) need two draws at least
+draws_int = _int_at_least(2, "draws", "an integer of at least 2")
 MAX_SEED = 2**32 - 1
 
 
