@@ -28,6 +28,7 @@ from __future__ import annotations
 import io
 import math
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -102,6 +103,7 @@ class ProgressBar(Callback):
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self.bar: Any = None  # the tqdm bar, made by on_fit_start
+        self._postfix_time = -math.inf
 
     def on_fit_start(self, trainer: Trainer) -> None:
         left = max(trainer.epochs - trainer.epoch, 0)
@@ -115,8 +117,16 @@ class ProgressBar(Callback):
         )
 
     def on_steps(self, trainer: Trainer, steps: int, loss_sum: float, points: int) -> None:
+        if self.bar.disable:
+            return
         self.bar.update(steps)
-        self.bar.set_postfix({"epoch": trainer.epoch + 1, "loss": f"{loss_sum / max(points, 1):.3f}"}, refresh=False)
+        now = time.monotonic()
+        if now - self._postfix_time >= self.bar.mininterval:
+            # formatting the postfix costs about as much as a small model's optimiser step: only as often as
+            # tqdm may redraw the bar (its ``mininterval``), never on every step
+            self._postfix_time = now
+            self.bar.set_postfix({"epoch": trainer.epoch + 1, "loss": f"{loss_sum / max(points, 1):.3f}"},
+                                 refresh=False)
 
     def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         post = {"epoch": record["epoch"], "loss": f"{record['train_loss']:.3f}"}

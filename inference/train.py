@@ -42,6 +42,8 @@ GROWTH = 1e3
 # PARAM_CHECK_READS-th read, and whenever a loss read is not finite (to name the cause); a parameter that turns
 # non-finite in between makes the next losses non-finite or is found at the epoch's last read
 PARAM_CHECK_READS = 16
+# timed rounds of the loss-path probe (Trainer._time_paths): each path's fastest step over the rounds is kept
+PROBE_ROUNDS = 3
 # torch.distributions' message for arguments outside their constraint (Pyro's validation)
 _INVALID_VALUES = "but found invalid values"
 
@@ -223,8 +225,9 @@ class Trainer:
         loss-and-backward calls with the random state restored, only when
         ``S >= 200``), each path of :data:`inference.loss.DEFAULT_PATHS` whose
         expected saving repays its one-off cost
-        (:func:`inference.loss.worth_compiling`) is built on the first batch and
-        timed the same way, and the fastest of eager and those is kept:
+        (:func:`inference.loss.worth_compiling`) is built on the first batch, eager
+        and the built paths are timed taking turns (the fastest of 3 rounds each),
+        and the fastest is kept:
         ``"flat"`` (the flattened graph without code generation) when
         ``S * t * 0.15 > 0.5 s``; ``"inductor"`` (``torch.compile``) when
         ``S * t * 0.2 > 40 s`` on CPU (60 s on CUDA). A path whose graph fails its
@@ -397,19 +400,35 @@ class Trainer:
         _log.debug("step loss: %s", path)
 
     def _fastest(self, eager, candidates):
-        """Build each candidate path on the first batch, time its step, and return the fastest path
-        (``"eager"`` when none beats ``eager`` seconds or each fell back); the times go to ``settings``."""
-        seconds = {"eager": eager}
+        """Build each candidate path on the first batch (its graph checked against eager on two calls), time
+        eager and the built paths interleaved (:meth:`_time_paths`), and return the fastest path (``"eager"``
+        when none beats eager or each fell back); the times go to ``settings``."""
+        built = []
         for backend in candidates:
             self.loss.backend = backend
             failed = len(self.loss.fallbacks)
-            step = self._step_seconds(self.loss.differentiable_loss, calls=5)  # build, 2 checked, 2 timed
+            self._step_seconds(self.loss.differentiable_loss, calls=3)  # build, then 2 checked calls
             if len(self.loss.fallbacks) == failed:  # a fallback warned, naming the reason; its time is eager's
-                seconds[backend] = step
+                built.append(backend)
+        seconds = {"eager": eager}
+        if built:
+            timed = self._time_paths(["eager", *built])
+            seconds = {"eager": min(eager, timed["eager"]), **{b: timed[b] for b in built}}
         self.settings["step_seconds"] = seconds
         best = min(seconds, key=seconds.get)
         _log.info("step seconds by path %s: %s", seconds, best)
         return best
+
+    def _time_paths(self, paths, rounds=PROBE_ROUNDS):
+        """The fastest of ``rounds`` timed steps of each path, the paths taking turns within each round, so that
+        a burst of load from other processes slows them alike (the minimum is the estimate least affected by
+        interference)."""
+        seconds = dict.fromkeys(paths, math.inf)
+        for _ in range(rounds):
+            for path in paths:
+                self.loss.backend = None if path == "eager" else path
+                seconds[path] = min(seconds[path], self._step_seconds(self.loss.differentiable_loss, calls=1))
+        return seconds
 
     def _step_seconds(self, loss, calls=3):
         """Seconds of one loss-and-backward on the first batch, the fastest of the last 2 of ``calls`` calls

@@ -431,3 +431,26 @@ def test_under_torchrun_rank_0_alone_prints_a_user_error(rank, lines, tmp_path, 
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == lines and all(line.startswith("pplm") for line in err)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("rank, lines", [("0", 1), ("1", 0)])
+def test_under_torchrun_rank_0_alone_prints_an_argument_error(rank, lines, monkeypatch, capsys):
+    """argparse's errors (an unknown option) and a config file's, too: one line from rank 0, exit 2 everywhere."""
+    monkeypatch.setenv("RANK", rank)
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "vae", "--out", "run", "--no-such-option", "1"])
+    assert exit_.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == lines and all("--no-such-option" in line for line in err)
+    assert main(["train", "vae", "--config", "/nonexistent/run.toml"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == lines and all(line.startswith("pplm: error:") for line in err)
+
+
+@pytest.mark.parametrize("command", ["embed", "explore"])
+def test_samples_below_two_is_refused_before_any_run_is_opened(command, tmp_path, capsys):
+    """A flow guide's sd needs two draws: --samples 1 is an argument error, before the (missing) run is read."""
+    with pytest.raises(SystemExit) as exit_:
+        main([command, str(tmp_path / "no-run"), "--out", str(tmp_path / "codes.npz"), "--samples", "1"])
+    assert exit_.value.code == 2
+    assert "--samples: expected an integer of at least 2, got '1'" in capsys.readouterr().err

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -35,7 +34,17 @@ from inference.errors import UsageError
 from .. import __version__
 from .config_file import expand_config
 from .latent import MAP_METHODS, SPLITS, embed_run, explore_run
-from .options import Parser, add_training_options, out_path, positive_int, run_config, seed, suppress_defaults
+from .options import (
+    Parser,
+    add_training_options,
+    draws_int,
+    is_rank0,
+    out_path,
+    positive_int,
+    run_config,
+    seed,
+    suppress_defaults,
+)
 from .recipes import ADD_OPTIONS, RECIPES
 from .runs import evaluate_run, generate_run, impute_run, print_metrics, sample_run, train_run
 
@@ -84,14 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     em = _run_command(sub, "embed", "write a run's latent codes (posterior means and sds) to .npz or .csv", _embed)
     em.add_argument("--split", choices=SPLITS, default="test")
     em.add_argument("--out", type=out_path, required=True, help=".npz or .csv file")
-    em.add_argument("--samples", type=positive_int, default=256, help="draws per point for a flow guide's moments")
+    em.add_argument("--samples", type=draws_int, default=256,
+                    help="draws per point for a flow guide's moments (at least 2)")
 
     ex = _run_command(sub, "explore", "figures of a run's latent space: traversals, interpolations, maps", _explore)
     ex.add_argument("--out", default=None, help="folder for the figures (default RUN/explore)")
     ex.add_argument("--split", choices=SPLITS, default="test")
     ex.add_argument("--index", type=int, default=0, help="the datapoint whose code is traversed")
     ex.add_argument("--map", choices=MAP_METHODS, default="pca", help="2-D map of the codes")
-    ex.add_argument("--samples", type=positive_int, default=256, help="draws per point for a flow guide's moments")
+    ex.add_argument("--samples", type=draws_int, default=256,
+                    help="draws per point for a flow guide's moments (at least 2)")
     return parser
 
 
@@ -165,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         argv = expand_config(argv, _train_parser)
     except (UsageError, OSError) as exc:
-        print(f"pplm: error: {exc}", file=sys.stderr)
+        if is_rank0():
+            print(f"pplm: error: {exc}", file=sys.stderr)
         return 2
     ns = build_parser().parse_args(argv)
     # the options the command line names (what --resume compares with the stored run)
@@ -176,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     loggers = [logging.getLogger(name) for name in ("ppl_models", "inference")]
     levels = [lg.level for lg in loggers]
     # under torchrun, ranks other than 0 log warnings only and leave user errors to rank 0
-    rank0 = os.environ.get("RANK", "0") in ("", "0")
+    rank0 = is_rank0()
     level = ns.log_level if rank0 else max(ns.log_level, logging.WARNING)
     for lg in loggers:
         lg.addHandler(handler)

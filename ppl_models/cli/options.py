@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from typing import Any, NoReturn
 
 from inference.elbo import ELBO_SPECS
@@ -18,11 +19,18 @@ from ..data import BINARIZE, DATASETS
 from .recipe import LR_SCHEDULES, Recipe, RunConfig, lr_scheduler
 
 
+def is_rank0() -> bool:
+    """Whether this process prints user errors: True unless it is a rank other than 0 under ``torchrun``
+    (which sets ``RANK``; every rank runs the same checks, so rank 0 alone says what failed)."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse, but errors are one line (``pplm: error: ...``) and ``--help`` shows every option's default."""
+    """argparse, but errors are one line (``pplm: error: ...``), printed by rank 0 alone under ``torchrun``,
+    and ``--help`` shows every option's default."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n" if is_rank0() else None)
 
     def add_argument(self, *args: Any, **kwargs: Any) -> Any:
         action = super().add_argument(*args, **kwargs)
@@ -45,14 +53,14 @@ def suppress_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     return parser
 
 
-def _int_at_least(minimum, word):
+def _int_at_least(minimum, word, expected=None):
     def parse(text):
         try:
             value = int(text)
         except ValueError:
             value = minimum - 1
         if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a {word} integer, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {expected or f'a {word} integer'}, got {text!r}")
         return value
 
     parse.__name__ = f"{word.replace('-', '_')}_int"
@@ -61,6 +69,8 @@ def _int_at_least(minimum, word):
 
 positive_int = _int_at_least(1, "positive")
 non_negative_int = _int_at_least(0, "non-negative")
+# Monte Carlo moments (a flow guide's sd) need two draws at least
+draws_int = _int_at_least(2, "draws", "an integer of at least 2")
 MAX_SEED = 2**32 - 1
 
 
