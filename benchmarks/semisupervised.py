@@ -9,9 +9,10 @@ kept, balanced over the classes and drawn with seed s (:func:`ppl_models.m2.choo
 training point is unlabelled. On those labels:
 
 * ``m2``: :class:`ppl_models.m2.M2` (``--hidden`` MLPs with ``--activation``, latent ``--latent-dim``, the
-  paper's classification weight alpha = 0.1 N, i.e. 0.1 per datapoint; the labelled minibatch's ELBO weighs as
-  much as the unlabelled one's, or with ``--labelled-weight paper`` each labelled point as one datapoint of
-  the data set, as in the paper's J^alpha), trained by :func:`inference.fit` with the
+  classification weight ``--alpha`` per row, M2's default 60, which is 600 times the paper's alpha = 0.1 N at
+  100 labels (0.1 per row; the reason is in M2's docstring); each labelled point's ELBO weighs as one datapoint
+  of the data set, as in the paper's J^alpha, or with ``--labelled-weight equal`` the labelled minibatch's ELBO
+  as much as the unlabelled one's), trained by :func:`inference.fit` with the
   ``enum`` objective (TraceEnum_ELBO sums the missing labels out) for ``--epochs`` passes over the
   unlabelled points, each step an unlabelled minibatch of ``--batch-size`` and as many cycled labelled
   points, Adam at ``--lr``, the training seed s; classes = argmax q(y | x). Its test error is also recorded
@@ -51,7 +52,7 @@ PAPER_M2 = {100: 11.97, 600: 4.94, 1000: 3.60, 3000: 3.92}
 PAPER_M1_TSVM = {100: 11.82, 600: 5.72, 1000: 4.24, 3000: 3.49}
 METHODS = ("logreg-pixels", "knn-pixels", "logreg-vae", "knn-vae", "m2")
 DEFAULTS = {
-    "mnist": dict(plan="100:3,600:1,1000:1,3000:1", epochs=3, vae_epochs=5, batch_size=200, lr=1e-3,
+    "mnist": dict(plan="100:3,600:1,1000:1,3000:1", epochs=3, vae_epochs=5, batch_size=200, lr=3e-4,
                   hidden=[500], latent_dim=50, eval_points=1000, particles=50),
     "digits": dict(plan="50:3,100:1,300:1", epochs=30, vae_epochs=30, batch_size=64, lr=1e-3,
                    hidden=[256], latent_dim=16, eval_points=359, particles=50),
@@ -70,8 +71,10 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=int, nargs="+", default=None, help="MLP hidden widths")
     p.add_argument("--latent-dim", type=int, default=None)
     p.add_argument("--activation", default="softplus")
-    p.add_argument("--alpha", type=float, default=0.1, help="classification weight per datapoint (paper: 0.1)")
-    p.add_argument("--labelled-weight", choices=("paper", "equal"), default="equal",
+    p.add_argument("--alpha", type=float, default=60.0,
+                   help="classification weight per row (the paper's: 0.1 with --labelled-weight paper; the default, "
+                        "M2's, is chosen by measurement)")
+    p.add_argument("--labelled-weight", choices=("paper", "equal"), default="paper",
                    help="paper: a labelled point weighs as one datapoint of the data set (J^alpha); equal: each "
                         "step's labelled minibatch weighs as much as its unlabelled one")
     p.add_argument("--knn", type=int, default=3, help="k of the k-NN baselines")
@@ -283,6 +286,9 @@ def main(argv=None):
                      "eval": f"{e['eval_points']} pts x {e['particles']}"} for e in m2]
             md += markdown_table(rows, ["labels", "seed", "s_per_epoch", "final_error_pct", "test_elbo", "test_iwae",
                                         "eval"], floatfmt="{:.2f}")
+            md += "\n\nM2's test error (%) after each epoch:\n\n"
+            md += "\n".join(f"- {e['labels']} labels, seed {e['seed']}: "
+                             + ", ".join(f"{100 * c['test_error']:.2f}" for c in e["curve"]) for e in m2)
         if not complete:
             md += "\n\n(partial: the run had not finished its plan when this was written)"
         record["complete"] = complete
