@@ -292,7 +292,8 @@ def main(argv=None):
               f"{len(test)} test points; {machine}, {env['device_name']}, {env['cpu_threads']} torch thread(s)). "
               f"M2: {s['epochs']} epochs, batch {s['batch_size']} unlabelled + {s['batch_size']} labelled, Adam lr "
               f"{s['lr']}, hidden {s['hidden']} {s['activation']}, latent {s['latent_dim']}, alpha {s['alpha']} per "
-              f"datapoint ({s['labelled_weight']} weighting), dynamic binarisation. Median [min, max] over seeds. "
+              f"row ({s['labelled_weight']} weighting of the labelled ELBO), dynamic binarisation. Median [min, max] "
+              f"over seeds. "
               f"Total {total:.0f} s (wall-clock on a shared machine).\n\n")
         md += markdown_table(summary, ["labels", "method", "seeds", "test_error_pct", "paper_m2_pct", "seconds"],
                              floatfmt="{:.1f}")
