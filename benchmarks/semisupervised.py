@@ -202,8 +202,11 @@ def curve_figure(results, extras, path, title, paper):
     for e in extras:
         if e["method"] == "m2":
             xs = [c["epoch"] for c in e["curve"]]
-            ax.plot(xs, [100 * c["test_error"] for c in e["curve"]], marker="o",
-                    label=f"M2, {e['labels']} labels, seed {e['seed']}")
+            line, = ax.plot(xs, [100 * c["test_error"] for c in e["curve"]], marker="o",
+                            label=f"M2, {e['labels']} labels, seed {e['seed']}: argmax q(y|x)")
+            if all("generative_error" in c for c in e["curve"]):
+                ax.plot(xs, [100 * c["generative_error"] for c in e["curve"]], ls="--", color=line.get_color(),
+                        label=f"seed {e['seed']}: the model's own argmax_y L(x, y)")
     for n, err in PAPER_M2.items():
         if paper and any(r["labels"] == n for r in results):
             ax.axhline(err, ls="--", lw=0.8, color="grey")
