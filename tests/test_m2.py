@@ -109,20 +109,24 @@ def two_classes(n, seed):
     return torch.bernoulli(p, generator=g), y
 
 
+@pytest.mark.parametrize("weighting", ["equal", "paper"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_two_separated_classes_from_two_labels_each(seed):
+def test_two_separated_classes_from_two_labels_each(seed, weighting):
     """Semi-supervised: 2 labels per class, 396 unlabelled points; the classifier q(y|x) reaches >= 0.95
-    test accuracy (trained by fit with Pyro's validation on, mismatch warnings errors). The labelled
-    minibatch's ELBO weighs as much as the unlabelled one's (``labelled_fraction=None``, pplm's default): with
-    the paper's weight f/(1-f) = 1/99 on it, some seeds (1 here) settle on the two clusters with their names
-    swapped, which the classification term alone does not undo in this budget."""
+    test accuracy (trained by fit with Pyro's validation on, mismatch warnings errors), with M2's default
+    classification weight and either labelled weighting: the labelled minibatch's ELBO as much as the
+    unlabelled one's (``labelled_fraction=None``), or the paper's f/(1-f) = 1/99 (pplm's default). With the
+    paper's classification weight (alpha = 0.1) and its labelled weighting, seed 1 settles on the two clusters
+    with their names swapped (accuracy 0.82 when this test was written): the default weight keeps the class
+    names the labels give."""
     x, y = two_classes(400, seed=0)
     xt, yt = two_classes(400, seed=1)
     labels = choose_labels(y, 4, seed=seed)
     data = split_labels(DataSplit("two", x, labels, image_shape=(1, 4, 4)))
     assert data.num_labelled == 4 and len(data) == 396
     pyro.set_rng_seed(seed)
-    m = M2(16, num_classes=2, latent_dim=2, hidden=(32,))
+    fraction = data.labelled_fraction if weighting == "paper" else None
+    m = M2(16, num_classes=2, latent_dim=2, hidden=(32,), labelled_fraction=fraction)
     fit(m, data, elbo="enum", epochs=15, batch_size=50, lr=3e-3, progress=False, seed=seed)
     pred = m.classify(xt)
     # the class names are the labels' (not a permutation): compare directly

@@ -26,8 +26,8 @@ class M2Options:
     hidden: list = default_list([500])
     likelihood: str = "bernoulli"
     activation: str = "softplus"
-    alpha: float = 0.1
-    labelled_weight: str = "equal"
+    alpha: float = 60.0
+    labelled_weight: str = "paper"
 
 
 def labels_spec(text: str) -> str:
@@ -63,7 +63,8 @@ def add_options(p: Any) -> None:
     p.add_argument("--likelihood", default=d.likelihood, help="bernoulli, cbernoulli, normal[:S|:learned], laplace[:S]")
     p.add_argument("--activation", choices=("softplus", "relu", "tanh", "elu", "gelu"), default=d.activation)
     p.add_argument("--alpha", type=non_negative_float, default=d.alpha,
-                   help="classification weight per datapoint (the paper's alpha = 0.1 N)")
+                   help="classification weight per row (the paper's alpha = 0.1 N is 0.1 with --labelled-weight paper; "
+                        "the default is chosen by measurement: ppl_models.m2's docstring)")
     p.add_argument("--labelled-weight", choices=("equal", "paper"), default=d.labelled_weight,
                    help="weight of the labelled minibatch's ELBO: equal (as much as the unlabelled minibatch's) or "
                         "paper (each labelled point as one datapoint of the data set, J^alpha's sum)")
@@ -77,8 +78,8 @@ class M2Recipe(Recipe):
     default_elbo = "enum"
     default_binarize = "dynamic"
     default_epochs = 100
-    default_batch_size = 100
-    default_lr = 1e-3
+    default_batch_size = 200
+    default_lr = 3e-4
 
     def check(self, run: RunConfig) -> None:
         if not run.elbo.startswith("enum"):
