@@ -160,6 +160,11 @@ def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def held_out(n: int, validation: float | None) -> int:
+    """How many of ``n`` training points a validation fraction holds out (``round(validation * n)``; 0 for None)."""
+    return int(round(validation * n)) if validation else 0
+
+
 def _validation_split(train, validation, seed):
     """``(train, validation)``: a fraction is held out of ``train`` by a permutation seeded with ``seed``."""
     if validation is None or not _is_number(validation):
@@ -169,7 +174,7 @@ def _validation_split(train, validation, seed):
     if not 0.0 < validation < 1.0:
         raise UsageError(f"a validation fraction must lie in [0, 1), got {validation!r}")
     n = batching.length(train)
-    held = int(round(validation * n))
+    held = held_out(n, validation)
     if held < 1 or held >= n:
         raise UsageError(f"a validation fraction of {validation} of {n} training points leaves no validation "
                          "or no training data")

@@ -216,7 +216,8 @@ def test_pplm_train_m2_on_digits_and_on_a_file_with_unlabelled_rows(tmp_path):
             "--epochs", "1", "--hidden", "8", "--latent-dim", "2", "--particles", "5", "--quiet", "--out", str(out2)]
     assert main(argv) == 0
     m2 = json.loads((out2 / "metrics.json").read_text())
-    assert m2["labels"] == 4 and m2["unlabelled"] == 56
+    # the default 10% validation split holds out round(0.1 * 56) = 6 of the 56 unlabelled rows, no labelled one
+    assert m2["labels"] == 4 and m2["unlabelled"] == 50 and m2["validation"] == 6
     # a file whose labels are all -1 is refused in one line before any training, leaving no run folder
     np.savez(tmp_path / "none.npz", x=x.numpy(), y=np.full(60, -1))
     assert main(["train", "m2", "--dataset", str(tmp_path / "none.npz"), "--labels", "all", "--epochs", "1",

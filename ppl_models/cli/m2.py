@@ -12,6 +12,7 @@ import torch
 
 from inference.errors import UsageError
 from inference.plots import save_image_grid
+from inference.train import held_out
 
 from ..data import load_dataset
 from ..m2 import M2, choose_labels, split_labels
@@ -104,7 +105,10 @@ class M2Recipe(Recipe):
                   image_shape=train.image_shape)
 
     def metrics(self, module: Any, train: Any, test: Any, run: RunConfig) -> dict[str, Any]:
-        out = {"labels": train.num_labelled, "unlabelled": len(train), "alpha": run.options.alpha,
+        # the validation split holds out unlabelled points only (SemiSupervisedData.rows)
+        held = held_out(len(train), run.validation)
+        out = {"labels": train.num_labelled, "unlabelled": len(train) - held, "validation": held,
+               "alpha": run.options.alpha,
                "labelled_weight": run.options.labelled_weight}
         keep = test.y >= 0 if test.y is not None else None  # a .npz's y split 80/20 may leave -1 test rows
         if keep is not None and bool(keep.any()):
