@@ -124,9 +124,10 @@ def test_clustering(tmp_path):
 def test_clustering_without_the_scale_head_step(tmp_path):
     clustering.main(["--seeds", "1", "--epochs", "1", "--pretrain-epochs", "1", "--limit", "200", "--methods", "vade",
                      "--hidden", "16", "--latent-dim", "2", "--embed-points", "150", "--no-scale-head", "--threads", "1",
-                     "--device", "cpu", "--name", "tiny", "--out", str(tmp_path)])
+                     "--device", "cpu", "--name", "tiny", "--out", str(tmp_path), "--precision", "fp32"])
     (detail,) = _record(tmp_path)["details"]
     assert "scale_head" not in detail and math.isfinite(detail["elbo_after_svi"])
+    assert detail["pretrain_precision"] == "fp32"
 
 
 @needs_mnist
