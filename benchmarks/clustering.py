@@ -76,12 +76,14 @@ DEFAULTS = {
     "digits": dict(hidden=[256, 256], latent_dim=10, epochs=150, pretrain_epochs=50, batch_size=64, lr=2e-3,
                    likelihood="normal:0.3", init="tsne", embed="inputs", align_epochs=0, methods=",".join(METHODS),
                    pretrain_batch_size=64, pretrain_lr=1e-3, pretrain_validation=0.0, pretrain_patience=None,
-                   svi_mixture="trained", svi_lr=2e-3, embed_points=10000, stage_compile=None),
+                   svi_mixture="trained", svi_lr=2e-3, embed_points=10000, tsne_iterations=1000, scale_points=5000,
+                   stage_compile=None),
     "mnist": dict(hidden=[500, 500, 2000], latent_dim=10, epochs=2, pretrain_epochs=10, batch_size=256, lr=5e-4,
                   likelihood="normal:0.3", init="tsne", embed="codes", align_epochs=3,
                   methods="vade,vae-gmm,kmeans-pixels,gmm-pixels",
                   pretrain_batch_size=256, pretrain_lr=1e-3, pretrain_validation=0.05, pretrain_patience=2,
-                  svi_mixture="fixed", svi_lr=1e-4, embed_points=10000, stage_compile="flat"),
+                  svi_mixture="fixed", svi_lr=1e-4, embed_points=10000, tsne_iterations=1000, scale_points=5000,
+                  stage_compile="flat"),
 }
 
 
@@ -127,6 +129,9 @@ def parse_args(argv=None):
                         "the networks) or fp32; auto = bf16 where the device has hardware bfloat16 (SVI and the "
                         "ELBOs stay float32)")
     p.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity")
+    p.add_argument("--tsne-iterations", type=int, default=None, help="t-SNE gradient steps (at least 250)")
+    p.add_argument("--scale-points", type=int, default=None,
+                   help="points scored by vade_init.init_scale_head's grid of constant scales")
     p.add_argument("--align-epochs", type=int, default=None,
                    help="epochs pulling the codes towards the t-SNE map's clusters before SVI (vade_init.align)")
     p.add_argument("--align-weight", type=float, default=100.0, help="weight of the cross-entropy in vade_init.align")
@@ -198,7 +203,7 @@ def run_vade(x, xs, s, seed, device):
                       align_epochs=s["align_epochs"], align_weight=s["align_weight"],
                       pretrain_validation=s["pretrain_validation"], pretrain_patience=s["pretrain_patience"],
                       pretrain_min_delta=s["pretrain_min_delta"], scale_head=s["scale_head"], precision=s["precision"],
-                      compile=s["stage_compile"])
+                      compile=s["stage_compile"], tsne_iterations=s["tsne_iterations"], scale_points=s["scale_points"])
     # reporting only (not counted in the method's seconds): clusters and training ELBO before and after SVI
     t0 = time.perf_counter()
     info["init_clusters"] = m.cluster(xs)  # after initialisation (and, with candidates > 1, the selection's SVI)
@@ -246,7 +251,7 @@ def run_tsne_gmm_pixels(x, xs, s, seed, device):
 
     if xs is not x:
         return None, {"skipped": "t-SNE has no out-of-sample map; run it with --fit-on all"}
-    emb = tsne_map(x, perplexity=s["perplexity"], seed=seed)
+    emb = tsne_map(x, perplexity=s["perplexity"], seed=seed, iterations=s["tsne_iterations"])
     g = GaussianMixture(s["clusters"], covariance_type="full", n_init=s["restarts"], random_state=seed).fit(emb)
     return torch.as_tensor(g.predict(emb)), {}
 
@@ -340,7 +345,7 @@ def main(argv=None):
         raise UsageError(f"unknown method(s) {unknown}; valid: {', '.join(METHODS)}")
     for name in ("hidden", "latent_dim", "epochs", "pretrain_epochs", "batch_size", "lr", "likelihood", "init", "embed",
                  "align_epochs", "pretrain_batch_size", "pretrain_lr", "pretrain_validation", "pretrain_patience",
-                 "svi_mixture", "svi_lr", "embed_points"):
+                 "svi_mixture", "svi_lr", "embed_points", "tsne_iterations", "scale_points"):
         if getattr(args, name) is not None:
             s[name] = getattr(args, name)
     if args.candidates > 1 and not 1 <= args.select_epochs < s["epochs"]:

@@ -343,13 +343,15 @@ def fit_diag_gmm(z: torch.Tensor, n_components: int, *, restarts: int = 5, seed:
     return gmm.fit(z)
 
 
-def tsne_map(points: Any, *, perplexity: float = 30.0, seed: int = 0) -> Any:
+def tsne_map(points: Any, *, perplexity: float = 30.0, seed: int = 0, iterations: int = 1000) -> Any:
     """A 2-D t-SNE map (van der Maaten & Hinton 2008) of the rows of ``points``: (N, 2) float64 array.
 
     scikit-learn's Barnes-Hut t-SNE, PCA initialisation, automatic learning rate,
-    ``random_state=seed`` (so a seed gives the same map on the same machine).
+    ``random_state=seed`` (so a seed gives the same map on the same machine),
+    at most ``iterations`` gradient steps (its ``max_iter``; the first 250 are
+    the early exaggeration phase, so at least 250 are needed).
 
-    :raises UsageError: for non-finite points.
+    :raises UsageError: for non-finite points or fewer than 250 iterations.
     """
     from sklearn.manifold import TSNE
 
@@ -357,7 +359,8 @@ def tsne_map(points: Any, *, perplexity: float = 30.0, seed: int = 0) -> Any:
     points = points.reshape(len(points), -1)
     if not np.isfinite(points).all():
         raise UsageError("cannot embed non-finite points with t-SNE")
-    tsne = TSNE(2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed)
+    _check_tsne_iterations(iterations)
+    tsne = TSNE(2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed, max_iter=iterations)
     log.info(f"t-SNE map of {len(points)} points (perplexity {perplexity:g}) ...")
     t0 = time.perf_counter()
     emb = tsne.fit_transform(points)
@@ -399,15 +402,17 @@ def set_mixture_from_responsibilities(vade: Any, z: torch.Tensor, r: Any) -> flo
 
 @torch.no_grad()
 def init_mixture(vade: Any, x: torch.Tensor, *, restarts: int = 5, seed: int = 0, method: str = "gmm",
-                 embed: str = "codes", embed_points: int = 10000, perplexity: float = 30.0) -> tuple[Any, ...]:
+                 embed: str = "codes", embed_points: int = 10000, perplexity: float = 30.0,
+                 tsne_iterations: int = 1000) -> tuple[Any, ...]:
     """Set VaDE's pi, mu_c, sigma_c from the codes mu_phi(x) of its (pretrained) encoder (module docstring, stage 2).
 
     ``method="gmm"``: the best of ``restarts`` diagonal-GMM EM fits to the codes
     (:func:`fit_diag_gmm`).
 
     ``method="tsne"``: up to ``embed_points`` points (a seeded random subset of x
-    beyond that) are embedded by :func:`tsne_map` (``perplexity``), their codes
-    (``embed="codes"``) or their inputs (``embed="inputs"``); a full-covariance
+    beyond that) are embedded by :func:`tsne_map` (``perplexity``,
+    ``tsne_iterations``), their codes (``embed="codes"``) or their inputs
+    (``embed="inputs"``); a full-covariance
     GMM with ``restarts`` restarts is fitted in the map; points left out of the
     map get the vote of their 10 nearest embedded codes (scikit-learn's
     ``KNeighborsClassifier`` on the map's hard clusters); the responsibilities
@@ -422,9 +427,10 @@ def init_mixture(vade: Any, x: torch.Tensor, *, restarts: int = 5, seed: int = 0
         of x under the clustering the mixture was set from (the EM fit's, or the
         map's, voted in where needed), the targets of :func:`align`.
     :raises UsageError: for an unknown method or embedding, too few points for
-        the perplexity, or non-finite codes.
+        the perplexity, fewer than 250 t-SNE iterations, or non-finite codes.
     """
     _check_init(method, embed, embed_points, perplexity, vade.n_clusters)
+    _check_tsne_iterations(tsne_iterations)
     t0 = time.perf_counter()
     xf = batching.fixed_view(x)
     codes = vade.latent_means(xf)
@@ -446,7 +452,7 @@ def init_mixture(vade: Any, x: torch.Tensor, *, restarts: int = 5, seed: int = 0
     if embedded <= max(perplexity, k):
         raise UsageError(f"t-SNE with perplexity {perplexity} and {k} clusters needs more than "
                          f"{max(perplexity, k):g} points, got {embedded}")
-    emb = tsne_map(points, perplexity=perplexity, seed=seed)
+    emb = tsne_map(points, perplexity=perplexity, seed=seed, iterations=tsne_iterations)
     t1 = time.perf_counter()
     from sklearn.mixture import GaussianMixture
 
@@ -587,7 +593,7 @@ def initialise(vade: Any, x: torch.Tensor, *, pretrain_epochs: int = 50, batch_s
                perplexity: float = 30.0, align_epochs: int = 0, align_weight: float = 100.0,
                pretrain_validation: float = 0.0, pretrain_patience: int | None = None,
                pretrain_min_delta: float = 0.0, scale_head: bool = True, scale_points: int = 5000,
-               precision: str = "auto", compile: bool | str | None = None) -> Any:
+               precision: str = "auto", compile: bool | str | None = None, tsne_iterations: int = 1000) -> Any:
     """Initialise ``vade`` on ``x``: :func:`pretrain`, :func:`init_mixture`, :func:`align`, :func:`init_scale_head`.
 
     ``pretrain_epochs``, ``lr``, ``dropout``, ``weight_decay`` go to
@@ -600,7 +606,7 @@ def initialise(vade: Any, x: torch.Tensor, *, pretrain_epochs: int = 50, batch_s
     two stages (the selection's SVI keeps fit's own choice); with ``scale_head``
     (default) the encoder's scale head is set last by :func:`init_scale_head`
     on ``scale_points`` points; ``init``, ``embed``, ``embed_points``, ``perplexity``,
-    ``restarts`` are :func:`init_mixture`'s ``method``, ...; for ``init="tsne"``
+    ``tsne_iterations``, ``restarts`` are :func:`init_mixture`'s ``method``, ...; for ``init="tsne"``
     with ``align_epochs`` > 0, :func:`align` runs on every point and its map
     cluster (``align_weight``, learning rate ``lr``). ``x`` is a tensor or a
     ``DataSplit`` on the module's device. Returns the merged records. Bad
@@ -627,6 +633,7 @@ def initialise(vade: Any, x: torch.Tensor, *, pretrain_epochs: int = 50, batch_s
     _check_dropout(dropout)
     _check_early_stopping(pretrain_validation, pretrain_patience)
     _check_init(init, embed, embed_points, perplexity, vade.n_clusters)
+    _check_tsne_iterations(tsne_iterations)
     resolve_precision(precision, _device(vade))
     if not (isinstance(align_epochs, int) and align_epochs >= 0) or not align_weight >= 0:
         raise UsageError(f"align_epochs must be a non-negative integer and align_weight non-negative, "
@@ -648,7 +655,7 @@ def initialise(vade: Any, x: torch.Tensor, *, pretrain_epochs: int = 50, batch_s
                           validation=pretrain_validation, patience=pretrain_patience, min_delta=pretrain_min_delta,
                           precision=precision, compile=compile)
         mixture, resp = init_mixture(vade, x, restarts=restarts, seed=cand_seed, method=init, embed=embed,
-                                     embed_points=embed_points, perplexity=perplexity)
+                                     embed_points=embed_points, perplexity=perplexity, tsne_iterations=tsne_iterations)
         record.update(mixture)
         if init == "tsne" and align_epochs:
             record.update(align(vade, x, resp, epochs=align_epochs, weight=align_weight, lr=lr,
@@ -710,6 +717,11 @@ def _check_init(method, embed, embed_points, perplexity, n_clusters):
         raise UsageError(f"embed_points must be an integer above the {n_clusters} clusters, got {embed_points!r}")
     if not (isinstance(perplexity, (int, float)) and perplexity > 0):
         raise UsageError(f"perplexity must be positive, got {perplexity!r}")
+
+
+def _check_tsne_iterations(iterations):
+    if not (isinstance(iterations, int) and iterations >= 250):
+        raise UsageError(f"t-SNE needs at least 250 iterations (its early exaggeration phase), got {iterations!r}")
 
 
 def _check_responsibilities(r, n, k):

@@ -95,6 +95,7 @@ def test_clustering(tmp_path):
             "--fit-on", "all", "--methods", "vade,kmeans-pixels,gmm-pixels,vae-gmm,tsne-gmm-pixels", "--device", "cpu",
             "--threads", "1", "--machine", "test", "--name", "tiny", "--init", "tsne", "--embed", "codes",
             "--embed-points", "200", "--perplexity", "20", "--align-epochs", "1", "--align-weight", "50",
+            "--tsne-iterations", "300", "--scale-points", "100",
             "--pretrain-batch-size", "32", "--pretrain-lr", "2e-3", "--pretrain-validation", "0.1",
             "--pretrain-patience", "2", "--pretrain-min-delta", "0.5", "--svi-lr", "1e-3", "--svi-mixture", "fixed",
             "--out", str(tmp_path)]

@@ -139,7 +139,8 @@ def test_bad_arguments():
     x = torch.randn(50, 4)
     for kw, match in [(dict(init="kmeans"), "initialisation"), (dict(init="tsne", embed="pixels"), "embed"),
                       (dict(init="tsne", embed_points=2), "embed_points"), (dict(init="tsne", perplexity=0), "perplexity"),
-                      (dict(dropout=1.0), "dropout")]:
+                      (dict(dropout=1.0), "dropout"), (dict(init="tsne", tsne_iterations=100), "250"),
+                      (dict(precision="fp16"), "precision")]:
         with pytest.raises(UsageError, match=match):
             initialise(m, x, pretrain_epochs=1, **kw)
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
