@@ -18,8 +18,9 @@ What is compared, per seed, on the same data:
   then ``--epochs`` of SVI at ``--svi-lr``, with the mixture trained or, with
   ``--svi-mixture fixed`` (MNIST's default), kept as initialised
   (:meth:`ppl_models.vade.VaDE.freeze_mixture`); clusters = argmax q(c | x).
-  Pretraining (and alignment) use ``--pretrain-batch-size`` and
-  ``--pretrain-lr``; on MNIST 5% of the points are held out of the
+  Pretraining (and alignment) use ``--pretrain-batch-size``,
+  ``--pretrain-lr`` and ``--precision`` (default: bfloat16 mixed precision
+  where the hardware has it, float32 otherwise; SVI is float32); on MNIST 5% of the points are held out of the
   pretraining and it stops early (``--pretrain-patience``) when their
   reconstruction stops improving. The record holds, per seed, the ACC right
   after initialisation, the training ELBO per point before and after SVI
@@ -68,17 +69,21 @@ from ppl_models.vae import VAE
 
 METHODS = ("vade", "vae-gmm", "kmeans-pixels", "gmm-pixels", "tsne-gmm-pixels")
 
-# per-dataset defaults (the --quick budget is the digits row)
+# per-dataset defaults (the --quick budget is the digits row). stage_compile: fit's ``compile`` for VaDE's pretraining
+# and alignment; on MNIST "flat", because fit's own choice builds and times an inductor graph for a 20-epoch
+# pretraining (~35 s here) that then runs no faster than the flat or eager loss (results/clustering-mnist-*.md)
 DEFAULTS = {
     "digits": dict(hidden=[256, 256], latent_dim=10, epochs=150, pretrain_epochs=50, batch_size=64, lr=2e-3,
                    likelihood="normal:0.3", init="tsne", embed="inputs", align_epochs=0, methods=",".join(METHODS),
                    pretrain_batch_size=64, pretrain_lr=1e-3, pretrain_validation=0.0, pretrain_patience=None,
-                   svi_mixture="trained", svi_lr=2e-3),
-    "mnist": dict(hidden=[500, 500, 2000], latent_dim=10, epochs=2, pretrain_epochs=10, batch_size=256, lr=5e-4,
-                  likelihood="normal:0.3", init="tsne", embed="codes", align_epochs=3,
+                   svi_mixture="trained", svi_lr=2e-3, embed_points=10000, tsne_iterations=1000, scale_points=5000,
+                   stage_compile=None),
+    "mnist": dict(hidden=[500, 500, 2000], latent_dim=10, epochs=2, pretrain_epochs=19, batch_size=256, lr=5e-4,
+                  likelihood="normal:0.3", init="tsne", embed="codes", align_epochs=1,
                   methods="vade,vae-gmm,kmeans-pixels,gmm-pixels",
                   pretrain_batch_size=256, pretrain_lr=1e-3, pretrain_validation=0.05, pretrain_patience=2,
-                  svi_mixture="fixed", svi_lr=1e-4),
+                  svi_mixture="fixed", svi_lr=1e-4, embed_points=10000, tsne_iterations=750, scale_points=2000,
+                  stage_compile="flat"),
 }
 
 
@@ -116,8 +121,17 @@ def parse_args(argv=None):
                         "default)")
     p.add_argument("--embed", choices=("codes", "inputs"), default=None,
                    help="what --init tsne embeds (default: inputs on digits, codes on MNIST)")
-    p.add_argument("--embed-points", type=int, default=10000, help="points embedded by t-SNE (a seeded subset beyond)")
+    p.add_argument("--embed-points", type=int, default=None,
+                   help="points embedded by t-SNE (a seeded subset beyond; the rest get their 10 nearest embedded "
+                        "codes' vote)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="arithmetic of VaDE's pretraining and alignment: bf16 mixed precision (bfloat16 autocast of "
+                        "the networks) or fp32; auto = bf16 where the device has hardware bfloat16 (SVI and the "
+                        "ELBOs stay float32)")
     p.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity")
+    p.add_argument("--tsne-iterations", type=int, default=None, help="t-SNE gradient steps (at least 250)")
+    p.add_argument("--scale-points", type=int, default=None,
+                   help="points scored by vade_init.init_scale_head's grid of constant scales")
     p.add_argument("--align-epochs", type=int, default=None,
                    help="epochs pulling the codes towards the t-SNE map's clusters before SVI (vade_init.align)")
     p.add_argument("--align-weight", type=float, default=100.0, help="weight of the cross-entropy in vade_init.align")
@@ -188,7 +202,8 @@ def run_vade(x, xs, s, seed, device):
                       embed=s["embed"], embed_points=s["embed_points"], perplexity=s["perplexity"],
                       align_epochs=s["align_epochs"], align_weight=s["align_weight"],
                       pretrain_validation=s["pretrain_validation"], pretrain_patience=s["pretrain_patience"],
-                      pretrain_min_delta=s["pretrain_min_delta"], scale_head=s["scale_head"])
+                      pretrain_min_delta=s["pretrain_min_delta"], scale_head=s["scale_head"], precision=s["precision"],
+                      compile=s["stage_compile"], tsne_iterations=s["tsne_iterations"], scale_points=s["scale_points"])
     # reporting only (not counted in the method's seconds): clusters and training ELBO before and after SVI
     t0 = time.perf_counter()
     info["init_clusters"] = m.cluster(xs)  # after initialisation (and, with candidates > 1, the selection's SVI)
@@ -236,7 +251,7 @@ def run_tsne_gmm_pixels(x, xs, s, seed, device):
 
     if xs is not x:
         return None, {"skipped": "t-SNE has no out-of-sample map; run it with --fit-on all"}
-    emb = tsne_map(x, perplexity=s["perplexity"], seed=seed)
+    emb = tsne_map(x, perplexity=s["perplexity"], seed=seed, iterations=s["tsne_iterations"])
     g = GaussianMixture(s["clusters"], covariance_type="full", n_init=s["restarts"], random_state=seed).fit(emb)
     return torch.as_tensor(g.predict(emb)), {}
 
@@ -330,14 +345,14 @@ def main(argv=None):
         raise UsageError(f"unknown method(s) {unknown}; valid: {', '.join(METHODS)}")
     for name in ("hidden", "latent_dim", "epochs", "pretrain_epochs", "batch_size", "lr", "likelihood", "init", "embed",
                  "align_epochs", "pretrain_batch_size", "pretrain_lr", "pretrain_validation", "pretrain_patience",
-                 "svi_mixture", "svi_lr"):
+                 "svi_mixture", "svi_lr", "embed_points", "tsne_iterations", "scale_points"):
         if getattr(args, name) is not None:
             s[name] = getattr(args, name)
     if args.candidates > 1 and not 1 <= args.select_epochs < s["epochs"]:
         raise UsageError(f"--select-epochs must lie in 1..{s['epochs'] - 1} (below --epochs), got {args.select_epochs}")
     s.update(candidates=args.candidates, select_epochs=args.select_epochs)
     s.update(clusters=args.clusters, restarts=args.restarts, pixel_reg=args.pixel_reg, fit_on=args.fit_on,
-             limit=args.limit, pretrain_dropout=0.2, embed_points=args.embed_points, perplexity=args.perplexity,
+             limit=args.limit, pretrain_dropout=0.2, precision=args.precision, perplexity=args.perplexity,
              align_weight=args.align_weight, pretrain_min_delta=args.pretrain_min_delta,
              scale_head=not args.no_scale_head)
     seeds = seeds_from(args.seeds)

@@ -79,6 +79,16 @@ the initial mixture by a few points (measured in
    stream (common random numbers), i.e. the highest lower bound on the
    marginal likelihood of the training data; no labels.
 
+Precision. Stages 1 and 3 are deterministic losses whose cost is the MLPs'
+matrix products, so they run in mixed precision where the hardware has
+bfloat16 (``precision="auto"``, the default; ``"bf16"``/``"fp32"`` to choose):
+the networks run under ``torch.autocast`` in bfloat16 (8 significand bits,
+products accumulated in float32), their outputs are cast back to float32
+before the likelihood and the cross-entropy, and the parameters, gradients and
+optimiser stay float32 (Micikevicius et al. 2018; bfloat16's float32 exponent
+range needs no loss scaling, Kalamkar et al. 2019). The codes handed to the
+mixture, the scale-head grid, SVI and every ELBO stay float32.
+
 After initialisation. The mixture set from the map is what carries the
 clusters; SVI of the whole model moves it towards the maximum-likelihood
 diagonal GMM of the codes (the ELBO's gradient in pi, mu_c, sigma_c is that of
@@ -93,6 +103,8 @@ R. McConville, R. Santos-Rodriguez, R. J. Piechocki, I. Craddock, "N2D: (Not Too
 Deep Clustering via Clustering the Local Manifold of an Autoencoded Embedding",
 ICPR 2020. L. van der Maaten, G. Hinton, "Visualizing Data using t-SNE", JMLR 2008.
 I. Loshchilov, F. Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
+P. Micikevicius et al., "Mixed Precision Training", ICLR 2018. D. Kalamkar et al., "A Study of
+BFLOAT16 for Deep Learning Training", arXiv:1905.12322, 2019.
 """
 import copy
 import logging
@@ -118,14 +130,54 @@ INIT_METHODS = ("gmm", "tsne")
 EMBED_SOURCES = ("codes", "inputs")
 
 
+# ---- numeric precision of the autoencoder stages ----------------------------------------------
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def bf16_available(device: Any) -> bool:
+    """Whether ``device`` runs bfloat16 matrix products in hardware: a CUDA device that supports
+    bfloat16, or a CPU with AVX512-BF16 (which includes the CPUs with AMX-BF16)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+        return bool(check is not None and check())
+    return False
+
+
+def resolve_precision(precision: str, device: Any) -> str:
+    """``"bf16"`` or ``"fp32"``: ``"auto"`` is bf16 where :func:`bf16_available`, fp32 elsewhere.
+
+    :raises UsageError: for a value outside :data:`PRECISIONS`, or ``"bf16"`` on a
+        device without hardware bfloat16 (emulated bfloat16 is slower than float32).
+    """
+    if precision not in PRECISIONS:
+        raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    available = bf16_available(device)
+    if precision == "auto":
+        return "bf16" if available else "fp32"
+    if precision == "bf16" and not available:
+        raise UsageError(f"precision bf16 needs hardware bfloat16 (a CPU with AVX512-BF16 or a CUDA device that "
+                         f"supports it); {torch.device(device)} has none: use fp32")
+    return precision
+
+
 # ---- the two training pairs ----------------------------------------------------------------
-def _reconstruct(net, x_in, x):
-    """Observe ``x`` under p(x | z = mu_phi(x_in)) at site "x" and return mu_phi(x_in) (B, L).
+def _reconstruct(net, x_in, x, precision="fp32"):
+    """Observe ``x`` under p(x | z = mu_phi(x_in)) at site "x" and return mu_phi(x_in) (B, L), float32.
 
     ``net`` has VaDE's ``encoder_body``, ``encoder_head``, ``decoder`` and ``likelihood``.
+    With ``precision="bf16"`` the networks run under ``torch.autocast`` in
+    bfloat16 (the matrix products; parameters stay float32) and their outputs
+    are cast back to float32 before the likelihood and anything computed from
+    the code, so only the networks' arithmetic is rounded.
     """
-    loc, _ = net.encoder_head(net.encoder_body(x_in))
-    pyro.sample("x", net.likelihood(net.decoder(loc)), obs=x)
+    with torch.autocast(x_in.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loc, _ = net.encoder_head(net.encoder_body(x_in))
+        mean = net.decoder(loc)
+    loc, mean = loc.to(x.dtype), mean.to(x.dtype)
+    pyro.sample("x", net.likelihood(mean), obs=x)
     return loc
 
 
@@ -140,14 +192,19 @@ class AutoencoderPair(nn.Module):
     :param vade: a :class:`ppl_models.vade.VaDE`.
     :param dropout: probability of zeroing each input value while training
         (x~); in [0, 1). No corruption in eval mode.
-    :raises UsageError: for a dropout outside [0, 1).
+    :param precision: ``"fp32"``, ``"bf16"`` (the networks under bfloat16
+        autocast, outputs cast back to float32 before the likelihood: mixed
+        precision, parameters and optimiser in float32) or ``"auto"`` (bf16
+        where the module's device has hardware bfloat16, :func:`resolve_precision`).
+    :raises UsageError: for a dropout outside [0, 1) or an invalid or unavailable precision.
     """
 
     max_plate_nesting = 1
 
-    def __init__(self, vade: Any, dropout: float = 0.0) -> None:
+    def __init__(self, vade: Any, dropout: float = 0.0, precision: str = "fp32") -> None:
         super().__init__()
         _check_dropout(dropout)
+        self.precision = resolve_precision(precision, _device(vade))
         self.encoder_body, self.encoder_head = vade.encoder_body, vade.encoder_head
         self.decoder, self.likelihood = vade.decoder, vade.likelihood
         self.dropout = float(dropout)
@@ -155,7 +212,7 @@ class AutoencoderPair(nn.Module):
     def model(self, x: torch.Tensor) -> None:
         x_in = F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
         with pyro.plate("data", x.shape[0]):
-            _reconstruct(self, x_in, x)
+            _reconstruct(self, x_in, x, self.precision)
 
     def guide(self, x: torch.Tensor) -> None:
         """Empty: the model has no latent site."""
@@ -171,24 +228,27 @@ class AlignmentPair(nn.Module):
     Under :func:`inference.fit` (``elbo="trace"``) the loss is the batch mean of
     ``-log p(x_n | z = mu_phi(x_n)) + weight * CE_n`` with
     ``CE_n = -sum_c r_nc log p(c | z = mu_phi(x_n))`` (module docstring, stage 3).
-    It holds the whole VaDE, so networks and mixture are trained.
+    It holds the whole VaDE, so networks and mixture are trained. ``precision``
+    as for :class:`AutoencoderPair` (the networks only: the cross-entropy is
+    computed in float32 from the code cast back).
 
-    :raises UsageError: for a negative ``weight``.
+    :raises UsageError: for a negative ``weight`` or an invalid or unavailable precision.
     """
 
     max_plate_nesting = 1
 
-    def __init__(self, vade: Any, weight: float = 100.0) -> None:
+    def __init__(self, vade: Any, weight: float = 100.0, precision: str = "fp32") -> None:
         super().__init__()
         if not weight >= 0:
             raise UsageError(f"align weight must be non-negative, got {weight!r}")
+        self.precision = resolve_precision(precision, _device(vade))
         self.vade = vade
         self.weight = float(weight)
 
     def model(self, batch: Any) -> None:
         x, r = batch["x"], batch["r"]
         with pyro.plate("data", x.shape[0]):
-            loc = _reconstruct(self.vade, x, x)
+            loc = _reconstruct(self.vade, x, x, self.precision)
             cross_entropy = -(r * self.vade.log_responsibilities_z(loc)).sum(-1)
             pyro.factor("align", -self.weight * cross_entropy)
 
@@ -204,14 +264,19 @@ class AlignmentPair(nn.Module):
 # ---- stage 1: pretraining --------------------------------------------------------------------
 def pretrain(vade: Any, x: torch.Tensor, *, epochs: int = 50, batch_size: int = 256, lr: float = 1e-3,
              dropout: float = 0.0, weight_decay: float = 0.0, seed: int = 0, progress: bool = False,
-             validation: float = 0.0, patience: int | None = None, min_delta: float = 0.0) -> dict[str, Any]:
+             validation: float = 0.0, patience: int | None = None, min_delta: float = 0.0,
+             precision: str = "auto", compile: bool | str | None = None) -> dict[str, Any]:
     """Train VaDE's encoder mean and decoder as a (denoising) autoencoder (module docstring, stage 1).
 
     :class:`AutoencoderPair` trained by :func:`inference.fit` for at most
     ``epochs`` (AdamW, ``lr``, ``weight_decay``, ``batch_size``, ``seed``) on
     the module's device; Pyro's per-step validation is off (fit checks the data
     once). ``x`` is a tensor (N, D) or a ``DataSplit`` (a fresh view per epoch
-    under dynamic binarisation).
+    under dynamic binarisation). ``precision``: the networks' arithmetic,
+    ``"fp32"``, ``"bf16"`` (mixed precision: bfloat16 autocast of the networks,
+    float32 parameters, optimiser and likelihood; :class:`AutoencoderPair`) or
+    ``"auto"`` (bf16 where the device has hardware bfloat16, else fp32).
+    ``compile`` is :func:`inference.fit`'s (None: fit chooses the loss path).
 
     Early stopping: with ``validation`` = f in (0, 1), a seeded fraction f of
     the points is held out of the pretraining (it is still clustered later)
@@ -222,24 +287,25 @@ def pretrain(vade: Any, x: torch.Tensor, *, epochs: int = 50, batch_size: int = 
     (:class:`inference.EarlyStopping`).
 
     Returns ``{"pretrain_loss" (mean l_AE per point over the last epoch; NaN
-    for 0 epochs), "pretrain_seconds", "pretrain_epochs_run"}`` plus, with
+    for 0 epochs), "pretrain_seconds", "pretrain_epochs_run", "pretrain_precision"}`` plus, with
     validation, ``"pretrain_val_loss"`` (the held-out loss of the kept weights)
     and ``"pretrain_best_epoch"``.
 
     :raises UsageError: for a negative or non-integer ``epochs``, a dropout
-        outside [0, 1), a validation fraction outside [0, 1), or ``patience``
-        without validation.
+        outside [0, 1), a validation fraction outside [0, 1), ``patience``
+        without validation, or an invalid or unavailable ``precision``.
     :raises inference.errors.NonFiniteLossError: when the loss stops being finite.
     """
     _check_epochs("pretrain", epochs)
     _check_early_stopping(validation, patience)
-    pair = AutoencoderPair(vade, dropout)
+    pair = AutoencoderPair(vade, dropout, precision)
     t0 = time.perf_counter()
-    record: dict[str, Any] = {"pretrain_loss": float("nan"), "pretrain_epochs_run": 0}
+    record: dict[str, Any] = {"pretrain_loss": float("nan"), "pretrain_epochs_run": 0,
+                              "pretrain_precision": pair.precision}
     if epochs:
         stop = [] if patience is None else [EarlyStopping(patience, min_delta=min_delta)]
         result = fit(pair, x, epochs=epochs, batch_size=batch_size, lr=lr, device=_device(vade), seed=seed,
-                     progress=progress, validate=False, validation=validation or None, callbacks=stop,
+                     progress=progress, validate=False, validation=validation or None, callbacks=stop, compile=compile,
                      optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay))
         history = result.history
         record.update(pretrain_loss=history[-1]["train_loss"], pretrain_epochs_run=len(history))
@@ -277,13 +343,15 @@ def fit_diag_gmm(z: torch.Tensor, n_components: int, *, restarts: int = 5, seed:
     return gmm.fit(z)
 
 
-def tsne_map(points: Any, *, perplexity: float = 30.0, seed: int = 0) -> Any:
+def tsne_map(points: Any, *, perplexity: float = 30.0, seed: int = 0, iterations: int = 1000) -> Any:
     """A 2-D t-SNE map (van der Maaten & Hinton 2008) of the rows of ``points``: (N, 2) float64 array.
 
     scikit-learn's Barnes-Hut t-SNE, PCA initialisation, automatic learning rate,
-    ``random_state=seed`` (so a seed gives the same map on the same machine).
+    ``random_state=seed`` (so a seed gives the same map on the same machine),
+    at most ``iterations`` gradient steps (its ``max_iter``; the first 250 are
+    the early exaggeration phase, so at least 250 are needed).
 
-    :raises UsageError: for non-finite points.
+    :raises UsageError: for non-finite points or fewer than 250 iterations.
     """
     from sklearn.manifold import TSNE
 
@@ -291,7 +359,8 @@ def tsne_map(points: Any, *, perplexity: float = 30.0, seed: int = 0) -> Any:
     points = points.reshape(len(points), -1)
     if not np.isfinite(points).all():
         raise UsageError("cannot embed non-finite points with t-SNE")
-    tsne = TSNE(2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed)
+    _check_tsne_iterations(iterations)
+    tsne = TSNE(2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed, max_iter=iterations)
     log.info(f"t-SNE map of {len(points)} points (perplexity {perplexity:g}) ...")
     t0 = time.perf_counter()
     emb = tsne.fit_transform(points)
@@ -333,15 +402,17 @@ def set_mixture_from_responsibilities(vade: Any, z: torch.Tensor, r: Any) -> flo
 
 @torch.no_grad()
 def init_mixture(vade: Any, x: torch.Tensor, *, restarts: int = 5, seed: int = 0, method: str = "gmm",
-                 embed: str = "codes", embed_points: int = 10000, perplexity: float = 30.0) -> tuple[Any, ...]:
+                 embed: str = "codes", embed_points: int = 10000, perplexity: float = 30.0,
+                 tsne_iterations: int = 1000) -> tuple[Any, ...]:
     """Set VaDE's pi, mu_c, sigma_c from the codes mu_phi(x) of its (pretrained) encoder (module docstring, stage 2).
 
     ``method="gmm"``: the best of ``restarts`` diagonal-GMM EM fits to the codes
     (:func:`fit_diag_gmm`).
 
     ``method="tsne"``: up to ``embed_points`` points (a seeded random subset of x
-    beyond that) are embedded by :func:`tsne_map` (``perplexity``), their codes
-    (``embed="codes"``) or their inputs (``embed="inputs"``); a full-covariance
+    beyond that) are embedded by :func:`tsne_map` (``perplexity``,
+    ``tsne_iterations``), their codes (``embed="codes"``) or their inputs
+    (``embed="inputs"``); a full-covariance
     GMM with ``restarts`` restarts is fitted in the map; points left out of the
     map get the vote of their 10 nearest embedded codes (scikit-learn's
     ``KNeighborsClassifier`` on the map's hard clusters); the responsibilities
@@ -356,9 +427,10 @@ def init_mixture(vade: Any, x: torch.Tensor, *, restarts: int = 5, seed: int = 0
         of x under the clustering the mixture was set from (the EM fit's, or the
         map's, voted in where needed), the targets of :func:`align`.
     :raises UsageError: for an unknown method or embedding, too few points for
-        the perplexity, or non-finite codes.
+        the perplexity, fewer than 250 t-SNE iterations, or non-finite codes.
     """
     _check_init(method, embed, embed_points, perplexity, vade.n_clusters)
+    _check_tsne_iterations(tsne_iterations)
     t0 = time.perf_counter()
     xf = batching.fixed_view(x)
     codes = vade.latent_means(xf)
@@ -380,7 +452,7 @@ def init_mixture(vade: Any, x: torch.Tensor, *, restarts: int = 5, seed: int = 0
     if embedded <= max(perplexity, k):
         raise UsageError(f"t-SNE with perplexity {perplexity} and {k} clusters needs more than "
                          f"{max(perplexity, k):g} points, got {embedded}")
-    emb = tsne_map(points, perplexity=perplexity, seed=seed)
+    emb = tsne_map(points, perplexity=perplexity, seed=seed, iterations=tsne_iterations)
     t1 = time.perf_counter()
     from sklearn.mixture import GaussianMixture
 
@@ -402,22 +474,25 @@ def init_mixture(vade: Any, x: torch.Tensor, *, restarts: int = 5, seed: int = 0
 
 # ---- stage 3: alignment ----------------------------------------------------------------------
 def align(vade: Any, x: torch.Tensor, r: Any, *, epochs: int = 5, weight: float = 100.0, lr: float = 1e-3,
-          batch_size: int = 256, seed: int = 0, progress: bool = False) -> dict[str, Any]:
+          batch_size: int = 256, seed: int = 0, progress: bool = False, precision: str = "auto",
+          compile: bool | str | None = None) -> dict[str, Any]:
     r"""Pull the codes towards the clusters ``r`` (N, K): train all of VaDE on l_AE + ``weight`` * CE (stage 3).
 
     :class:`AlignmentPair` trained by :func:`inference.fit` for ``epochs`` (Adam,
     ``lr``, ``batch_size``, ``seed``) on batches ``{"x": x, "r": r}``, on the
     module's device; Pyro's per-step validation is off. ``x`` is a tensor
-    (N, D) or a ``DataSplit`` (its fixed view is used). Returns
-    ``{"align_seconds", "align_cross_entropy_start", "align_cross_entropy"}``:
-    the mean over points of CE_n before and after.
+    (N, D) or a ``DataSplit`` (its fixed view is used); ``precision`` and
+    ``compile`` as for :func:`pretrain`. Returns ``{"align_seconds", "align_cross_entropy_start",
+    "align_cross_entropy"}``: the mean over points of CE_n before and after
+    (both in float32).
 
     :raises UsageError: for a negative or non-integer ``epochs``, a negative
-        ``weight`` or responsibilities of the wrong shape.
+        ``weight``, responsibilities of the wrong shape, or an invalid or
+        unavailable ``precision``.
     :raises inference.errors.NonFiniteLossError: when the loss stops being finite.
     """
     _check_epochs("align", epochs)
-    pair = AlignmentPair(vade, weight)
+    pair = AlignmentPair(vade, weight, precision)
     t0 = time.perf_counter()
     x = batching.fixed_view(x)
     r = torch.as_tensor(r).to(device=x.device, dtype=x.dtype)
@@ -425,7 +500,7 @@ def align(vade: Any, x: torch.Tensor, r: Any, *, epochs: int = 5, weight: float 
     start = _cross_entropy(vade, x, r)
     if epochs:
         fit(pair, {"x": x, "r": r}, epochs=epochs, batch_size=batch_size, lr=lr, device=_device(vade), seed=seed,
-            progress=progress, validate=False)
+            progress=progress, validate=False, compile=compile)
     vade.eval()
     return {"align_seconds": time.perf_counter() - t0, "align_cross_entropy_start": start,
             "align_cross_entropy": _cross_entropy(vade, x, r)}
@@ -517,16 +592,21 @@ def initialise(vade: Any, x: torch.Tensor, *, pretrain_epochs: int = 50, batch_s
                select_particles: int = 10, init: str = "gmm", embed: str = "codes", embed_points: int = 10000,
                perplexity: float = 30.0, align_epochs: int = 0, align_weight: float = 100.0,
                pretrain_validation: float = 0.0, pretrain_patience: int | None = None,
-               pretrain_min_delta: float = 0.0, scale_head: bool = True, scale_points: int = 5000) -> Any:
+               pretrain_min_delta: float = 0.0, scale_head: bool = True, scale_points: int = 5000,
+               precision: str = "auto", compile: bool | str | None = None, tsne_iterations: int = 1000) -> Any:
     """Initialise ``vade`` on ``x``: :func:`pretrain`, :func:`init_mixture`, :func:`align`, :func:`init_scale_head`.
 
     ``pretrain_epochs``, ``lr``, ``dropout``, ``weight_decay`` go to
     :func:`pretrain`, and ``pretrain_validation``, ``pretrain_patience``,
     ``pretrain_min_delta`` are its ``validation``, ``patience``, ``min_delta``
-    (early stopping on the held-out reconstruction); with ``scale_head``
+    (early stopping on the held-out reconstruction); ``precision`` (``"auto"``,
+    ``"bf16"``, ``"fp32"``) is the arithmetic of the pretraining and the
+    alignment (:func:`pretrain`; mixed precision where bf16), never of SVI, the
+    codes handed to the mixture or the ELBOs; ``compile`` is fit's for those
+    two stages (the selection's SVI keeps fit's own choice); with ``scale_head``
     (default) the encoder's scale head is set last by :func:`init_scale_head`
     on ``scale_points`` points; ``init``, ``embed``, ``embed_points``, ``perplexity``,
-    ``restarts`` are :func:`init_mixture`'s ``method``, ...; for ``init="tsne"``
+    ``tsne_iterations``, ``restarts`` are :func:`init_mixture`'s ``method``, ...; for ``init="tsne"``
     with ``align_epochs`` > 0, :func:`align` runs on every point and its map
     cluster (``align_weight``, learning rate ``lr``). ``x`` is a tensor or a
     ``DataSplit`` on the module's device. Returns the merged records. Bad
@@ -553,6 +633,8 @@ def initialise(vade: Any, x: torch.Tensor, *, pretrain_epochs: int = 50, batch_s
     _check_dropout(dropout)
     _check_early_stopping(pretrain_validation, pretrain_patience)
     _check_init(init, embed, embed_points, perplexity, vade.n_clusters)
+    _check_tsne_iterations(tsne_iterations)
+    resolve_precision(precision, _device(vade))
     if not (isinstance(align_epochs, int) and align_epochs >= 0) or not align_weight >= 0:
         raise UsageError(f"align_epochs must be a non-negative integer and align_weight non-negative, "
                          f"got {align_epochs!r}, {align_weight!r}")
@@ -570,13 +652,15 @@ def initialise(vade: Any, x: torch.Tensor, *, pretrain_epochs: int = 50, batch_s
                 vade.mixture_logits.zero_()
         record = pretrain(vade, x, epochs=pretrain_epochs, batch_size=batch_size, lr=lr, dropout=dropout,
                           weight_decay=weight_decay, seed=cand_seed, progress=progress,
-                          validation=pretrain_validation, patience=pretrain_patience, min_delta=pretrain_min_delta)
+                          validation=pretrain_validation, patience=pretrain_patience, min_delta=pretrain_min_delta,
+                          precision=precision, compile=compile)
         mixture, resp = init_mixture(vade, x, restarts=restarts, seed=cand_seed, method=init, embed=embed,
-                                     embed_points=embed_points, perplexity=perplexity)
+                                     embed_points=embed_points, perplexity=perplexity, tsne_iterations=tsne_iterations)
         record.update(mixture)
         if init == "tsne" and align_epochs:
             record.update(align(vade, x, resp, epochs=align_epochs, weight=align_weight, lr=lr,
-                                batch_size=batch_size, seed=cand_seed, progress=progress))
+                                batch_size=batch_size, seed=cand_seed, progress=progress, precision=precision,
+                                compile=compile))
         if scale_head:
             record.update(init_scale_head(vade, x, points=scale_points, seed=cand_seed))
         return record
@@ -633,6 +717,11 @@ def _check_init(method, embed, embed_points, perplexity, n_clusters):
         raise UsageError(f"embed_points must be an integer above the {n_clusters} clusters, got {embed_points!r}")
     if not (isinstance(perplexity, (int, float)) and perplexity > 0):
         raise UsageError(f"perplexity must be positive, got {perplexity!r}")
+
+
+def _check_tsne_iterations(iterations):
+    if not (isinstance(iterations, int) and iterations >= 250):
+        raise UsageError(f"t-SNE needs at least 250 iterations (its early exaggeration phase), got {iterations!r}")
 
 
 def _check_responsibilities(r, n, k):

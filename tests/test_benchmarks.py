@@ -95,6 +95,7 @@ def test_clustering(tmp_path):
             "--fit-on", "all", "--methods", "vade,kmeans-pixels,gmm-pixels,vae-gmm,tsne-gmm-pixels", "--device", "cpu",
             "--threads", "1", "--machine", "test", "--name", "tiny", "--init", "tsne", "--embed", "codes",
             "--embed-points", "200", "--perplexity", "20", "--align-epochs", "1", "--align-weight", "50",
+            "--tsne-iterations", "300", "--scale-points", "100",
             "--pretrain-batch-size", "32", "--pretrain-lr", "2e-3", "--pretrain-validation", "0.1",
             "--pretrain-patience", "2", "--pretrain-min-delta", "0.5", "--svi-lr", "1e-3", "--svi-mixture", "fixed",
             "--out", str(tmp_path)]
@@ -124,9 +125,10 @@ def test_clustering(tmp_path):
 def test_clustering_without_the_scale_head_step(tmp_path):
     clustering.main(["--seeds", "1", "--epochs", "1", "--pretrain-epochs", "1", "--limit", "200", "--methods", "vade",
                      "--hidden", "16", "--latent-dim", "2", "--embed-points", "150", "--no-scale-head", "--threads", "1",
-                     "--device", "cpu", "--name", "tiny", "--out", str(tmp_path)])
+                     "--device", "cpu", "--name", "tiny", "--out", str(tmp_path), "--precision", "fp32"])
     (detail,) = _record(tmp_path)["details"]
     assert "scale_head" not in detail and math.isfinite(detail["elbo_after_svi"])
+    assert detail["pretrain_precision"] == "fp32"
 
 
 @needs_mnist

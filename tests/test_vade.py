@@ -1,6 +1,7 @@
 """VaDE: responsibilities, the K=1 reduction to a VAE (closed form), clustering of separated data."""
 
 import math
+import warnings
 
 import numpy as np
 import pyro
@@ -12,6 +13,7 @@ from inference import evaluate, fit, make_elbo
 from inference.errors import NonFiniteLossError, UsageError
 from inference.metrics import cluster_accuracy
 from inference.train import _validation_split
+from ppl_models import vade_init
 from ppl_models.vade import VaDE
 from ppl_models.vade_init import (
     SCALE_STEPS,
@@ -22,6 +24,7 @@ from ppl_models.vade_init import (
     init_scale_head,
     initialise,
     pretrain,
+    resolve_precision,
     set_mixture_from_responsibilities,
 )
 from ppl_models.vae import VAE
@@ -136,7 +139,8 @@ def test_bad_arguments():
     x = torch.randn(50, 4)
     for kw, match in [(dict(init="kmeans"), "initialisation"), (dict(init="tsne", embed="pixels"), "embed"),
                       (dict(init="tsne", embed_points=2), "embed_points"), (dict(init="tsne", perplexity=0), "perplexity"),
-                      (dict(dropout=1.0), "dropout")]:
+                      (dict(dropout=1.0), "dropout"), (dict(init="tsne", tsne_iterations=100), "250"),
+                      (dict(precision="fp16"), "precision")]:
         with pytest.raises(UsageError, match=match):
             initialise(m, x, pretrain_epochs=1, **kw)
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
@@ -284,7 +288,7 @@ def test_alignment_pair_loss_is_reconstruction_plus_weighted_cross_entropy():
         AlignmentPair(m, weight=-1.0)
 
 
-def test_pplm_train_vade_writes_clustering_outputs(tmp_path):
+def test_pplm_train_vade_writes_clustering_outputs(tmp_path, monkeypatch):
     import json
 
     from inference.checkpoint import load_checkpoint
@@ -298,7 +302,7 @@ def test_pplm_train_vade_writes_clustering_outputs(tmp_path):
             "--gmm-restarts", "2", "--pretrain-dropout", "0.1", "--init", "tsne", "--embed", "inputs",
             "--embed-points", "300", "--perplexity", "20", "--align-epochs", "1", "--align-weight", "10",
             "--init-candidates", "2", "--select-epochs", "1", "--pretrain-lr", "2e-3", "--min-scale", "0.01",
-            "--pretrain-validation", "0.1", "--pretrain-patience", "2"]
+            "--pretrain-validation", "0.1", "--pretrain-patience", "2", "--precision", "auto"]
     assert main(argv) == 0
     for name in ("cluster_samples.png", "latent_pca.png", "loss.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -320,6 +324,8 @@ def test_pplm_train_vade_writes_clustering_outputs(tmp_path):
     assert main(["train", "vade", "--out", str(tmp_path / "no"), "--align-weight", "-1", "--quiet"]) == 2
     assert main(["train", "vade", "--out", str(tmp_path / "no"), "--pretrain-patience", "2", "--quiet"]) == 2
     assert main(["train", "vade", "--out", str(tmp_path / "no"), "--pretrain-validation", "1", "--quiet"]) == 2
+    monkeypatch.setattr(vade_init, "bf16_available", lambda device: False)
+    assert main(["train", "vade", "--out", str(tmp_path / "no"), "--precision", "bf16", "--quiet"]) == 2
     assert not (tmp_path / "no").exists()
 
 
@@ -363,7 +369,8 @@ def test_pretraining_early_stopping_keeps_the_best_held_out_epoch():
     # the held-out points are fit's seeded split; the module now scores them exactly as the kept epoch did
     _, held = _validation_split(x, 0.25, 3)
     m.eval()
-    loss = -float(evaluate(AutoencoderPair(m), held, particles=1).elbo)  # no latent site: exact, no draws
+    # no latent site: exact, no draws; in the arithmetic the pretraining ran in (bf16 where the CPU has it)
+    loss = -float(evaluate(AutoencoderPair(m, precision=info["pretrain_precision"]), held, particles=1).elbo)
     assert loss == pytest.approx(info["pretrain_val_loss"], rel=1e-6)
     with pytest.raises(UsageError, match="validation"):
         pretrain(m, x, epochs=1, patience=2)
@@ -421,3 +428,95 @@ def test_frozen_mixture_is_not_trained_by_svi():
     m.freeze_mixture(False)
     fit(m, x, epochs=1, batch_size=30, lr=1e-2, device="cpu", progress=False)
     assert not torch.equal(mixture[1], m.mixture_locs)
+
+
+BF16_U = 2.0**-8  # bfloat16's unit roundoff: 8 significand bits (7 stored), round to nearest
+
+
+def _bf16_error_variance(layers, h):
+    """Variance of net_bf16(h) - net_fp32(h) per output, for a chain of Linear and ReLU layers under bf16 autocast.
+
+    Autocast rounds each Linear's input, weight and bias to bfloat16 and its output back to bfloat16; the
+    products accumulate in float32. Each rounding is a relative error uniform on [-u, u] (variance u^2 / 3),
+    independent across roundings, the model of Higham & Mary's probabilistic rounding-error analysis
+    (SIAM J. Sci. Comput. 2019), whose worst-case counterpart (errors adding as n u) is vacuous for 8 layers.
+    To first order: v' = W^2 v + (u^2 / 3) (W^2 h^2 + b^2 + y^2); ReLU is exact in bfloat16 and 1-Lipschitz: v' <= v.
+    """
+    var = BF16_U**2 / 3 * h**2  # the float32 input rounded to bfloat16
+    for layer in layers:
+        if isinstance(layer, torch.nn.Linear):
+            w2 = layer.weight**2
+            y = layer(h)
+            var = var @ w2.T + BF16_U**2 / 3 * (h**2 @ w2.T + layer.bias**2 + y**2)
+            h = y
+        else:
+            assert isinstance(layer, torch.nn.ReLU)
+            h = layer(h)
+    return h, var
+
+
+def test_bf16_pretraining_loss_is_the_float32_loss_within_bfloat16_rounding(monkeypatch):
+    """precision="bf16" runs the networks in bfloat16 (the losses differ) and the loss stays within the
+    rounding bound of bfloat16's 8-bit significand propagated through the layers; parameters stay float32."""
+    monkeypatch.setattr(vade_init, "bf16_available", lambda device: True)  # autocast's rounding is the same emulated
+    torch.manual_seed(0)
+    scale = 0.3
+    m = VaDE(64, n_clusters=3, latent_dim=4, hidden=(48, 32), likelihood=f"normal:{scale}")
+    x = torch.rand(50, 64)
+    with torch.no_grad():  # the bound on the decoder mean's error: encoder body, head's loc rows, decoder
+        head = torch.nn.Linear(32, 4)
+        head.weight.copy_(m.encoder_head.linear.weight[:4]), head.bias.copy_(m.encoder_head.linear.bias[:4])
+        mean, var = _bf16_error_variance([*m.encoder_body[0], m.encoder_body[1], head, *m.decoder], x)
+        # -log N(x_n; m, s) changes by sum_d (m - x) d / s^2 + d^2 / (2 s^2) for a mean error d: a standard deviation
+        # sqrt(sum_d (m - x)^2 var) / s^2 per row, plus sum_d var / (2 s^2). Rows share the weights' roundings, so
+        # the rows' deviations are added (full correlation) rather than in quadrature; 6 of them: a tolerance the
+        # rounding model exceeds with probability below 1e-8 (Gaussian tail), however the roundings fall.
+        row_sd = ((mean - x) ** 2 * var).sum(-1).sqrt() / scale**2
+        bound = float(6 * row_sd.sum() + (var.sum() / (2 * scale**2)))
+    fp32, bf16 = AutoencoderPair(m, precision="fp32"), AutoencoderPair(m, precision="bf16")
+    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
+    loss32 = pyro.infer.Trace_ELBO().loss(fp32.model, fp32.guide, x)
+    loss16 = pyro.infer.Trace_ELBO().loss(bf16.model, bf16.guide, x)
+    assert loss16 != loss32  # the networks did run in bfloat16
+    assert abs(loss16 - loss32) <= bound
+    assert bound < 0.01 * abs(loss32)  # and the tolerance is a tight one, not a vacuous one
+    # the alignment pair: the same networks in bfloat16, the cross-entropy from the code cast back to float32
+    r = torch.full((50, 3), 1 / 3)
+    a32, a16 = AlignmentPair(m, 1.0, precision="fp32"), AlignmentPair(m, 1.0, precision="bf16")
+    l32 = pyro.infer.Trace_ELBO().loss(a32.model, a32.guide, {"x": x, "r": r})
+    l16 = pyro.infer.Trace_ELBO().loss(a16.model, a16.guide, {"x": x, "r": r})
+    assert l16 != l32 and abs(l16 - l32) < 0.05 * abs(l32)
+    # mixed precision through fit's flattened loss path: no fallback warning, float32 parameters and the same
+    # epoch losses as the eager bf16 path (the same ops and draws: float32 summation order at most), which the
+    # float32 run's losses are not (they differ by about 1e-4 relative after two epochs)
+    losses = {}
+    for precision, path in (("bf16", "flat"), ("bf16", False), ("fp32", False)):
+        torch.manual_seed(1)
+        net = VaDE(64, n_clusters=3, latent_dim=4, hidden=(48, 32), likelihood=f"normal:{scale}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            result = fit(AutoencoderPair(net, 0.2, precision), x, epochs=2, batch_size=25, lr=1e-3, device="cpu",
+                         seed=0, progress=False, compile=path)
+        assert result.history[-1]["loss_path"] == (path or "eager")
+        assert all(p.dtype == torch.float32 for p in net.parameters())
+        losses[precision, path] = [h["train_loss"] for h in result.history]
+    assert losses["bf16", "flat"] == pytest.approx(losses["bf16", False], rel=1e-6)
+    assert losses["fp32", False] != pytest.approx(losses["bf16", "flat"], rel=1e-6)
+
+
+def test_precision_option_is_checked(monkeypatch):
+    m = VaDE(6, n_clusters=3, latent_dim=2, hidden=(8,), likelihood="normal:0.5")
+    x = torch.rand(20, 6)
+    with pytest.raises(UsageError, match="precision must be one of"):
+        AutoencoderPair(m, precision="fp16")
+    with pytest.raises(UsageError, match="precision must be one of"):
+        initialise(m, x, pretrain_epochs=1, precision="half")
+    monkeypatch.setattr(vade_init, "bf16_available", lambda device: False)
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert AutoencoderPair(m, precision="auto").precision == "fp32"
+    for build in (lambda: AutoencoderPair(m, precision="bf16"), lambda: AlignmentPair(m, precision="bf16"),
+                  lambda: pretrain(m, x, epochs=1, precision="bf16")):
+        with pytest.raises(UsageError, match="hardware bfloat16"):
+            build()
+    monkeypatch.setattr(vade_init, "bf16_available", lambda device: True)
+    assert resolve_precision("auto", "cpu") == "bf16"

@@ -8,13 +8,13 @@ from typing import Any
 
 import torch
 
-from inference import batching
+from inference import batching, resolve_device
 from inference.errors import UsageError
 from inference.metrics import cluster_accuracy, clustering_scores
 from inference.plots import save_image_grid, save_latent_projection
 
 from ..vade import VaDE
-from ..vade_init import initialise
+from ..vade_init import PRECISIONS, initialise, resolve_precision
 from .options import add_data_options, non_negative_int, positive_float, positive_int
 from .recipe import Recipe, RunConfig, default_list
 
@@ -41,6 +41,7 @@ class VaDEOptions:
     gmm_restarts: int = 5
     init_candidates: int = 1
     select_epochs: int = 10
+    precision: str = "auto"
 
 
 def add_options(p: Any) -> None:
@@ -78,6 +79,10 @@ def add_options(p: Any) -> None:
                    help="initialisations tried; the highest training ELBO after --select-epochs of SVI is kept")
     p.add_argument("--select-epochs", type=positive_int, default=d.select_epochs,
                    help="SVI epochs per candidate (with --init-candidates > 1)")
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="arithmetic of the pretraining and alignment: bf16 (mixed precision, the networks under "
+                        "bfloat16 autocast), fp32, or auto (bf16 where the device has hardware bfloat16); SVI and "
+                        "the ELBO stay float32")
 
 
 class VaDERecipe(Recipe):
@@ -106,6 +111,7 @@ class VaDERecipe(Recipe):
             raise UsageError("--pretrain-patience needs --pretrain-validation (a held-out fraction above 0)")
         if args.pretrain_epochs == 0:
             raise UsageError("--pretrain-epochs 0 leaves the mixture fitted to random codes; VaDE needs pretraining")
+        resolve_precision(args.precision, resolve_device(run.device))  # bf16 without the hardware: refused here
 
     def build(self, run: RunConfig, train: Any) -> Any:
         args = run.options
@@ -150,6 +156,7 @@ class VaDERecipe(Recipe):
             perplexity=args.perplexity,
             align_epochs=args.align_epochs,
             align_weight=args.align_weight,
+            precision=args.precision,
             progress=not run.quiet,
         )
         if train.y is not None:
