@@ -78,11 +78,11 @@ DEFAULTS = {
                    pretrain_batch_size=64, pretrain_lr=1e-3, pretrain_validation=0.0, pretrain_patience=None,
                    svi_mixture="trained", svi_lr=2e-3, embed_points=10000, tsne_iterations=1000, scale_points=5000,
                    stage_compile=None),
-    "mnist": dict(hidden=[500, 500, 2000], latent_dim=10, epochs=2, pretrain_epochs=19, batch_size=256, lr=5e-4,
+    "mnist": dict(hidden=[500, 500, 2000], latent_dim=10, epochs=1, pretrain_epochs=19, batch_size=256, lr=5e-4,
                   likelihood="normal:0.3", init="tsne", embed="codes", align_epochs=1,
                   methods="vade,vae-gmm,kmeans-pixels,gmm-pixels",
                   pretrain_batch_size=256, pretrain_lr=1e-3, pretrain_validation=0.05, pretrain_patience=2,
-                  svi_mixture="fixed", svi_lr=1e-4, embed_points=10000, tsne_iterations=750, scale_points=2000,
+                  svi_mixture="fixed", svi_lr=5e-5, embed_points=10000, tsne_iterations=750, scale_points=2000,
                   stage_compile="flat"),
 }
 
