@@ -104,7 +104,7 @@ def parse_args(argv=None):
                         "--pretrain-min-delta (needs --pretrain-validation)")
     p.add_argument("--pretrain-min-delta", type=float, default=0.0, help="nats per point (early stopping)")
     p.add_argument("--svi-lr", type=float, default=None,
-                   help="learning rate of VaDE's SVI after initialisation (default: 2e-3 digits, 1e-4 MNIST)")
+                   help="learning rate of VaDE's SVI after initialisation (default: 2e-3 digits, 5e-5 MNIST)")
     p.add_argument("--svi-mixture", choices=("trained", "fixed"), default=None,
                    help="train VaDE's mixture by SVI, or keep it as initialised and train the networks only "
                         "(VaDE.freeze_mixture; default: fixed on MNIST, trained on digits)")
