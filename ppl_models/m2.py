@@ -390,11 +390,13 @@ def choose_labels(y: torch.Tensor, n: int, *, seed: int, num_classes: int | None
     share[rng.choice(k, n % k, replace=False)] += 1
     keep = []
     labels = y.numpy()
+    counts = np.bincount(labels[labels >= 0], minlength=k)[:k]
+    if n > k * counts.min():  # every class's share is n // K or one more
+        c = int(counts.argmin())
+        raise UsageError(f"{n} labels balanced over {k} classes need {-(-n // k)} of some classes, but class {c} "
+                         f"has only {counts[c]} labelled points: at most {k * counts[c]} balanced labels here")
     for c in range(k):
         where = np.flatnonzero(labels == c)
-        if len(where) < share[c]:
-            raise UsageError(f"{n} labels balanced over {k} classes need {share[c]} of class {c}, "
-                             f"but the data label only {len(where)}")
         keep.append(rng.choice(where, share[c], replace=False))
     out = torch.full_like(y, UNLABELLED)
     idx = torch.as_tensor(np.concatenate(keep)).long()

@@ -119,7 +119,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pyro.util import get_rng_state, set_rng_state
 
-from inference import EarlyStopping, batching, evaluate, fit
+from inference import EarlyStopping, batching, evaluate, fit, resolve_device
 from inference.errors import NonFiniteLossError, UsageError
 
 from .nets import softplus_inverse
@@ -136,8 +136,10 @@ PRECISIONS = ("auto", "bf16", "fp32")
 
 def bf16_available(device: Any) -> bool:
     """Whether ``device`` runs bfloat16 matrix products in hardware: a CUDA device that supports
-    bfloat16, or a CPU with AVX512-BF16 (which includes the CPUs with AMX-BF16)."""
-    device = torch.device(device)
+    bfloat16, or a CPU with AVX512-BF16 (which includes the CPUs with AMX-BF16). ``device`` as for
+    :func:`inference.resolve_device` (``"auto"``/None, ``"cpu"``, ``"cuda[:N]"``; :class:`UsageError` for an
+    unknown one or CUDA where there is none)."""
+    device = resolve_device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type == "cpu":
@@ -159,7 +161,7 @@ def resolve_precision(precision: str, device: Any) -> str:
         return "bf16" if available else "fp32"
     if precision == "bf16" and not available:
         raise UsageError(f"precision bf16 needs hardware bfloat16 (a CPU with AVX512-BF16 or a CUDA device that "
-                         f"supports it); {torch.device(device)} has none: use fp32")
+                         f"supports it); {resolve_device(device)} has none: use fp32")
     return precision
 
 

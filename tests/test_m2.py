@@ -217,7 +217,7 @@ def test_pplm_train_m2_on_digits_and_on_a_file_with_unlabelled_rows(tmp_path):
     assert main(argv) == 0
     m2 = json.loads((out2 / "metrics.json").read_text())
     # the default 10% validation split holds out round(0.1 * 56) = 6 of the 56 unlabelled rows, no labelled one
-    assert m2["labels"] == 4 and m2["unlabelled"] == 50 and m2["validation"] == 6
+    assert m2["labels"] == 4 and m2["unlabelled"] == 50 and m2["validation_rows"] == 6
     # a file whose labels are all -1 is refused in one line before any training, leaving no run folder
     np.savez(tmp_path / "none.npz", x=x.numpy(), y=np.full(60, -1))
     assert main(["train", "m2", "--dataset", str(tmp_path / "none.npz"), "--labels", "all", "--epochs", "1",
@@ -239,3 +239,12 @@ def test_pplm_train_m2_on_digits_and_on_a_file_with_unlabelled_rows(tmp_path):
     assert json.loads((out6 / "config.json").read_text())["module"]["num_classes"] == 10
     # the objective must sum the labels out
     assert main(["train", "m2", "--elbo", "trace", "--epochs", "1", "--quiet", "--out", str(tmp_path / "r3")]) == 2
+
+
+def test_too_many_balanced_labels_names_the_smallest_class_and_the_largest_count():
+    """Class counts 5, 3, 4: at most 3 * 3 = 9 balanced labels; 10 is refused naming class 1, 9 keeps 3 each."""
+    y = torch.tensor([0] * 5 + [1] * 3 + [2] * 4)
+    with pytest.raises(UsageError, match="class 1 has only 3 labelled points: at most 9 balanced labels"):
+        choose_labels(y, 10, seed=0)
+    kept = choose_labels(y, 9, seed=0)
+    assert torch.bincount(kept[kept >= 0], minlength=3).tolist() == [3, 3, 3]

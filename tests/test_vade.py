@@ -520,3 +520,11 @@ def test_precision_option_is_checked(monkeypatch):
             build()
     monkeypatch.setattr(vade_init, "bf16_available", lambda device: True)
     assert resolve_precision("auto", "cpu") == "bf16"
+
+
+def test_precision_takes_the_devices_the_cli_takes():
+    """resolve_precision reads a device as fit does: "auto"/None resolve, an unknown name is a UsageError."""
+    assert resolve_precision("fp32", "auto") == resolve_precision("fp32", None) == "fp32"
+    assert resolve_precision("auto", "auto") in ("bf16", "fp32")
+    with pytest.raises(UsageError, match="unknown device 'gpu'"):
+        resolve_precision("auto", "gpu")

@@ -107,7 +107,7 @@ class M2Recipe(Recipe):
     def metrics(self, module: Any, train: Any, test: Any, run: RunConfig) -> dict[str, Any]:
         # the validation split holds out unlabelled points only (SemiSupervisedData.rows)
         held = held_out(len(train), run.validation)
-        out = {"labels": train.num_labelled, "unlabelled": len(train) - held, "validation": held,
+        out = {"labels": train.num_labelled, "unlabelled": len(train) - held, "validation_rows": held,
                "alpha": run.options.alpha,
                "labelled_weight": run.options.labelled_weight}
         keep = test.y >= 0 if test.y is not None else None  # a .npz's y split 80/20 may leave -1 test rows
